@@ -1,0 +1,92 @@
+"""The exceptions koprs-bridge raises. All derive from :class:`BridgeError`.
+
+::
+
+    BridgeError
+    ├── ConfigError (also ValueError)       a configuration file, key or value is invalid
+    ├── SourceError                         one poll of a source failed; the watch goes on
+    │   ├── SourceUnavailableError          transport failure: connect, timeout, DNS, TLS
+    │   ├── HttpStatusError                 an HTTP status that is neither a change nor a removal
+    │   ├── BodyTooLargeError               a response body over the configured cap
+    │   └── StoreError                      an object store refused a listing (missing bucket, ...)
+    ├── PublishError                        a broker did not acknowledge a publish
+    ├── StateError                          a checkpoint could not be read or written
+    │   └── FencedError                     a commit was refused: another replica holds the lease
+    └── DecodeError (also ValueError)       a broker message is not a koprs CloudEvent we understand
+
+Third-party exceptions are converted where they cross into the project (``raise ... from exc``),
+so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BodyTooLargeError",
+    "BridgeError",
+    "ConfigError",
+    "DecodeError",
+    "FencedError",
+    "HttpStatusError",
+    "PublishError",
+    "SourceError",
+    "SourceUnavailableError",
+    "StateError",
+    "StoreError",
+]
+
+
+class BridgeError(Exception):
+    """Root of every exception raised by koprs-bridge."""
+
+
+class ConfigError(BridgeError, ValueError):
+    """A configuration value is invalid. The message names the file, the key and the problem."""
+
+
+class SourceError(BridgeError):
+    """One poll of a source failed. The watch logs it, backs off and polls again."""
+
+
+class SourceUnavailableError(SourceError):
+    """The source could not be reached (connection refused, timeout, TLS, DNS)."""
+
+
+class HttpStatusError(SourceError):
+    """The HTTP source answered with a status that is neither a change nor a removal."""
+
+    def __init__(self, url: str, status: int) -> None:
+        super().__init__(f"GET {url} answered HTTP {status}")
+        self.url = url
+        self.status = status
+
+
+class BodyTooLargeError(SourceError):
+    """The HTTP response body is larger than the configured cap."""
+
+    def __init__(self, url: str, cap_bytes: int) -> None:
+        super().__init__(
+            f"GET {url}: response body exceeds the cap of {cap_bytes} bytes "
+            "(raise it with HttpPoller.with_max_body_bytes or `max_body_bytes:`)"
+        )
+        self.url = url
+        self.cap_bytes = cap_bytes
+
+
+class StoreError(SourceError):
+    """An object store could not list objects (missing bucket, access denied, throttled...)."""
+
+
+class PublishError(BridgeError):
+    """A broker did not acknowledge a publish. Source state was not advanced."""
+
+
+class StateError(BridgeError):
+    """A state checkpoint could not be read or written."""
+
+
+class FencedError(StateError):
+    """A state commit was refused because this replica no longer holds the source's lease."""
+
+
+class DecodeError(BridgeError, ValueError):
+    """A broker message is not a koprs CloudEvent this version understands."""

@@ -1,0 +1,66 @@
+"""The event model: what changed at a source, as ``Added``, ``Modified`` or ``Removed``.
+
+Events are frozen dataclasses with one field, ``resource``, so consumers can ``match``::
+
+    match event:
+        case Added(resource) | Modified(resource):
+            apply(resource)
+        case Removed(resource):
+            forget(resource)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
+
+__all__ = ["Added", "EventKind", "ExternalEvent", "Modified", "Removed", "Resource"]
+
+EventKind = Literal["added", "modified", "removed"]
+R_co = TypeVar("R_co", covariant=True)
+
+
+@runtime_checkable
+class Resource(Protocol):
+    """What the bridge needs of a resource to publish it: a stable key and a version token.
+
+    ``key`` names the item within its source (an object path, a URL); ``version`` changes
+    whenever the item's content changes (an ETag, a body digest). Both feed the deterministic
+    event id. Resources of custom sources that lack them are keyed by the source name and
+    versioned by a digest of their JSON form.
+    """
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalEvent(Generic[R_co]):
+    """Base class of the three kinds of change."""
+
+    resource: R_co
+    kind: ClassVar[EventKind]
+
+
+@dataclass(frozen=True, slots=True)
+class Added(ExternalEvent[R_co]):
+    """The item appeared (or was seen for the first time)."""
+
+    kind: ClassVar[EventKind] = "added"
+
+
+@dataclass(frozen=True, slots=True)
+class Modified(ExternalEvent[R_co]):
+    """The item's content changed; ``resource`` is the new state."""
+
+    kind: ClassVar[EventKind] = "modified"
+
+
+@dataclass(frozen=True, slots=True)
+class Removed(ExternalEvent[R_co]):
+    """The item disappeared; ``resource`` is its last known state."""
+
+    kind: ClassVar[EventKind] = "removed"

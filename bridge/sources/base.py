@@ -1,0 +1,86 @@
+"""Sources whose state can be checkpointed: poll -> changeset -> deliver -> commit.
+
+The library's pollers keep their state as a flat ``dict[str, str]`` (HTTP validators; an
+object listing's path -> ETag). A poll does not change that state: it returns a
+:class:`Changeset` holding the events and the state *delta* they lead to, and the state only
+advances when :meth:`Changeset.commit` is called. ``watch_external`` commits at once; the
+bridge service commits only after the broker acknowledged every event, and persists the
+same delta (not the whole state) as its checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from bridge.events import ExternalEvent
+from bridge.watching import ExternalSource
+
+__all__ = ["Changeset", "StateDelta", "StateMapSource", "StatefulSource"]
+
+StateDelta = dict[str, str | None]
+"""State entries a changeset sets (a string) or deletes (``None``)."""
+
+
+@dataclass(slots=True, eq=False)
+class Changeset:
+    """The events of one poll and the state delta to apply once they are delivered."""
+
+    events: list[ExternalEvent[Any]]
+    delta: StateDelta
+    _state: dict[str, str] = field(repr=False)
+    _on_commit: Callable[[], None] | None = field(default=None, repr=False)
+
+    def commit(self) -> None:
+        """Advance the source's state past these events. Call once, after delivery."""
+        state = self._state
+        for key, value in self.delta.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        if self._on_commit is not None:
+            self._on_commit()
+        self.delta = {}
+
+
+@runtime_checkable
+class StatefulSource(ExternalSource, Protocol):
+    """A source whose poll can be delivered before its state advances, and checkpointed."""
+
+    async def changes(self) -> Changeset:
+        """Poll and diff against the committed state, without changing it."""
+        ...
+
+    def state(self) -> Mapping[str, str]:
+        """The committed state, as a checkpoint would store it."""
+        ...
+
+    def restore(self, state: Mapping[str, str]) -> None:
+        """Replace the committed state with a checkpoint (a later poll diffs against it)."""
+        ...
+
+
+class StateMapSource:
+    """Base of the built-in pollers: ``poll()`` is ``changes()`` committed at once."""
+
+    _state: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        raise NotImplementedError
+
+    async def changes(self) -> Changeset:
+        raise NotImplementedError
+
+    async def poll(self) -> Sequence[ExternalEvent[Any]]:
+        changeset = await self.changes()
+        changeset.commit()
+        return changeset.events
+
+    def state(self) -> Mapping[str, str]:
+        return self._state
+
+    def restore(self, state: Mapping[str, str]) -> None:
+        self._state = dict(state)

@@ -1,0 +1,105 @@
+"""``ObjectStorePoller``: list a store (under a prefix) and diff the listing by ETag.
+
+The committed state is one ``dict`` of path -> ETag. A poll walks the listing once, page by
+page, looking each path up in that dict: unknown paths are ``Added``, paths whose ETag changed
+are ``Modified``. Only when fewer known paths were seen than the state holds does it compute
+which ones are gone (``Removed``), so the usual no-change poll of a large bucket costs one dict
+lookup per object and allocates nothing per object. Events come out in listing order, removals
+last (sorted by path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Self
+
+from bridge.events import Added, ExternalEvent, Modified, Removed
+from bridge.sources.base import Changeset, StateDelta, StateMapSource
+from bridge.sources.stores import ObjectStore, StoredObject
+
+__all__ = ["ListingDiff", "ObjectStorePoller", "diff_listing"]
+
+
+class ObjectStorePoller(StateMapSource):
+    """Polls an object store. ``ObjectStorePoller(store).with_prefix("configs/")``."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.prefix = ""
+        self._name: str | None = None
+        self._state: dict[str, str] = {}
+
+    def with_prefix(self, prefix: str) -> Self:
+        self.prefix = prefix
+        return self
+
+    def with_name(self, name: str) -> Self:
+        self._name = name
+        return self
+
+    @property
+    def name(self) -> str:
+        """Defaults to the store's URI joined with the prefix (``s3://bucket/prefix``)."""
+        if self._name is not None:
+            return self._name
+        uri = self.store.uri
+        return f"{uri}/{self.prefix}" if self.prefix else uri
+
+    async def changes(self) -> Changeset:
+        diff = ListingDiff(self._state)
+        async for page in self.store.list(self.prefix):
+            diff.feed(page)
+        return diff.finish()
+
+    async def aclose(self) -> None:
+        """Close the store if it holds connections."""
+        close = getattr(self.store, "aclose", None)
+        if close is not None:
+            await close()
+
+
+class ListingDiff:
+    """Diffs a listing, fed page by page, against a committed path -> ETag state."""
+
+    __slots__ = ("_events", "_matched", "_paths", "_state", "delta")
+
+    def __init__(self, state: dict[str, str]) -> None:
+        self._state = state
+        self._events: list[ExternalEvent[StoredObject]] = []
+        self.delta: StateDelta = {}
+        self._matched = 0
+        self._paths: list[str] = []
+
+    def feed(self, page: Sequence[StoredObject]) -> None:
+        get = self._state.get
+        matched = 0
+        for obj in page:
+            known = get(obj.path)
+            if known is None:
+                self._events.append(Added(obj))
+                self.delta[obj.path] = obj.etag
+            else:
+                matched += 1
+                if known != obj.etag:
+                    self._events.append(Modified(obj))
+                    self.delta[obj.path] = obj.etag
+        self._matched += matched
+        self._paths.extend([obj.path for obj in page])
+
+    def finish(self) -> Changeset:
+        state = self._state
+        if self._matched < len(state):
+            for path in sorted(state.keys() - set(self._paths)):
+                self._events.append(Removed(StoredObject(path, state[path])))
+                self.delta[path] = None
+        return Changeset(self._events, self.delta, state)
+
+
+def diff_listing(state: Mapping[str, str], listing: Iterable[Sequence[StoredObject]]) -> Changeset:
+    """Diff a whole listing (pages) against ``state`` at once; see :class:`ListingDiff`."""
+    diff = ListingDiff(dict(state) if not isinstance(state, dict) else state)
+    for page in listing:
+        diff.feed(page)
+    return diff.finish()
+
+
