@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -128,7 +128,9 @@ class Schedule:
         return max(0.0, due - now) + self._rng.uniform(0.0, self.config.jitter * interval)
 
 
-def watch_external(source: ExternalSource, interval: Seconds) -> AsyncIterator[ExternalEvent[Any]]:
+def watch_external(
+    source: ExternalSource, interval: Seconds
+) -> AsyncGenerator[ExternalEvent[Any], None]:
     """Poll ``source`` every ``interval`` and yield its events (backoff ceiling ``interval*32``)."""
     return watch_external_with_config(source, WatchConfig(interval))
 
@@ -139,7 +141,7 @@ async def watch_external_with_config(
     *,
     clock: Clock | None = None,
     rng: random.Random | None = None,
-) -> AsyncIterator[ExternalEvent[Any]]:
+) -> AsyncGenerator[ExternalEvent[Any], None]:
     """Poll ``source`` on ``config``'s schedule and yield every event, in the source's order.
 
     The first poll happens at once. Errors never end the iteration; they are logged (with the
