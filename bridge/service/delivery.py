@@ -80,6 +80,8 @@ class SourceLoop:
         self.committed_batches = 0
         self._pending: _Pending | None = None
         self._stopping = False
+        self.busy = False
+        """True while a poll, publish or commit is in progress (not while waiting)."""
 
     def stop(self) -> None:
         """Finish the step in progress, then return from :meth:`run`."""
@@ -89,7 +91,11 @@ class SourceLoop:
         await self._restore()
         schedule = Schedule(self.spec.watch, self.clock.monotonic())
         while not self._stopping:
-            error = await self._step()
+            self.busy = True
+            try:
+                error = await self._step()
+            finally:
+                self.busy = False
             if self._stopping:
                 break
             delay = schedule.next_delay(self.clock.monotonic(), ok=error is None)

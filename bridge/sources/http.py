@@ -93,9 +93,12 @@ class HttpPoller(StateMapSource):
         self._headers[name] = value
         return self
 
-    def with_client(self, client: httpx.AsyncClient) -> Self:
-        """Use this client (custom CA, mTLS, proxies, timeouts); the caller closes it."""
-        self._client, self._owns_client = client, False
+    def with_client(self, client: httpx.AsyncClient, *, owned: bool = False) -> Self:
+        """Use this client (custom CA, mTLS, proxies, timeouts).
+
+        The caller closes it, unless ``owned`` hands it to the poller's ``aclose()``.
+        """
+        self._client, self._owns_client = client, owned
         return self
 
     def with_max_body_bytes(self, cap: int) -> Self:

@@ -1,0 +1,133 @@
+"""The ``koprs-bridge`` command.
+
+``run [--config FILE]``   run the bridge (no config: the embedded default, see README)
+``check --config FILE``   validate a config file and exit (2 when invalid)
+
+Invalid configs exit with status 2 and one message naming the file, key and problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bridge.errors import BridgeError, ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("bridge")
+EXIT_INVALID = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "check":
+            return _check(args.config)
+        if args.command == "run":
+            return asyncio.run(_run(args))
+    except ConfigError as exc:
+        print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except BridgeError as exc:
+        print(f"koprs-bridge: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    parser.print_help()
+    return EXIT_INVALID
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="koprs-bridge",
+        description="Poll external sources and publish their changes as CloudEvents.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    commands = parser.add_subparsers(dest="command")
+    run = commands.add_parser("run", help="run the bridge")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("KOPRS_BRIDGE_CONFIG"),
+        help="YAML config (default: $KOPRS_BRIDGE_CONFIG; none: embedded default)",
+    )
+    run.add_argument(
+        "--inbox",
+        type=Path,
+        default=Path("koprs-bridge-inbox"),
+        help="embedded default only: the folder to watch",
+    )
+    run.add_argument(
+        "--home",
+        type=Path,
+        default=Path(".koprs-bridge"),
+        help="embedded default only: where NATS data and state are kept",
+    )
+    check = commands.add_parser("check", help="validate a config file")
+    check.add_argument("--config", type=Path, required=True)
+    return parser
+
+
+def _check(path: Path) -> int:
+    from bridge.service.config import load_config
+
+    config = load_config(path)
+    print(f"{path}: OK, broker {config.broker.description}, {len(config.sources)} source(s):")
+    for source in config.sources:
+        print(f"  {source.name}: {source.kind} every {source.interval_s:g}s")
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from bridge.service.config import load_config
+    from bridge.service.runner import Bridge
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        if args.config is not None:
+            await Bridge(load_config(args.config)).run(stop)
+            return 0
+        return await _run_embedded(args.inbox, args.home, stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+
+
+async def _run_embedded(inbox: Path, home: Path, stop: asyncio.Event) -> int:
+    from bridge.service.embedded import embedded_config, nats_server, print_events
+    from bridge.service.runner import Bridge
+
+    async with nats_server(home / "nats") as url:
+        config = embedded_config(url, inbox, home)
+        print(f"koprs-bridge: embedded NATS JetStream at {url} (data in {home / 'nats'})")
+        print(f"koprs-bridge: watching {inbox.absolute()} - add, change or delete files there")
+        print(
+            "koprs-bridge: events go to subjects koprs.external.inbox.>; Ctrl-C stops", flush=True
+        )
+        await Bridge(config, on_published=print_events).run(stop)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
