@@ -64,12 +64,16 @@ def test_valid_config_loads_with_units_and_secrets(tmp_path: Path) -> None:
     assert config.broker.kind == "nats"
     assert config.broker.content_mode == "structured"
     assert config.broker.duplicate_window_s == 120.0
-    assert config.leader_election is not None and config.leader_election.lease_ttl_s == 10.0
+    assert config.leader_election is not None
+    assert config.leader_election.lease_ttl_s == 10.0
     http, s3, local = config.sources
     assert (http.name, http.interval_s, http.kind) == ("app-config", 30.0, "http")
-    assert http.http is not None and http.http.max_body_bytes == 1024 * 1024
-    assert http.http.bearer_token is not None and http.http.bearer_token.reveal() == "tok-123"
-    assert s3.s3 is not None and s3.s3.secret_access_key is not None
+    assert http.http is not None
+    assert http.http.max_body_bytes == 1024 * 1024
+    assert http.http.bearer_token is not None
+    assert http.http.bearer_token.reveal() == "tok-123"
+    assert s3.s3 is not None
+    assert s3.s3.secret_access_key is not None
     assert s3.s3.secret_access_key.reveal() == "very-secret-key"
     assert (s3.interval_s, s3.max_backoff_s) == (60.0, 600.0)
     assert local.interval_s == 0.5

@@ -57,11 +57,12 @@ class BrokerConfig:
     """NATS: subjects are ``<prefix>.<source>.<item-token>``."""
     content_mode: ContentMode = "binary"
     """``binary`` (ce-* headers, data as body) or ``structured`` (one JSON document)."""
-    duplicate_window_s: float = 120.0
-    """How long the broker remembers event ids to drop duplicates."""
-    max_age_s: float = 0.0
-    """NATS: drop messages older than this (0: keep)."""
-    max_msgs_per_subject: int = 0
+    duplicate_window_s: float | None = None
+    """How long the broker remembers event ids to drop duplicates (default: NATS 2 min,
+    Redis 1 day)."""
+    max_age_s: float | None = None
+    """NATS: drop messages older than this (default: keep)."""
+    max_msgs_per_subject: int | None = 16
     """NATS: messages kept per item subject (0: unlimited)."""
     replicas: int = 1
     """NATS: JetStream replicas of the stream."""
@@ -419,11 +420,11 @@ class _Reader:
                     fields[attr] = self.duration(doc[key])
         if "max_age" in doc:
             with self.at("max_age"):
-                fields["max_age_s"] = self.duration(doc["max_age"], positive=False)
+                fields["max_age_s"] = self.duration(doc["max_age"])
         for key, minimum in (("max_msgs_per_subject", 0), ("replicas", 1), ("maxlen", 1)):
             if key in doc:
                 with self.at(key):
-                    fields[key] = self.integer(doc[key], minimum=minimum)
+                    fields[key] = self.integer(doc[key], minimum=minimum) or None
         return BrokerConfig(**fields)
 
     def leader_election(self, raw: Any) -> LeaderElectionConfig:

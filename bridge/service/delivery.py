@@ -11,6 +11,7 @@ next leader or the next start.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -82,20 +83,26 @@ class SourceLoop:
         self._stopping = False
         self.busy = False
         """True while a poll, publish or commit is in progress (not while waiting)."""
+        self.steps = 0
+        """Completed rounds (poll-publish-commit, or a retry), successful or not."""
+        self._stepped = asyncio.Condition()
 
     def stop(self) -> None:
         """Finish the step in progress, then return from :meth:`run`."""
         self._stopping = True
 
     async def run(self) -> None:
-        await self._restore()
+        await self.restore()
         schedule = Schedule(self.spec.watch, self.clock.monotonic())
         while not self._stopping:
             self.busy = True
             try:
-                error = await self._step()
+                error = await self.step()
             finally:
                 self.busy = False
+            async with self._stepped:
+                self.steps += 1
+                self._stepped.notify_all()
             if self._stopping:
                 break
             delay = schedule.next_delay(self.clock.monotonic(), ok=error is None)
@@ -119,7 +126,7 @@ class SourceLoop:
             exc_info=None if isinstance(error, BridgeError) else error,
         )
 
-    async def _restore(self) -> None:
+    async def restore(self) -> None:
         source = self.spec.source
         if not isinstance(source, StatefulSource):
             return
@@ -138,7 +145,7 @@ class SourceLoop:
                 len(checkpoint.state),
             )
 
-    async def _step(self) -> Exception | None:
+    async def step(self) -> Exception | None:
         """One poll-publish-commit round (or a retry of a pending one); the error if any."""
         name = self.spec.name
         if self._pending is None:
@@ -183,6 +190,11 @@ class SourceLoop:
                 await result
         except Exception:
             log.exception("source %r: on_published callback failed", self.spec.name)
+
+    async def wait_for_steps(self, steps: int) -> None:
+        """Wait until :attr:`steps` reaches ``steps`` (bound it with ``asyncio.timeout``)."""
+        async with self._stepped:
+            await self._stepped.wait_for(lambda: self.steps >= steps)
 
     def status(self) -> dict[str, Any]:
         """What this loop holds, for status output."""

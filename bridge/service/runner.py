@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,29 +87,30 @@ def build_sink(config: BridgeConfig) -> Sink:
     if broker.kind == "nats":
         from bridge.sinks.nats import NatsSink, NatsSinkConfig
 
-        return NatsSink(
-            NatsSinkConfig(
-                url=broker.url.reveal(),
-                stream=broker.stream,
-                subject_prefix=broker.subject_prefix,
-                content_mode=broker.content_mode,
-                duplicate_window_s=broker.duplicate_window_s,
-                max_age_s=broker.max_age_s,
-                max_msgs_per_subject=broker.max_msgs_per_subject,
-                replicas=broker.replicas,
-                ack_timeout_s=broker.ack_timeout_s,
-            )
+        nats_config = NatsSinkConfig(
+            url=broker.url.reveal(),
+            stream=broker.stream,
+            subject_prefix=broker.subject_prefix,
+            content_mode=broker.content_mode,
+            max_age_s=broker.max_age_s,
+            max_msgs_per_subject=broker.max_msgs_per_subject,
+            replicas=broker.replicas,
+            ack_timeout_s=broker.ack_timeout_s,
         )
+        if broker.duplicate_window_s is not None:
+            nats_config = replace(nats_config, duplicate_window_s=broker.duplicate_window_s)
+        return NatsSink(nats_config)
     from bridge.sinks.redis import RedisSink, RedisSinkConfig
 
-    return RedisSink(
-        RedisSinkConfig(
-            url=broker.url.reveal(),
-            maxlen=broker.maxlen,
-            dedup_window_s=broker.duplicate_window_s,
-            content_mode=broker.content_mode,
-        )
+    redis_config = RedisSinkConfig(
+        url=broker.url.reveal(),
+        maxlen=broker.maxlen,
+        content_mode=broker.content_mode,
+        timeout_s=broker.ack_timeout_s,
     )
+    if broker.duplicate_window_s is not None:
+        redis_config = replace(redis_config, dedup_window_s=broker.duplicate_window_s)
+    return RedisSink(redis_config)
 
 
 def build_state_store(config: BridgeConfig) -> StateStore:

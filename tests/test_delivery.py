@@ -1,0 +1,174 @@
+"""The delivery rule: poll -> publish -> all acks -> commit, with failures at every step."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bridge import MemoryStore, ObjectStorePoller
+from bridge.errors import StateError
+from bridge.events import Added
+from bridge.service.delivery import SourceLoop, SourceSpec
+from bridge.sinks.memory import MemorySink
+from bridge.sources.base import StateDelta
+from bridge.state import MemoryStateStore
+from bridge.state.files import FileStateStore
+from bridge.watching import WatchConfig
+
+ADDED, MODIFIED, REMOVED = (f"dev.koprs.external.{k}.v1" for k in ("added", "modified", "removed"))
+
+
+class CountingPoller(ObjectStorePoller):
+    polls = 0
+
+    async def changes(self):  # type: ignore[no-untyped-def]
+        self.polls += 1
+        return await super().changes()
+
+
+def make_loop(
+    store: MemoryStore, sink: MemorySink, state: object
+) -> tuple[SourceLoop, CountingPoller]:
+    poller = CountingPoller(store).with_name("files")
+    spec = SourceSpec(name="files", source=poller, watch=WatchConfig(1), source_uri="memory://t")
+    return SourceLoop(spec, sink, state), poller  # type: ignore[arg-type]
+
+
+def kinds(sink: MemorySink) -> list[tuple[str, str]]:
+    return [(e.type.split(".")[-2], e.subject) for e in sink.events("files")]
+
+
+async def test_state_is_committed_only_after_the_broker_acknowledged() -> None:
+    store, sink, state = MemoryStore(), MemorySink(), MemoryStateStore()
+    loop, _ = make_loop(store, sink, state)
+    await store.put("a", b"1")
+    sink.block()
+    step = asyncio.create_task(loop.step())
+    while sink.publish_calls == 0:  # wait until the publish is in flight
+        await asyncio.sleep(0)
+    assert state.checkpoints == {}
+    sink.unblock()
+    assert await step is None
+    assert state.checkpoints["files"].state == {"a": (await store.list().__anext__())[0].etag}
+    assert state.checkpoints["files"].revision == 1
+
+
+async def test_failed_publish_keeps_changes_pending_and_does_not_repoll() -> None:
+    store, sink = MemoryStore(), MemorySink()
+    loop, poller = make_loop(store, sink, MemoryStateStore())
+    await store.put("a", b"1")
+    await store.put("b", b"1")
+    sink.fail_next(2, landed=1)  # a broker that acknowledged one event, then failed
+    assert await loop.step() is not None
+    await store.delete("a")  # changes meanwhile must not be lost either
+    assert await loop.step() is not None
+    assert poller.polls == 1  # pending changes are republished, not re-polled
+    assert await loop.step() is None
+    assert kinds(sink) == [("added", "a"), ("added", "b")]
+    assert sink.duplicates == 2  # the landed copies were dropped by id
+    assert await loop.step() is None
+    assert kinds(sink)[2:] == [("removed", "a")]
+
+
+async def test_failed_commit_is_retried_without_publishing_again() -> None:
+    class FlakyState(MemoryStateStore):
+        failures = 1
+
+        async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise StateError("redis down")
+            await super().commit(source_name, revision, delta)
+
+    store, sink, state = MemoryStore(), MemorySink(), FlakyState()
+    loop, poller = make_loop(store, sink, state)
+    await store.put("a", b"1")
+    assert isinstance(await loop.step(), StateError)
+    assert await loop.step() is None
+    assert (sink.publish_calls, poller.polls) == (1, 1)
+    assert state.checkpoints["files"].revision == 1
+
+
+async def test_restart_resumes_from_checkpoint_and_sees_removals_made_while_down(
+    tmp_path: Path,
+) -> None:
+    store, sink = MemoryStore(), MemorySink()
+    await store.put("a", b"1")
+    await store.put("b", b"1")
+    first, _ = make_loop(store, sink, FileStateStore(tmp_path))
+    await first.restore()
+    assert await first.step() is None
+    await store.delete("a")  # while no bridge runs
+    await store.put("b", b"2")
+    second, _ = make_loop(store, sink, FileStateStore(tmp_path))
+    await second.restore()
+    assert second.revision == 1
+    assert await second.step() is None
+    assert kinds(sink) == [("added", "a"), ("added", "b"), ("modified", "b"), ("removed", "a")]
+
+
+async def test_rederived_events_have_the_same_ids_and_recreations_new_ones() -> None:
+    store = MemoryStore()
+    await store.put("a", b"1")
+    sinks = [MemorySink(), MemorySink()]
+    for sink in sinks:  # two replicas deriving the same change from the same state
+        loop, _ = make_loop(store, sink, MemoryStateStore())
+        assert await loop.step() is None
+    assert sinks[0].events("files")[0].id == sinks[1].events("files")[0].id
+    loop, _ = make_loop(store, sinks[0], MemoryStateStore())
+    for change in (store.delete("a"), store.put("a", b"1")):
+        assert await loop.step() is None
+        await change
+    assert await loop.step() is None
+    added = [e for e in sinks[0].events("files") if e.type == ADDED]
+    assert len(added) == 2
+    assert added[0].id != added[1].id
+
+
+async def test_plain_source_events_stay_pending_until_published() -> None:
+    class Ticker:
+        name = "ticker"
+        n = 0
+
+        async def poll(self) -> list[Added[dict[str, int]]]:
+            self.n += 1
+            return [Added({"n": self.n})]
+
+    sink = MemorySink()
+    spec = SourceSpec(name="ticker", source=Ticker(), watch=WatchConfig(1), source_uri="urn:t")
+    loop = SourceLoop(spec, sink, MemoryStateStore())
+    sink.fail_next(1)
+    assert await loop.step() is not None
+    assert await loop.step() is None
+    assert [e.data["value"] for e in sink.events("ticker")] == [{"n": 1}]
+
+
+@pytest.mark.parametrize("busy", [False, True])
+async def test_run_stops_promptly_without_leaking_tasks(busy: bool, tmp_path: Path) -> None:
+    from bridge.service.config import BridgeConfig, BrokerConfig, LocalSourceConfig, SourceConfig
+    from bridge.service.runner import Bridge
+    from bridge.service.secrets import Secret
+
+    config = BridgeConfig(
+        broker=BrokerConfig(url=Secret.inline("nats://127.0.0.1:1"), kind="nats"),
+        sources=(
+            SourceConfig(name="files", interval_s=3600, local=LocalSourceConfig(path=tmp_path)),
+        ),
+    )
+    (tmp_path / "f").write_text("x")
+    sink = MemorySink()
+    bridge = Bridge(config, sink=sink, shutdown_grace_s=0.01)
+    stop = asyncio.Event()
+    if busy:
+        sink.block()  # the first publish never completes: shutdown must abandon it
+    runner = asyncio.create_task(bridge.run(stop))
+    if busy:
+        while sink.publish_calls == 0:
+            await asyncio.sleep(0)
+    else:
+        await sink.wait_for(1, "files")
+    stop.set()
+    await runner
+    assert not sink.connected
