@@ -118,6 +118,7 @@ async def _run_embedded(inbox: Path, home: Path, stop: asyncio.Event) -> int:
     from bridge.service.embedded import embedded_config, nats_server, print_events
     from bridge.service.runner import Bridge
 
+    inbox.mkdir(parents=True, exist_ok=True)
     async with nats_server(home / "nats") as url:
         config = embedded_config(url, inbox, home)
         print(f"koprs-bridge: embedded NATS JetStream at {url} (data in {home / 'nats'})")

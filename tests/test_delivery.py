@@ -48,11 +48,15 @@ async def test_state_is_committed_only_after_the_broker_acknowledged() -> None:
     step = asyncio.create_task(loop.step())
     while sink.publish_calls == 0:  # wait until the publish is in flight
         await asyncio.sleep(0)
-    assert state.checkpoints == {}
+    recorded = state.checkpoints["files"]
+    assert (recorded.revision, recorded.state) == (0, {})  # nothing committed yet...
+    assert recorded.intent is not None  # ...only the intent to publish
+    assert [e.subject for e in recorded.intent.events] == ["a"]
     sink.unblock()
     assert await step is None
     assert state.checkpoints["files"].state == {"a": (await store.list().__anext__())[0].etag}
     assert state.checkpoints["files"].revision == 1
+    assert state.checkpoints["files"].intent is None
 
 
 async def test_failed_publish_keeps_changes_pending_and_does_not_repoll() -> None:
@@ -172,3 +176,56 @@ async def test_run_stops_promptly_without_leaking_tasks(busy: bool, tmp_path: Pa
     stop.set()
     await runner
     assert not sink.connected
+
+
+async def test_batch_published_by_a_replica_that_died_before_committing_is_settled(
+    tmp_path: Path,
+) -> None:
+    """Added went out, the replica died before its commit, the item was deleted meanwhile:
+    the next leader must republish the batch (deduplicated) and then publish Removed."""
+
+    class DiesBeforeCommit(FileStateStore):
+        async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+            raise StateError("replica killed")
+
+    store, sink = MemoryStore(), MemorySink()
+    await store.put("a", b"1")
+    dying, _ = make_loop(store, sink, DiesBeforeCommit(tmp_path))
+    await dying.restore()
+    assert await dying.step() is not None
+    assert kinds(sink) == [("added", "a")]
+    await store.delete("a")
+    successor, poller = make_loop(store, sink, FileStateStore(tmp_path))
+    await successor.restore()
+    assert await successor.step() is None  # settles the recorded batch, without polling
+    assert poller.polls == 0
+    assert sink.duplicates == 1  # it was published again and dropped by id
+    assert await successor.step() is None
+    assert kinds(sink) == [("added", "a"), ("removed", "a")]
+    reloaded = await FileStateStore(tmp_path).load("files")
+    assert reloaded is not None
+    assert (reloaded.revision, reloaded.state, reloaded.intent) == (2, {}, None)
+
+
+async def test_large_changesets_go_out_in_batches_committed_one_by_one() -> None:
+    store, sink, state = MemoryStore(), MemorySink(), MemoryStateStore()
+    for i in range(25):
+        await store.put(f"k{i:02}", b"x")
+    poller = CountingPoller(store).with_name("files")
+    spec = SourceSpec(
+        name="files",
+        source=poller,
+        watch=WatchConfig(1),
+        source_uri="memory://t",
+        max_batch_events=10,
+    )
+    loop = SourceLoop(spec, sink, state)
+    sink.fail_next(1)
+    assert await loop.step() is not None
+    assert state.checkpoints["files"].state == {}  # the first batch failed: nothing committed
+    assert await loop.step() is None
+    assert sink.publish_calls == 4  # 1 failed + 3 batches of at most 10
+    assert len(state.checkpoints["files"].state) == 25
+    assert state.checkpoints["files"].revision == 1
+    assert {e.subject for e in sink.events("files")} == {f"k{i:02}" for i in range(25)}
+    assert poller.polls == 1

@@ -21,7 +21,7 @@ from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.errors import BridgeError, StateError
 from bridge.sinks import Sink
 from bridge.sources.base import Changeset, StatefulSource
-from bridge.state import StateStore
+from bridge.state import Intent, StateStore, apply_delta
 from bridge.watching import (
     Clock,
     ExternalSource,
@@ -47,13 +47,21 @@ class SourceSpec:
     watch: WatchConfig
     source_uri: str
     max_inline_body_bytes: int = 64 * 1024
+    max_batch_events: int = 1000
+    """A changeset with more events is published and committed in batches of this size."""
 
 
 @dataclass(slots=True)
 class _Pending:
+    """One batch on its way: publish (after recording the intent), then commit."""
+
     changeset: Changeset
-    events: list[CloudEvent]
-    revision: int
+    event_revision: int
+    """The revision the events' ids are derived from (that of the whole changeset)."""
+    commit_revision: int
+    """The source's revision once this batch is committed (unchanged for all but the last)."""
+    events: list[CloudEvent] | None = None
+    intent_recorded: bool = False
     published: bool = False
 
 
@@ -79,7 +87,8 @@ class SourceLoop:
         )
         self.revision = 0
         self.committed_batches = 0
-        self._pending: _Pending | None = None
+        self._queue: list[_Pending] = []
+        """The batches of the changeset being delivered, in order."""
         self._stopping = False
         self.busy = False
         """True while a poll, publish or commit is in progress (not while waiting)."""
@@ -111,15 +120,15 @@ class SourceLoop:
             await self.clock.sleep(delay)
 
     def _log_failure(self, error: Exception, failures: int, delay_s: float) -> None:
-        pending = self._pending
-        if pending is None:  # the poll itself failed
+        if not self._queue:  # the poll itself failed
             log_poll_failure(self.spec.name, error, failures, delay_s)
             return
+        pending = self._queue[0]
         log.warning(
             "source %r: %s %d event(s) failed (%d in a row), kept pending, retrying in %.2fs: %s",
             self.spec.name,
             "committing the state of" if pending.published else "publishing",
-            len(pending.events),
+            len(pending.changeset.events),
             failures,
             delay_s,
             error,
@@ -127,6 +136,7 @@ class SourceLoop:
         )
 
     async def restore(self) -> None:
+        """Load the checkpoint; a recorded intent becomes the first batch to deliver."""
         source = self.spec.source
         if not isinstance(source, StatefulSource):
             return
@@ -135,42 +145,67 @@ class SourceLoop:
         except StateError as exc:
             log.error("source %r: %s; resyncing from a full poll", self.spec.name, exc)
             return
-        if checkpoint is not None:
-            source.restore(checkpoint.state)
-            self.revision = checkpoint.revision
-            log.info(
-                "source %r: resumed at revision %d (%d state entries)",
-                self.spec.name,
-                checkpoint.revision,
-                len(checkpoint.state),
-            )
+        if checkpoint is None:
+            return
+        source.restore(checkpoint.state)
+        self.revision = checkpoint.revision
+        log.info(
+            "source %r: resumed at revision %d (%d state entries)%s",
+            self.spec.name,
+            checkpoint.revision,
+            len(checkpoint.state),
+            ", republishing an unsettled batch" if checkpoint.intent else "",
+        )
+        if checkpoint.intent is not None:
+            intent = checkpoint.intent
+            after = dict(checkpoint.state)
+            apply_delta(after, intent.delta)
+            changeset = Changeset([], intent.delta, {}, lambda: source.restore(after))
+            self._queue = [
+                _Pending(changeset, intent.revision, intent.revision, intent.events, True)
+            ]
 
     async def step(self) -> Exception | None:
-        """One poll-publish-commit round (or a retry of a pending one); the error if any."""
-        name = self.spec.name
-        if self._pending is None:
+        """Deliver the pending batches, polling first if there are none; the error if any."""
+        if not self._queue:
             try:
                 changeset = await self._changes()
             except Exception as exc:
                 return exc
-            revision = self.revision + 1 if changeset.events else self.revision
-            events = [self.encoder.encode(e, revision) for e in changeset.events]
-            self._pending = _Pending(changeset, events, revision)
-        pending = self._pending
-        try:
-            if pending.events and not pending.published:
-                await self.sink.publish(name, pending.events)
-                pending.published = True
-                await self._notify(pending.events)
-            if pending.changeset.delta or pending.revision != self.revision:
-                await self.state.commit(name, pending.revision, pending.changeset.delta)
-        except Exception as exc:  # kept pending and retried, never fatal
-            return exc
-        pending.changeset.commit()
-        self.revision = pending.revision
-        self.committed_batches += bool(pending.events)
-        self._pending = None
+            self._queue = self._batches(changeset)
+        while self._queue:
+            try:
+                await self._deliver(self._queue[0])
+            except Exception as exc:  # kept pending and retried, never fatal
+                return exc
+            pending = self._queue.pop(0)
+            pending.changeset.commit()
+            self.revision = pending.commit_revision
+            self.committed_batches += bool(pending.events)
         return None
+
+    def _batches(self, changeset: Changeset) -> list[_Pending]:
+        target = self.revision + 1 if changeset.events else self.revision
+        parts = changeset.split(self.spec.max_batch_events)
+        return [
+            _Pending(part, target, target if part is parts[-1] else self.revision) for part in parts
+        ]
+
+    async def _deliver(self, pending: _Pending) -> None:
+        name = self.spec.name
+        if pending.events is None:
+            revision = pending.event_revision
+            pending.events = [self.encoder.encode(e, revision) for e in pending.changeset.events]
+        if pending.events and not pending.published:
+            if not pending.intent_recorded:
+                intent = Intent(pending.commit_revision, pending.changeset.delta, pending.events)
+                await self.state.begin(name, intent)
+                pending.intent_recorded = True
+            await self.sink.publish(name, pending.events)
+            pending.published = True
+            await self._notify(pending.events)
+        if pending.changeset.delta or pending.commit_revision != self.revision or pending.events:
+            await self.state.commit(name, pending.commit_revision, pending.changeset.delta)
 
     async def _changes(self) -> Changeset:
         source = self.spec.source
@@ -198,9 +233,8 @@ class SourceLoop:
 
     def status(self) -> dict[str, Any]:
         """What this loop holds, for status output."""
-        pending = self._pending
         return {
             "revision": self.revision,
-            "pending_events": len(pending.events) if pending else 0,
-            "pending_published": bool(pending and pending.published),
+            "pending_events": sum(len(p.changeset.events) for p in self._queue),
+            "steps": self.steps,
         }

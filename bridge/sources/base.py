@@ -32,6 +32,26 @@ class Changeset:
     _state: dict[str, str] = field(repr=False)
     _on_commit: Callable[[], None] | None = field(default=None, repr=False)
 
+    def split(self, max_events: int) -> list[Changeset]:
+        """Parts of at most ``max_events`` events, each with the delta entries of its events'
+        keys (the rest of the delta goes with the last part). Committing every part, in order,
+        is the same as committing this changeset."""
+        if len(self.events) <= max_events:
+            return [self]
+        delta = dict(self.delta)
+        parts: list[Changeset] = []
+        for start in range(0, len(self.events), max_events):
+            events = self.events[start : start + max_events]
+            part: StateDelta = {}
+            for event in events:
+                key = getattr(event.resource, "key", None)
+                if key is not None and key in delta:
+                    part[key] = delta.pop(key)
+            parts.append(Changeset(events, part, self._state))
+        parts[-1].delta.update(delta)
+        parts[-1]._on_commit = self._on_commit
+        return parts
+
     def commit(self) -> None:
         """Advance the source's state past these events. Call once, after delivery."""
         state = self._state

@@ -1,21 +1,46 @@
 """Where committed source state lives between polls and across restarts.
 
-A checkpoint is a source's *revision* (how many changesets with events were committed) and
-its state map. Commits carry only the delta of one changeset, so a one-object change in a
-large bucket writes one entry, not the listing. ``MemoryStateStore`` keeps nothing across
-restarts; ``FileStateStore`` keeps a journal per source in a folder (one replica); the Redis
-store with fencing serves replicas that elect leaders.
+A checkpoint is a source's *revision* (how many changesets with events were committed), its
+state map, and possibly an *intent*: a batch of events recorded just before it was published
+and not yet committed. Whoever loads a checkpoint with an intent publishes that batch again
+(same ids, so the broker drops copies) and commits it before polling, so a change published by
+a replica that died before its commit is never contradicted by silence (an item added, then
+deleted while no replica led, still gets its ``Removed``).
+
+Commits carry only the delta of one batch, so a one-object change in a large bucket writes one
+entry, not the listing. ``MemoryStateStore`` keeps nothing across restarts; ``FileStateStore``
+keeps a journal per source in a folder (one replica); ``RedisStateStore`` serves replicas that
+elect leaders, with every write fenced by the lease.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from bridge.cloudevents import CloudEvent
 from bridge.sources.base import StateDelta
 
-__all__ = ["Checkpoint", "MemoryStateStore", "StateStore", "apply_delta"]
+__all__ = [
+    "Checkpoint",
+    "Intent",
+    "MemoryStateStore",
+    "StateStore",
+    "apply_delta",
+    "event_from_record",
+    "event_to_record",
+]
+
+
+@dataclass(slots=True)
+class Intent:
+    """A batch about to be published: its events, its delta, the revision it leads to."""
+
+    revision: int
+    """The source's revision once this batch is committed."""
+    delta: StateDelta
+    events: list[CloudEvent]
 
 
 @dataclass(slots=True)
@@ -24,15 +49,22 @@ class Checkpoint:
 
     revision: int = 0
     state: dict[str, str] = field(default_factory=dict)
+    intent: Intent | None = None
 
 
 @runtime_checkable
 class StateStore(Protocol):
-    """Loads and commits checkpoints. ``commit`` raises StateError (or FencedError)."""
+    """Loads and writes checkpoints; writes raise StateError (FencedError without the lease)."""
 
     async def load(self, source_name: str) -> Checkpoint | None: ...
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None: ...
+    async def begin(self, source_name: str, intent: Intent) -> None:
+        """Record ``intent`` before its events are published (replacing an older one)."""
+        ...
+
+    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+        """Apply ``delta``, set ``revision`` and drop the intent, atomically."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -45,6 +77,15 @@ def apply_delta(state: dict[str, str], delta: Mapping[str, str | None]) -> None:
             state[key] = value
 
 
+def event_to_record(event: CloudEvent) -> dict[str, Any]:
+    return {**event.attributes(), "data": event.data}
+
+
+def event_from_record(record: Mapping[str, Any]) -> CloudEvent:
+    fields = {k: v for k, v in record.items() if k != "specversion"}
+    return CloudEvent(**fields)
+
+
 class MemoryStateStore:
     """Checkpoints in this process only (the source objects already hold their state)."""
 
@@ -53,12 +94,18 @@ class MemoryStateStore:
 
     async def load(self, source_name: str) -> Checkpoint | None:
         found = self.checkpoints.get(source_name)
-        return Checkpoint(found.revision, dict(found.state)) if found else None
+        if found is None:
+            return None
+        return Checkpoint(found.revision, dict(found.state), found.intent)
+
+    async def begin(self, source_name: str, intent: Intent) -> None:
+        self.checkpoints.setdefault(source_name, Checkpoint()).intent = intent
 
     async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
         checkpoint = self.checkpoints.setdefault(source_name, Checkpoint())
         checkpoint.revision = revision
         apply_delta(checkpoint.state, delta)
+        checkpoint.intent = None
 
     async def aclose(self) -> None:
         return None

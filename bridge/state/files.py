@@ -1,11 +1,16 @@
 """``FileStateStore``: checkpoints as one append-only journal file per source.
 
-``<folder>/<source>.jsonl`` holds JSON lines ``{"v": 1, "rev": N, "delta": {...}}``; the first
-line may be a snapshot (``"snapshot": true``, the delta is the whole state). Loading replays
-the lines. Each commit appends one line and fsyncs it; when the journal has grown to more lines
-than the state has entries (plus a margin) it is rewritten as one snapshot, atomically. A torn
-last line (a crash mid-write) is ignored; any other unreadable line is a StateError naming the
-file and line, and the source then starts from an empty state (a full poll resyncs it).
+``<folder>/<source>.jsonl`` holds JSON lines, each fsynced before the call returns:
+
+* ``{"v": 1, "rev": N, "delta": {...}}``: a commit (``"snapshot": true``: the delta is the
+  whole state; written when the journal is compacted);
+* ``{"v": 1, "intent": {"rev": N, "delta": {...}, "events": [...]}}``: a batch about to be
+  published; the next commit line settles it.
+
+Loading replays the lines. When the journal has grown past the state's size (plus a margin)
+a commit rewrites it as one snapshot, atomically. A torn last line (a crash mid-write) is
+dropped; any other unreadable line is a StateError naming the file and line, and the source
+then starts from an empty state (a full poll resyncs it).
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from typing import Any
 
 from bridge.errors import StateError
 from bridge.sources.base import StateDelta
-from bridge.state import Checkpoint, apply_delta
+from bridge.state import (
+    Checkpoint,
+    Intent,
+    apply_delta,
+    event_from_record,
+    event_to_record,
+)
 
 __all__ = ["FileStateStore"]
 
@@ -34,11 +45,22 @@ class FileStateStore:
         self._lines: dict[str, int] = {}  # journal lines per source
         self._sizes: dict[str, int] = {}  # state entries at the last load or snapshot
 
-    def _path(self, source_name: str) -> Path:
+    def path(self, source_name: str) -> Path:
         return self.folder / f"{source_name}.jsonl"
 
     async def load(self, source_name: str) -> Checkpoint | None:
         return await asyncio.to_thread(self._load, source_name)
+
+    async def begin(self, source_name: str, intent: Intent) -> None:
+        record = {
+            "v": FORMAT_VERSION,
+            "intent": {
+                "rev": intent.revision,
+                "delta": intent.delta,
+                "events": [event_to_record(e) for e in intent.events],
+            },
+        }
+        await asyncio.to_thread(self._append, source_name, record)
 
     async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
         await asyncio.to_thread(self._commit, source_name, revision, delta)
@@ -47,7 +69,7 @@ class FileStateStore:
         return None
 
     def _load(self, source_name: str) -> Checkpoint | None:
-        path = self._path(source_name)
+        path = self.path(source_name)
         try:
             lines = path.read_bytes().splitlines()
         except FileNotFoundError:
@@ -56,8 +78,8 @@ class FileStateStore:
             raise StateError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
         checkpoint, torn = self._replay(path, lines)
         if torn:  # rewrite without the torn line, so later appends start on a clean line
-            self._snapshot(path, checkpoint)
-            lines = lines[:1]
+            self._rewrite(path, checkpoint)
+            lines = lines[: 1 + (checkpoint.intent is not None)]
         self._lines[source_name] = len(lines)
         self._sizes[source_name] = len(checkpoint.state)
         return checkpoint
@@ -71,12 +93,18 @@ class FileStateStore:
                 record: dict[str, Any] = json.loads(line)
                 if record.get("v") != FORMAT_VERSION:
                     raise ValueError(f"format version {record.get('v')!r}, expected 1")
+                if "intent" in record:
+                    raw = record["intent"]
+                    events = [event_from_record(e) for e in raw["events"]]
+                    checkpoint.intent = Intent(int(raw["rev"]), dict(raw["delta"]), events)
+                    continue
                 if record.get("snapshot"):
                     checkpoint.state = {}
                 apply_delta(checkpoint.state, record["delta"])
                 checkpoint.revision = int(record["rev"])
+                checkpoint.intent = None
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                if number == len(lines):  # torn write of the last commit: it never happened
+                if number == len(lines):  # torn write of the last line: it never happened
                     return checkpoint, True
                 raise StateError(
                     f"checkpoint {str(path)!r} line {number} is unreadable ({exc}); "
@@ -84,39 +112,60 @@ class FileStateStore:
                 ) from exc
         return checkpoint, False
 
-    def _commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
-        path = self._path(source_name)
+    def _append(self, source_name: str, record: dict[str, Any]) -> None:
+        path = self.path(source_name)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            lines = self._lines.get(source_name, 0)
-            if lines > self._sizes.get(source_name, 0) + _COMPACT_MARGIN:
-                checkpoint, _ = self._replay(path, path.read_bytes().splitlines())
-                apply_delta(checkpoint.state, delta)
-                checkpoint.revision = revision
-                self._snapshot(path, checkpoint)
-                self._lines[source_name] = 1
-                self._sizes[source_name] = len(checkpoint.state)
-                return
-            record = {"v": FORMAT_VERSION, "rev": revision, "delta": delta}
             with path.open("ab") as journal:
                 journal.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
                 journal.flush()
                 os.fsync(journal.fileno())
-            self._lines[source_name] = lines + 1
         except OSError as exc:
             raise StateError(f"cannot write checkpoint {str(path)!r}: {exc}") from exc
+        self._lines[source_name] = self._lines.get(source_name, 0) + 1
+
+    def _commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+        path = self.path(source_name)
+        if self._lines.get(source_name, 0) > self._sizes.get(source_name, 0) + _COMPACT_MARGIN:
+            try:
+                checkpoint, _ = self._replay(path, path.read_bytes().splitlines())
+                apply_delta(checkpoint.state, delta)
+                checkpoint.revision, checkpoint.intent = revision, None
+                self._rewrite(path, checkpoint)
+            except OSError as exc:
+                raise StateError(f"cannot compact checkpoint {str(path)!r}: {exc}") from exc
+            self._lines[source_name] = 1
+            self._sizes[source_name] = len(checkpoint.state)
+            return
+        self._append(source_name, {"v": FORMAT_VERSION, "rev": revision, "delta": delta})
 
     @staticmethod
-    def _snapshot(path: Path, checkpoint: Checkpoint) -> None:
-        record = {
-            "v": FORMAT_VERSION,
-            "rev": checkpoint.revision,
-            "snapshot": True,
-            "delta": checkpoint.state,
-        }
+    def _rewrite(path: Path, checkpoint: Checkpoint) -> None:
+        """Replace the journal by one snapshot line (the intent, if any, is kept after it)."""
+        lines = [
+            {
+                "v": FORMAT_VERSION,
+                "rev": checkpoint.revision,
+                "snapshot": True,
+                "delta": checkpoint.state,
+            }
+        ]
+        if checkpoint.intent is not None:
+            intent = checkpoint.intent
+            lines.append(
+                {
+                    "v": FORMAT_VERSION,
+                    "intent": {
+                        "rev": intent.revision,
+                        "delta": intent.delta,
+                        "events": [event_to_record(e) for e in intent.events],
+                    },
+                }
+            )
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as out:
-            out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+            for line in lines:
+                out.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
