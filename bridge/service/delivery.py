@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.cloudevents import CloudEvent, EventEncoder
-from bridge.errors import BridgeError, StateError
+from bridge.errors import BridgeError, FencedError, StateError
 from bridge.sinks import Sink
 from bridge.sources.base import Changeset, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
@@ -76,8 +76,11 @@ class SourceLoop:
         *,
         clock: Clock | None = None,
         on_published: PublishedCallback | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.spec = spec
+        self.guard = guard
+        """Called before every publish and state write; raises to stop them (a lost lease)."""
         self.sink = sink
         self.state = state
         self.clock = clock or LoopClock()
@@ -142,10 +145,17 @@ class SourceLoop:
             return
         try:
             checkpoint = await self.state.load(self.spec.name)
+        except FencedError:
+            raise
         except StateError as exc:
             log.error("source %r: %s; resyncing from a full poll", self.spec.name, exc)
-            return
+            reset = getattr(self.state, "reset", None)
+            if reset is not None:
+                await reset(self.spec.name)
+            checkpoint = None
         if checkpoint is None:
+            source.restore({})
+            self.revision = 0
             return
         source.restore(checkpoint.state)
         self.revision = checkpoint.revision
@@ -196,11 +206,15 @@ class SourceLoop:
         if pending.events is None:
             revision = pending.event_revision
             pending.events = [self.encoder.encode(e, revision) for e in pending.changeset.events]
+        if self.guard is not None:
+            self.guard()
         if pending.events and not pending.published:
             if not pending.intent_recorded:
                 intent = Intent(pending.commit_revision, pending.changeset.delta, pending.events)
                 await self.state.begin(name, intent)
                 pending.intent_recorded = True
+            if self.guard is not None:
+                self.guard()
             await self.sink.publish(name, pending.events)
             pending.published = True
             await self._notify(pending.events)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -26,6 +26,9 @@ from bridge.sources.objects import ObjectStorePoller
 from bridge.sources.stores import LocalStore
 from bridge.state import MemoryStateStore, StateStore
 from bridge.watching import ExternalSource, WatchConfig
+
+if TYPE_CHECKING:
+    from bridge.ha.sharing import Coordinator
 
 __all__ = ["Bridge", "build_sink", "build_source"]
 
@@ -132,14 +135,17 @@ class Bridge:
         state: StateStore | None = None,
         on_published: PublishedCallback | None = None,
         shutdown_grace_s: float = 5.0,
+        replica: str | None = None,
     ) -> None:
         self.config = config
+        self.replica = replica or replica_id()
         self.sink = sink or build_sink(config)
         self.state = state or build_state_store(config)
         self.on_published = on_published
         self.shutdown_grace_s = shutdown_grace_s
         self.specs = [build_source(source) for source in config.sources]
         self.loops: dict[str, SourceLoop] = {}
+        self.coordinator: Coordinator | None = None
         self.connected = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -147,6 +153,9 @@ class Bridge:
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
             if not await self._connect(stop):
+                return
+            if self.config.leader_election is not None:
+                await self._run_elected(stop)
                 return
             for spec in self.specs:
                 loop = SourceLoop(spec, self.sink, self.state, on_published=self.on_published)
@@ -159,6 +168,39 @@ class Bridge:
             stopper.cancel()
         finally:
             await self._shutdown(tasks)
+
+    async def _run_elected(self, stop: asyncio.Event) -> None:
+        """Several replicas: lead only the sources whose leases this replica holds."""
+        import redis.asyncio as aioredis
+
+        from bridge.ha.sharing import Coordinator
+
+        election = self.config.leader_election
+        assert election is not None
+        timeout_s = max(0.5, election.lease_ttl_s / 4)
+        client = aioredis.from_url(
+            election.redis_url.reveal(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        try:
+            self.coordinator = Coordinator(
+                self.specs,
+                self.sink,
+                client,
+                replica=self.replica,
+                lease_ttl_s=election.lease_ttl_s,
+                renew_every_s=election.renew_every_s,
+                on_published=self.on_published,
+                shutdown_grace_s=self.shutdown_grace_s,
+            )
+            log.info(
+                "replica %s competing for %d source(s) (lease TTL %.1fs)",
+                self.coordinator.replica,
+                len(self.specs),
+                election.lease_ttl_s,
+            )
+            await self.coordinator.run(stop)
+        finally:
+            await client.aclose()
 
     async def _connect(self, stop: asyncio.Event) -> bool:
         delay = 0.5
@@ -203,7 +245,21 @@ class Bridge:
         await _aclose(self.state)
 
     def status(self) -> dict[str, Any]:
-        return {name: loop.status() for name, loop in self.loops.items()}
+        if self.coordinator is not None:
+            return self.coordinator.status()
+        return {"leading": {name: loop.status() for name, loop in self.loops.items()}}
+
+
+def replica_id() -> str:
+    """``$KOPRS_BRIDGE_REPLICA_ID``, else ``$POD_NAME``, else ``<hostname>-<pid>``."""
+    import os
+    import socket
+
+    return (
+        os.environ.get("KOPRS_BRIDGE_REPLICA_ID")
+        or os.environ.get("POD_NAME")
+        or f"{socket.gethostname()}-{os.getpid()}"
+    )
 
 
 async def _aclose(thing: object) -> None:

@@ -1,0 +1,43 @@
+"""Every Redis key of leader election and checkpoints, in one place.
+
+The keys of one source share the hash tag ``{<source>}``, so on Redis Cluster they live in one
+slot and the fenced scripts that touch several of them work unchanged::
+
+    koprs:bridge:{S}:lease    the lease: "<replica-id>|<fence>", expiring after lease_ttl (PX)
+    koprs:bridge:{S}:fence    fencing counter, INCR on every acquisition
+    koprs:bridge:{S}:state    hash: the source's state map (object path -> ETag, HTTP validators)
+    koprs:bridge:{S}:meta     hash: format version, revision, fence of the last commit
+    koprs:bridge:{S}:intent   the batch being published (JSON), until its commit
+    koprs:bridge:replicas     sorted set: replica id -> heartbeat expiry (ms since the epoch)
+"""
+
+from __future__ import annotations
+
+__all__ = ["CHECKPOINT_FORMAT", "DEFAULT_PREFIX", "SourceKeys", "as_text", "replicas_key"]
+
+DEFAULT_PREFIX = "koprs:bridge:"
+CHECKPOINT_FORMAT = "1"
+
+
+class SourceKeys:
+    """The keys of one source."""
+
+    __slots__ = ("fence", "intent", "lease", "meta", "source", "state")
+
+    def __init__(self, source: str, prefix: str = DEFAULT_PREFIX) -> None:
+        base = f"{prefix}{{{source}}}:"
+        self.source = source
+        self.lease = base + "lease"
+        self.fence = base + "fence"
+        self.state = base + "state"
+        self.meta = base + "meta"
+        self.intent = base + "intent"
+
+
+def replicas_key(prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}replicas"
+
+
+def as_text(value: object) -> str:
+    """A Redis reply (bytes, or str with decode_responses) as text."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,222 @@
+"""Fair sharing of sources between replicas, each source led by the holder of its lease.
+
+Every ``period`` (a third of the lease TTL by default) a replica:
+
+1. heartbeats: ``ZADD koprs:bridge:replicas <expiry> <replica>`` and drops expired members
+   (by the Redis server's clock), which gives the number of live replicas ``n``;
+2. computes its share, ``ceil(sources / n)``;
+3. gives up leases above its share (the source's loop is stopped, then the lease released),
+   so a replica that just joined finds free sources;
+4. tries to acquire free sources (``SET NX``) until it holds its share, starting at a point
+   that depends on its id so replicas do not all race for the same source.
+
+A held source runs in a task that also renews the lease; when the lease is lost (renewal
+refused, Redis unreachable past the TTL, a fenced write refused) the source's loop is
+cancelled at once and the replica keeps going: it competes again at its next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from bridge.errors import BridgeError
+from bridge.ha.checkpoints import RedisStateStore
+from bridge.ha.keys import SourceKeys, as_text, replicas_key
+from bridge.ha.leases import Lease, LeaseClient
+from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec
+from bridge.sinks import Sink
+
+__all__ = ["Coordinator"]
+
+log = logging.getLogger("bridge.ha")
+
+_HEARTBEAT = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+@dataclass(eq=False)
+class _Led:
+    lease: Lease
+    loop: SourceLoop
+    task: asyncio.Task[None]
+
+
+class Coordinator:
+    """Leads this replica's fair share of ``specs``; see the module docstring."""
+
+    def __init__(
+        self,
+        specs: Sequence[SourceSpec],
+        sink: Sink,
+        redis: aioredis.Redis,
+        *,
+        replica: str,
+        lease_ttl_s: float,
+        renew_every_s: float | None = None,
+        prefix: str = "koprs:bridge:",
+        on_published: PublishedCallback | None = None,
+        shutdown_grace_s: float = 5.0,
+    ) -> None:
+        self.specs = {spec.name: spec for spec in specs}
+        self.sink = sink
+        self.redis = redis
+        self.replica = replica
+        self.period_s = renew_every_s or lease_ttl_s / 3
+        self.lease_ttl_s = lease_ttl_s
+        self.prefix = prefix
+        self.on_published = on_published
+        self.shutdown_grace_s = shutdown_grace_s
+        self.leases = LeaseClient(redis, replica, ttl_s=lease_ttl_s, prefix=prefix)
+        self.held: dict[str, Lease] = {}
+        self.state = RedisStateStore(redis, self.held)
+        self.led: dict[str, _Led] = {}
+        self.live_replicas = 0
+        self.rounds = 0
+        self._round_done = asyncio.Condition()
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        start = zlib.crc32(replica.encode()) % max(1, len(self.specs))
+        names = sorted(self.specs)
+        self._order = names[start:] + names[:start]
+
+    @property
+    def share(self) -> int:
+        return math.ceil(len(self.specs) / max(1, self.live_replicas))
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Coordinate until ``stop`` is set; then stop every led source and release its lease."""
+        try:
+            while not stop.is_set():
+                try:
+                    await self.round()
+                except (BridgeError, redis.exceptions.RedisError, OSError) as exc:
+                    log.warning("leader election round failed (Redis unreachable?): %s", exc)
+                async with self._round_done:
+                    self.rounds += 1
+                    self._round_done.notify_all()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.period_s)
+        finally:
+            await asyncio.gather(*(self._give_up(name) for name in list(self.led)))
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await asyncio.shield(self.redis.zrem(replicas_key(self.prefix), self.replica))
+
+    async def wait_for_rounds(self, rounds: int) -> None:
+        async with self._round_done:
+            await self._round_done.wait_for(lambda: self.rounds >= rounds)
+
+    async def round(self) -> None:
+        """One heartbeat-and-rebalance round."""
+        for name, led in list(self.led.items()):  # forget sources whose lease was lost
+            if led.task.done():
+                self.led.pop(name)
+                self.held.pop(name, None)
+        ttl_ms = int(self.lease_ttl_s * 1000)
+        self.live_replicas = int(
+            await self._heartbeat(keys=[replicas_key(self.prefix)], args=[self.replica, ttl_ms])
+        )
+        share = self.share
+        extra = len(self.led) - share
+        if extra > 0:
+            for name in sorted(self.led, reverse=True)[:extra]:
+                log.info(
+                    "giving up source %r: %d live replicas, share %d",
+                    name,
+                    self.live_replicas,
+                    share,
+                )
+                await self._give_up(name)
+        for name in self._order:
+            if len(self.led) >= share:
+                break
+            if name in self.led:
+                continue
+            lease = await self.leases.acquire(name)
+            if lease is not None:
+                self._lead(self.specs[name], lease)
+
+    def _lead(self, spec: SourceSpec, lease: Lease) -> None:
+        self.held[spec.name] = lease
+        loop = SourceLoop(
+            spec, self.sink, self.state, on_published=self.on_published, guard=lease.check
+        )
+        task = asyncio.create_task(self._run_led(lease, loop), name=f"lead:{spec.name}")
+        self.led[spec.name] = _Led(lease, loop, task)
+
+    async def _run_led(self, lease: Lease, loop: SourceLoop) -> None:
+        keeper = asyncio.create_task(self.leases.keep(lease, self.period_s))
+        runner = asyncio.create_task(loop.run(), name=f"source:{lease.source}")
+        lost = asyncio.create_task(lease.lost.wait())
+        try:
+            await asyncio.wait([runner, lost], return_when=asyncio.FIRST_COMPLETED)
+            if lease.lost.is_set():
+                log.warning("stopping source %r at once: its lease is lost", lease.source)
+            elif runner.done() and runner.exception() is not None:
+                log.error(
+                    "source %r stopped unexpectedly", lease.source, exc_info=runner.exception()
+                )
+        finally:
+            for task in (runner, keeper, lost):
+                task.cancel()
+            await asyncio.gather(runner, keeper, lost, return_exceptions=True)
+            self.held.pop(lease.source, None)
+            await self.leases.release(lease)
+
+    async def _give_up(self, name: str) -> None:
+        """Stop leading ``name``: let a publish in flight finish (bounded), release the lease."""
+        led = self.led.pop(name, None)
+        if led is None:
+            return
+        led.loop.stop()
+        if not led.loop.busy:
+            led.task.cancel()
+        done, _ = await asyncio.wait([led.task], timeout=self.shutdown_grace_s)
+        if not done:
+            led.task.cancel()
+        await asyncio.gather(led.task, return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica,
+            "live_replicas": self.live_replicas,
+            "share": self.share,
+            "leading": {
+                name: {"fence": led.lease.fence, **led.loop.status()}
+                for name, led in sorted(self.led.items())
+            },
+        }
+
+
+async def election_status(
+    redis: aioredis.Redis, sources: Sequence[str], prefix: str = "koprs:bridge:"
+) -> dict[str, Any]:
+    """Who holds which source, read from Redis (for ``koprs-bridge status``)."""
+    now_s, now_us = await redis.time()
+    now_ms = now_s * 1000 + now_us // 1000
+    replicas = await redis.zrangebyscore(replicas_key(prefix), now_ms, "+inf")
+    holders: dict[str, Any] = {}
+    for name in sources:
+        keys = SourceKeys(name, prefix)
+        token = await redis.get(keys.lease)
+        revision = await redis.hget(keys.meta, "revision")
+        holder, _, fence = (as_text(token) if token else "").rpartition("|")
+        holders[name] = {
+            "holder": holder or None,
+            "fence": int(fence) if fence else None,
+            "revision": int(revision) if revision else None,
+        }
+    return {"replicas": sorted(as_text(r) for r in replicas), "sources": holders}
