@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from bridge.errors import FencedError
 from bridge.ha.checkpoints import RedisStateStore
 from bridge.ha.keys import SourceKeys
-from bridge.ha.leases import Lease, LeaseClient
+from bridge.ha.leases import LeaseClient
 from bridge.service.config import parse_config
 from bridge.service.runner import Bridge
 from bridge.sinks.memory import MemorySink
@@ -27,6 +27,7 @@ PREFIX = "koprs:bridge:"
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_url)
+    client.url = redis_url  # type: ignore[attr-defined]
     yield client
     await client.aclose()
 
@@ -128,9 +129,7 @@ def config(tmp_path: Path, names: list[str], redis_url: str) -> dict[str, Any]:
 async def elected_bridges(
     redis_client: aioredis.Redis, tmp_path: Path, names: list[str], replicas: list[str]
 ) -> AsyncIterator[tuple[list[Bridge], list[MemorySink]]]:
-    url = redis_client.get_connection_kwargs()
-    redis_url = f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"
-    raw = config(tmp_path, names, redis_url)
+    raw = config(tmp_path, names, redis_client.url)  # type: ignore[attr-defined]
     sinks = [MemorySink(r) for r in replicas]
     bridges = [
         Bridge(parse_config(raw, env={}), sink=s, replica=r, shutdown_grace_s=1)
@@ -147,8 +146,7 @@ async def elected_bridges(
 
 async def settled(bridges: list[Bridge], rounds: int = 3) -> None:
     for bridge in bridges:
-        while bridge.coordinator is None:
-            await asyncio.sleep(0.01)
+        assert bridge.coordinator is not None
         await bridge.coordinator.wait_for_rounds(bridge.coordinator.rounds + rounds)
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from bridge.service.config import BridgeConfig, SourceConfig
+from bridge.service.config import BridgeConfig, LeaderElectionConfig, SourceConfig
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec
 from bridge.sinks import Sink
 from bridge.sources.http import DEFAULT_MAX_REDIRECTS, HttpPoller
@@ -146,6 +146,8 @@ class Bridge:
         self.specs = [build_source(source) for source in config.sources]
         self.loops: dict[str, SourceLoop] = {}
         self.coordinator: Coordinator | None = None
+        if config.leader_election is not None:
+            self.coordinator = self._coordinator(config.leader_election)
         self.connected = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -171,36 +173,18 @@ class Bridge:
 
     async def _run_elected(self, stop: asyncio.Event) -> None:
         """Several replicas: lead only the sources whose leases this replica holds."""
-        import redis.asyncio as aioredis
-
-        from bridge.ha.sharing import Coordinator
-
-        election = self.config.leader_election
-        assert election is not None
-        timeout_s = max(0.5, election.lease_ttl_s / 4)
-        client = aioredis.from_url(
-            election.redis_url.reveal(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        assert self.coordinator is not None
+        assert self.config.leader_election is not None
+        log.info(
+            "replica %s competing for %d source(s) (lease TTL %.1fs)",
+            self.replica,
+            len(self.specs),
+            self.config.leader_election.lease_ttl_s,
         )
         try:
-            self.coordinator = Coordinator(
-                self.specs,
-                self.sink,
-                client,
-                replica=self.replica,
-                lease_ttl_s=election.lease_ttl_s,
-                renew_every_s=election.renew_every_s,
-                on_published=self.on_published,
-                shutdown_grace_s=self.shutdown_grace_s,
-            )
-            log.info(
-                "replica %s competing for %d source(s) (lease TTL %.1fs)",
-                self.coordinator.replica,
-                len(self.specs),
-                election.lease_ttl_s,
-            )
             await self.coordinator.run(stop)
         finally:
-            await client.aclose()
+            await self.coordinator.redis.aclose()
 
     async def _connect(self, stop: asyncio.Event) -> bool:
         delay = 0.5
@@ -243,6 +227,26 @@ class Bridge:
             await _aclose(spec.source)
         await _aclose(self.sink)
         await _aclose(self.state)
+
+    def _coordinator(self, election: LeaderElectionConfig) -> Coordinator:
+        import redis.asyncio as aioredis
+
+        from bridge.ha.sharing import Coordinator
+
+        timeout_s = max(0.5, election.lease_ttl_s / 4)
+        client = aioredis.from_url(
+            election.redis_url.reveal(), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return Coordinator(
+            self.specs,
+            self.sink,
+            client,
+            replica=self.replica,
+            lease_ttl_s=election.lease_ttl_s,
+            renew_every_s=election.renew_every_s,
+            on_published=self.on_published,
+            shutdown_grace_s=self.shutdown_grace_s,
+        )
 
     def status(self) -> dict[str, Any]:
         if self.coordinator is not None:
