@@ -2,6 +2,7 @@
 
 ``run [--config FILE]``   run the bridge (no config: the embedded default, see README)
 ``check --config FILE``   validate a config file and exit (2 when invalid)
+``status --config FILE``  which replica leads which source (leader election in Redis)
 
 Invalid configs exit with status 2 and one message naming the file, key and problem.
 """
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "run":
             return asyncio.run(_run(args))
+        if args.command == "status":
+            return asyncio.run(_status(args.config, as_json=args.json))
     except ConfigError as exc:
         print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -82,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("--config", type=Path, required=True)
+    status = commands.add_parser("status", help="show which replica leads which source")
+    status.add_argument("--config", type=Path, required=True)
+    status.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -92,6 +98,36 @@ def _check(path: Path) -> int:
     print(f"{path}: OK, broker {config.broker.description}, {len(config.sources)} source(s):")
     for source in config.sources:
         print(f"  {source.name}: {source.kind} every {source.interval_s:g}s")
+    return 0
+
+
+async def _status(path: Path, *, as_json: bool) -> int:
+    import json
+
+    import redis.asyncio as aioredis
+    import redis.exceptions
+
+    from bridge.ha.sharing import election_status
+    from bridge.service.config import load_config
+
+    config = load_config(path)
+    if config.leader_election is None:
+        print(f"{path}: no leader_election configured: one replica leads every source")
+        return 0
+    client = aioredis.from_url(config.leader_election.redis_url.reveal(), socket_timeout=5)
+    try:
+        status = await election_status(client, [s.name for s in config.sources])
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BridgeError(f"cannot read the election state from Redis: {exc}") from exc
+    finally:
+        await client.aclose()
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"live replicas: {', '.join(status['replicas']) or 'none'}")
+    for name, held in status["sources"].items():
+        holder = held["holder"] or "(no leader)"
+        print(f"  {name:<24} {holder:<32} fence={held['fence']} revision={held['revision']}")
     return 0
 
 

@@ -168,3 +168,33 @@ async def test_sources_spread_evenly_when_replicas_join(
             assert counts == [4, 4, 4]
             led = [set(b.coordinator.led) for b in everyone if b.coordinator]
             assert set().union(*led) == set(names)  # every source led, none twice
+
+
+async def test_status_command_shows_who_leads_what(
+    redis_client: aioredis.Redis, tmp_path: Path
+) -> None:
+    import json
+    import sys
+
+    import yaml
+
+    names = ["alpha", "beta"]
+    async with elected_bridges(redis_client, tmp_path, names, ["r1"]) as (bridges, _):
+        await settled(bridges)
+        path = tmp_path / "bridge.yaml"
+        path.write_text(yaml.safe_dump(config(tmp_path, names, redis_client.url)))  # type: ignore[attr-defined]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "status",
+            "--config",
+            str(path),
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await process.communicate()
+    assert process.returncode == 0
+    status = json.loads(out)
+    assert status["replicas"] == ["r1"]
+    assert {n: s["holder"] for n, s in status["sources"].items()} == {"alpha": "r1", "beta": "r1"}
