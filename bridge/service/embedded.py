@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,15 @@ def find_nats_server() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if this process dies without stopping it (kill -9)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _port(preferred: int) -> int:
     with socket.socket() as probe:
         try:
@@ -75,6 +85,7 @@ async def nats_server(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncIterator
         str(data_dir),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     try:
         for _ in range(200):  # wait until it accepts connections (at most ~10 s)
