@@ -17,11 +17,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, unquote
 
 from bridge.events import EventKind, ExternalEvent
 from bridge.sources.http import HttpResource
@@ -35,6 +37,7 @@ __all__ = [
     "EventEncoder",
     "event_id",
     "event_type",
+    "header_value",
 ]
 
 SPEC_VERSION = "1.0"
@@ -95,10 +98,27 @@ class CloudEvent:
         return _dumps({**self.attributes(), "data": self.data})
 
     def to_binary(self) -> tuple[dict[str, str], bytes]:
-        """Binary content mode: ``ce-*`` headers plus ``Content-Type``, and the data as body."""
-        headers = {f"ce-{k}": v for k, v in self.attributes().items() if k != "datacontenttype"}
+        """Binary content mode: ``ce-*`` headers plus ``Content-Type``, and the data as body.
+
+        Header values are percent-encoded as the CloudEvents HTTP binding prescribes (every
+        character outside printable ASCII, and space, ``"`` and ``%``), so keys with blanks,
+        line breaks or non-ASCII text survive header transports; :func:`header_value` decodes.
+        """
+        headers = {
+            f"ce-{k}": quote(v, safe=_HEADER_SAFE)
+            for k, v in self.attributes().items()
+            if k != "datacontenttype"
+        }
         headers["content-type"] = self.datacontenttype
         return headers, self.data_bytes()
+
+
+_HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+
+
+def header_value(raw: str) -> str:
+    """Decode a ``ce-*`` header value written by :meth:`CloudEvent.to_binary`."""
+    return unquote(raw, errors="strict")
 
 
 class EventEncoder:
@@ -129,9 +149,10 @@ class EventEncoder:
         else:
             value = _jsonable(resource)
             key = str(getattr(resource, "key", self.source_name))
-            version = getattr(resource, "version", None) or "sha256:" + hashlib.sha256(
-                _dumps(value)
-            ).hexdigest()
+            version = (
+                getattr(resource, "version", None)
+                or "sha256:" + hashlib.sha256(_dumps(value)).hexdigest()
+            )
             version, schema = str(version), "custom-resource"
             data = {"key": key, "version": version, "value": value}
         return CloudEvent(
@@ -139,9 +160,10 @@ class EventEncoder:
             source=self.source_uri,
             type=event_type(event.kind),
             subject=key,
-            time=self._now().astimezone(UTC).isoformat(timespec="microseconds").replace(
-                "+00:00", "Z"
-            ),
+            time=self._now()
+            .astimezone(UTC)
+            .isoformat(timespec="microseconds")
+            .replace("+00:00", "Z"),
             dataschema=f"{SCHEMA_BASE_URI}v1/{schema}.json",
             data=data,
         )
@@ -195,5 +217,40 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+try:  # optional: only makes encoding faster (see _dumps)
+    _orjson: Any = importlib.import_module("orjson")
+except ImportError:
+    _orjson = None
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+_I64_MIN, _U64_END = -(1 << 63), 1 << 64
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is JSON made only of the types orjson writes byte for byte like ``_JSON``
+    (exact str, int within 64 bits, bool, None, lists, dicts with str keys; no floats)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(_I64_MIN <= value < _U64_END)
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())
+    if kind is list:
+        return all(_plain(v) for v in value)
+    return False
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+    """Compact JSON with sorted keys, non-ASCII as UTF-8: the bytes of every event and digest.
+
+    With the optional ``orjson`` installed, plain values (see ``_plain``) are written by it, an
+    order of magnitude faster on large strings and identical byte for byte; anything else (floats
+    above all, whose text differs between the two) goes through the standard library.
+    """
+    if _orjson is not None and _plain(value):
+        try:
+            fast: bytes = _orjson.dumps(value, option=_orjson.OPT_SORT_KEYS)
+            return fast
+        except _orjson.JSONEncodeError:
+            pass  # e.g. a lone surrogate: let the standard library raise its own error
+    return _JSON.encode(value).encode()

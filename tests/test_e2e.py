@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from nats.js.api import DeliverPolicy
 
+from bridge.cloudevents import header_value
 from bridge.schemas import load_schema
 from bridge.service.config import parse_config
 from bridge.service.runner import Bridge
@@ -124,7 +125,9 @@ def validate(event: dict[str, Any]) -> None:
 def decode_nats(subject: str, headers: dict[str, str] | None, body: bytes) -> dict[str, Any]:
     headers = headers or {}
     if "ce-id" in headers:  # binary mode
-        event: dict[str, Any] = {k[3:]: v for k, v in headers.items() if k.startswith("ce-")}
+        event: dict[str, Any] = {
+            k[3:]: header_value(v) for k, v in headers.items() if k.startswith("ce-")
+        }
         event["datacontenttype"] = headers["content-type"]
         event["data"] = json.loads(body)
         assert headers["Nats-Msg-Id"] == event["id"]
@@ -324,7 +327,9 @@ def decode_redis(source: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
     if b"event" in fields:
         event: dict[str, Any] = json.loads(fields[b"event"])
     else:
-        event = {k.decode()[3:]: v.decode() for k, v in fields.items() if k.startswith(b"ce-")}
+        event = {
+            k.decode()[3:]: header_value(v.decode()) for k, v in fields.items() if k.startswith(b"ce-")
+        }
         event["datacontenttype"] = fields[b"content-type"].decode()
         event["data"] = json.loads(fields[b"data"])
     event["_source_name"] = source

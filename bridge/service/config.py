@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from bridge.errors import ConfigError
-from bridge.service.secrets import Secret, redact_url
+from bridge.secrets import Secret, redact_url
 from bridge.subjects import SOURCE_NAME_PATTERN
 
 __all__ = [

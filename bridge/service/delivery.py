@@ -80,7 +80,8 @@ class SourceLoop:
     ) -> None:
         self.spec = spec
         self.guard = guard
-        """Called before every publish and state write; raises to stop them (a lost lease)."""
+        """Called before every poll, publish and state write; raises to stop them (a lost
+        lease)."""
         self.sink = sink
         self.state = state
         self.clock = clock or LoopClock()
@@ -179,6 +180,8 @@ class SourceLoop:
         """Deliver the pending batches, polling first if there are none; the error if any."""
         if not self._queue:
             try:
+                if self.guard is not None:  # a lost lease stops polling too, not just writes
+                    self.guard()
                 changeset = await self._changes()
             except Exception as exc:
                 return exc

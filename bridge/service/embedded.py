@@ -26,7 +26,7 @@ from bridge.service.config import (
     LocalSourceConfig,
     SourceConfig,
 )
-from bridge.service.secrets import Secret
+from bridge.secrets import Secret
 
 __all__ = ["embedded_config", "find_nats_server", "nats_server", "print_events"]
 

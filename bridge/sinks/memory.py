@@ -5,7 +5,8 @@ accepted for that source, as JetStream (``Nats-Msg-Id``) and the Redis sink (ded
 Tests can make publishes fail (:meth:`MemorySink.fail_next`, optionally after part of the batch
 landed, like a broker that acknowledged some messages before the connection dropped), hold
 publishes (:meth:`MemorySink.block`) and await a number of accepted events
-(:meth:`MemorySink.wait_for`) instead of sleeping.
+(:meth:`MemorySink.wait_for`) or publish calls (:meth:`MemorySink.wait_for_calls`) instead of
+sleeping.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class MemorySink:
     async def publish(self, source_name: str, events: Sequence[CloudEvent]) -> None:
         validate_source_name(source_name)
         self.publish_calls += 1
+        async with self._changed:
+            self._changed.notify_all()
         await self._open.wait()
         failure = self._failures.pop(0) if self._failures else None
         accepted = events if failure is None else events[: failure.landed]
@@ -117,6 +120,12 @@ class MemorySink:
             else:
                 current[event.subject] = event
         return current
+
+    async def wait_for_calls(self, calls: int = 1) -> None:
+        """Wait until :meth:`publish` was called ``calls`` times (blocked or failed ones too):
+        with :meth:`block`, the way to know a publish is in flight."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.publish_calls >= calls)
 
     async def wait_for(self, count: int, source_name: str | None = None) -> list[CloudEvent]:
         """Wait until at least ``count`` events were accepted (for ``source_name``, or in all),

@@ -12,10 +12,13 @@ success. Content modes:
   with such characters differs from the key (the subject token always encodes it exactly).
 * ``structured``: the whole event as JSON, ``content-type: application/cloudevents+json``.
 
-A batch is pipelined: every message is sent before any acknowledgement is awaited, then all
-acknowledgements are awaited together, at most ``ack_timeout_s`` after the last one was sent.
-A missing or negative acknowledgement fails the whole batch with :class:`PublishError`; the
-caller publishes the batch again and the messages that did land are dropped as duplicates.
+A batch is pipelined: every message is sent (up to 4096 in flight) before any acknowledgement
+is awaited, then all acknowledgements are awaited together, at most ``ack_timeout_s`` after the
+last one was sent. Acknowledgements come to one inbox subscription of the sink and are counted
+per batch. When the client reconnects while a batch waits, its unacknowledged messages are sent
+again (at most twice): those written to the dead connection were lost. A missing or negative
+acknowledgement fails the whole batch with :class:`PublishError`; the caller publishes the batch
+again and the messages that did land are dropped as duplicates.
 
 The stream is created when missing (file storage, limits retention, discard old). An existing
 stream is checked: when its subjects do not cover ``<subject_prefix>.>`` the subject filter is
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -44,14 +49,24 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, PubAck, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from bridge.cloudevents import CloudEvent
 from bridge.errors import ConfigError, PublishError
-from bridge.subjects import DEFAULT_SUBJECT_PREFIX, nats_subject
+from bridge.subjects import DEFAULT_SUBJECT_PREFIX, nats_subject, validate_source_name
 
-__all__ = ["DEFAULT_STREAM", "STRUCTURED_CONTENT_TYPE", "NatsSink", "NatsSinkConfig"]
+__all__ = [
+    "DEFAULT_STREAM",
+    "MSG_ID_HEADER",
+    "STRUCTURED_CONTENT_TYPE",
+    "ContentMode",
+    "NatsSink",
+    "NatsSinkConfig",
+    "redact_url",
+    "subject_filter_covers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,10 @@ STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 MSG_ID_HEADER = "Nats-Msg-Id"
 _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
 _FORBIDDEN_IN_TOKEN = frozenset(".*> \t\r\n")
+_WINDOW = 4096
+"""Most messages one publish() has in flight; a larger batch waits for acks in between."""
+_MAX_RESENDS = 2
+_NO_STREAM = "no stream captures the subject (no responders)"
 
 ContentMode = Literal["binary", "structured"]
 
@@ -133,7 +152,9 @@ class NatsSinkConfig:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"nats sink: {name} must be > 0 seconds, got {value!r}")
         if not self.reconnect_wait_s >= 0:
-            raise ConfigError(f"nats sink: reconnect_wait_s must be >= 0, not {self.reconnect_wait_s!r}")
+            raise ConfigError(
+                f"nats sink: reconnect_wait_s must be >= 0, not {self.reconnect_wait_s!r}"
+            )
         if self.max_age_s is not None and self.max_age_s < self.duplicate_window_s:
             raise ConfigError(
                 f"nats sink: max_age_s ({self.max_age_s}) must be >= duplicate_window_s "
@@ -161,15 +182,10 @@ class NatsSinkConfig:
             discard=DiscardPolicy.OLD,
             num_replicas=self.replicas,
             duplicate_window=self.duplicate_window_s,
-            **self._limits(),
+            max_age=self.max_age_s or 0.0,
+            max_bytes=self.max_bytes or -1,
+            max_msgs_per_subject=self.max_msgs_per_subject or -1,
         )
-
-    def _limits(self) -> dict[str, float | int]:
-        return {
-            "max_age": self.max_age_s or 0.0,
-            "max_bytes": self.max_bytes or -1,
-            "max_msgs_per_subject": self.max_msgs_per_subject or -1,
-        }
 
 
 def redact_url(url: str) -> str:
@@ -195,13 +211,51 @@ def subject_filter_covers(pattern: str, prefix: str) -> bool:
     return False
 
 
+class _Batch:
+    """Acknowledgements of one window of a publish: a count, not a future per message."""
+
+    __slots__ = ("acked", "errors", "first_error", "reconnected", "remaining", "wake")
+
+    def __init__(self, size: int) -> None:
+        self.acked = bytearray(size)
+        self.remaining = size
+        self.errors = 0
+        self.first_error: str | None = None
+        self.reconnected = False
+        self.wake = asyncio.Event()
+        """Set when the last acknowledgement came, or when the client reconnected."""
+
+    def settle(self, index: int, error: str | None) -> None:
+        if index >= len(self.acked) or self.acked[index]:
+            return  # not ours, or a second reply to the same message
+        self.acked[index] = 1
+        if error is not None:
+            self.errors += 1
+            self.first_error = self.first_error or error
+        self.remaining -= 1
+        if not self.remaining:
+            self.wake.set()
+
+    def on_reconnect(self) -> None:
+        self.reconnected = True
+        self.wake.set()
+
+
 class NatsSink:
-    """Publishes to JetStream; see the module docstring. ``connect()`` before ``publish()``."""
+    """Publishes to JetStream; see the module docstring. ``publish()`` connects if needed.
+
+    Acknowledgements come to one inbox subscription of the sink (``<inbox>.<batch>.<index>``)
+    and are counted per batch: far cheaper per message than nats-py's ``publish_async``, which
+    makes a future, a token and a callback for each.
+    """
 
     def __init__(self, config: NatsSinkConfig | None = None) -> None:
         self.config = config or NatsSinkConfig()
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._inbox = ""
+        self._batches: dict[str, _Batch] = {}
+        self._batch_numbers = itertools.count()
         self._connected = asyncio.Event()
         self._stream_ready = False
         self._lock = asyncio.Lock()
@@ -235,10 +289,12 @@ class NatsSink:
 
         async def on_reconnected() -> None:
             self._connected.set()
+            for batch in self._batches.values():
+                batch.on_reconnect()
             log.info("reconnected to NATS %s", self.description)
 
         async def on_error(exc: Exception) -> None:
-            log.debug("NATS %s: %s", self.description, type(exc).__name__)
+            log.debug("NATS %s: %s", self.description, _describe(exc))
 
         try:
             await asyncio.wait_for(
@@ -252,16 +308,20 @@ class NatsSink:
                     error_cb=on_error,
                     disconnected_cb=on_disconnected,
                     reconnected_cb=on_reconnected,
+                    # subjects are built from validated parts (bridge.subjects)
+                    skip_subject_validation=True,
                 ),
                 timeout=cfg.connect_timeout_s,
             )
+            inbox = nc.new_inbox()
+            await nc.subscribe(f"{inbox}.>", cb=self._on_ack)
         except (*_NATS_ERRORS, ValueError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise PublishError(
                 f"cannot connect to NATS {self.description}: {_describe(exc)}"
             ) from exc
-        self._nc = nc
+        self._nc, self._inbox = nc, inbox
         self._js = nc.jetstream(timeout=cfg.connect_timeout_s)
         self._connected.set()
         self._stream_ready = False
@@ -296,7 +356,7 @@ class NatsSink:
             ) from exc
         self._stream_ready = True
 
-    async def _ready(self) -> JetStreamContext:
+    async def _ready(self) -> Client:
         if self._nc is None or self._nc.is_closed or not self._stream_ready:
             await self.connect()
         if not self._connected.is_set():
@@ -307,65 +367,115 @@ class NatsSink:
                     f"NATS {self.description}: not connected (reconnecting); "
                     f"gave up after {self.config.ack_timeout_s} s"
                 ) from None
-        assert self._js is not None
-        return self._js
+        assert self._nc is not None
+        return self._nc
 
     async def publish(self, source_name: str, events: Sequence[CloudEvent]) -> None:
         if not events:
             return
-        js = await self._ready()
-        cfg = self.config
-        prefix = cfg.subject_prefix
-        stall_s = cfg.ack_timeout_s
-        encode = self._encode
-        futures: list[asyncio.Future[PubAck]] = []
-        try:
-            for event in events:
-                headers, body = encode(event)
-                futures.append(
-                    await js.publish_async(
-                        nats_subject(source_name, event.subject, prefix),
-                        body,
-                        wait_stall=stall_s,
-                        headers=headers,
-                    )
+        validate_source_name(source_name)
+        nc = await self._ready()
+        total = len(events)
+        for start in range(0, total, _WINDOW):
+            window = events[start : start + _WINDOW]
+            unsent = total - start - len(window)
+            batch_id = str(next(self._batch_numbers))
+            batch = self._batches[batch_id] = _Batch(len(window))
+            try:
+                await self._send(nc, source_name, window, f"{self._inbox}.{batch_id}.")
+                await self._wait(nc, batch, source_name, window, f"{self._inbox}.{batch_id}.")
+            except _NATS_ERRORS as exc:
+                timed_out = isinstance(exc, asyncio.TimeoutError)
+                failed = batch.remaining + batch.errors if timed_out else len(window)
+                reason = (
+                    f"no acknowledgement within {self.config.ack_timeout_s} s"
+                    if timed_out
+                    else f"sending failed: {_describe(exc)}"
                 )
-        except _NATS_ERRORS as exc:
-            for future in futures:
-                future.cancel()
-            raise PublishError(
-                f"NATS {self.description}: {len(events)} events of {source_name!r} not "
-                f"acknowledged: sending failed after {len(futures)}: {_describe(exc)}"
-            ) from exc
-        await self._await_acks(source_name, futures)
+                raise PublishError(
+                    f"NATS {self.description}: {failed + unsent} of {total} events of "
+                    f"{source_name!r} not acknowledged ({reason})"
+                ) from exc
+            finally:
+                del self._batches[batch_id]
+            if batch.errors:
+                if batch.first_error == _NO_STREAM:
+                    self._stream_ready = False  # deleted meanwhile: check (recreate) it next time
+                raise PublishError(
+                    f"NATS {self.description}: {batch.errors + unsent} of {total} events of "
+                    f"{source_name!r} not acknowledged (first error: {batch.first_error})"
+                )
 
-    async def _await_acks(self, source_name: str, futures: list[asyncio.Future[PubAck]]) -> None:
-        timeout_s = self.config.ack_timeout_s
-        _done, pending = await asyncio.wait(futures, timeout=timeout_s)
-        for future in pending:
-            future.cancel()
-        failed = len(pending)
-        first_error: BaseException | None = None
-        for future in futures:
-            if future.cancelled() or future in pending:
+    async def _send(
+        self,
+        nc: Client,
+        source_name: str,
+        events: Sequence[CloudEvent],
+        reply_prefix: str,
+        skip: bytearray | None = None,
+    ) -> None:
+        """Send without waiting: the client buffers the messages and writes them in bulk.
+
+        With ``skip``, messages whose index is marked there (acknowledged) are left out.
+        """
+        subject_prefix = self.config.subject_prefix
+        encode = self._encode
+        publish = nc.publish
+        for index, event in enumerate(events):
+            if skip is not None and skip[index]:
                 continue
-            exc = future.exception()
-            if exc is not None:
-                failed += 1
-                first_error = first_error or exc
-        if not failed:
-            return
-        if isinstance(first_error, nats.js.errors.NoStreamResponseError):
-            self._stream_ready = False  # deleted meanwhile: check (recreate) it next time
-        reason = (
-            f"first error: {_describe(first_error)}"
-            if first_error is not None
-            else f"no acknowledgement within {timeout_s} s"
-        )
-        raise PublishError(
-            f"NATS {self.description}: {failed} of {len(futures)} events of {source_name!r} "
-            f"not acknowledged ({reason})"
-        ) from first_error
+            headers, body = encode(event)
+            await publish(
+                nats_subject(source_name, event.subject, subject_prefix),
+                body,
+                reply=f"{reply_prefix}{index}",
+                headers=headers,
+            )
+
+    async def _wait(
+        self,
+        nc: Client,
+        batch: _Batch,
+        source_name: str,
+        events: Sequence[CloudEvent],
+        reply_prefix: str,
+    ) -> None:
+        """Wait for every acknowledgement; raise TimeoutError after ``ack_timeout_s``.
+
+        Messages written just before a connection loss was noticed are gone with the old
+        connection: when the client reconnects meanwhile, what is still unacknowledged is sent
+        again (a copy that did land is dropped by its ``Nats-Msg-Id``). What was lost is a tail
+        of what was sent, so resending in order keeps each item's events in order.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.ack_timeout_s
+        resends = 0
+        while batch.remaining:
+            batch.wake.clear()
+            async with asyncio.timeout_at(deadline):
+                await batch.wake.wait()
+            if batch.reconnected and batch.remaining and resends < _MAX_RESENDS:
+                deadline = loop.time() + self.config.ack_timeout_s
+                batch.reconnected = False
+                resends += 1
+                log.info(
+                    "NATS %s: resending %d unacknowledged events of %r after reconnecting",
+                    self.description,
+                    batch.remaining,
+                    source_name,
+                )
+                await self._send(nc, source_name, events, reply_prefix, skip=batch.acked)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        _, batch_id, index = msg.subject.rsplit(".", 2)
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            return  # a late reply to a batch that already failed
+        data = msg.data
+        if data[:1] == b"{" and b'"error"' not in data:
+            batch.settle(int(index), None)
+        else:
+            batch.settle(int(index), _ack_error(msg))
 
     async def aclose(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
@@ -374,6 +484,24 @@ class NatsSink:
         if nc is not None and not nc.is_closed:
             with contextlib.suppress(*_NATS_ERRORS):
                 await asyncio.wait_for(nc.close(), self.config.connect_timeout_s)
+
+
+def _ack_error(msg: Msg) -> str | None:
+    """The error a JetStream reply reports, or None for a positive acknowledgement."""
+    if msg.headers and msg.headers.get("Status") == "503":
+        return _NO_STREAM
+    try:
+        reply = json.loads(msg.data)
+    except ValueError:
+        return f"unreadable reply {msg.data[:80]!r}"
+    if not isinstance(reply, dict):
+        return f"unexpected reply {msg.data[:80]!r}"
+    error = reply.get("error")
+    if error is None:
+        return None if "seq" in reply else f"unexpected reply {msg.data[:80]!r}"
+    if isinstance(error, dict):
+        return f"{error.get('description', error)} (code {error.get('err_code', '?')})"
+    return str(error)
 
 
 def _encode_binary(event: CloudEvent) -> tuple[dict[str, str], bytes]:
@@ -397,13 +525,13 @@ def _stream_changes(current: StreamConfig, cfg: NatsSinkConfig) -> dict[str, obj
         changes["subjects"] = [*subjects, f"{cfg.subject_prefix}.>"]
     if not math.isclose(current.duplicate_window or 0.0, cfg.duplicate_window_s):
         changes["duplicate_window"] = cfg.duplicate_window_s
-    limits = cfg._limits()
-    if not math.isclose(current.max_age or 0.0, limits["max_age"]):
-        changes["max_age"] = limits["max_age"]
+    wanted = cfg.stream_config()
+    if not math.isclose(current.max_age or 0.0, wanted.max_age or 0.0):
+        changes["max_age"] = wanted.max_age
     for name in ("max_bytes", "max_msgs_per_subject"):
         have = getattr(current, name)
-        if (have if have is not None and have > 0 else -1) != limits[name]:
-            changes[name] = limits[name]
+        if (have if have is not None and have > 0 else -1) != getattr(wanted, name):
+            changes[name] = getattr(wanted, name)
     if (current.num_replicas or 1) != cfg.replicas:
         changes["num_replicas"] = cfg.replicas
     return changes

@@ -47,7 +47,15 @@ from bridge.cloudevents import CloudEvent
 from bridge.errors import ConfigError, PublishError
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
 
-__all__ = ["PUBLISH_SCRIPT", "RedisSink", "RedisSinkConfig", "items_key"]
+__all__ = [
+    "EVENTS_PER_CALL",
+    "PUBLISH_SCRIPT",
+    "ContentMode",
+    "RedisSink",
+    "RedisSinkConfig",
+    "items_key",
+    "redact_url",
+]
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +157,15 @@ def items_key(source_name: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
 
 
 class RedisSink:
-    """Publishes to Redis Streams; see the module docstring. ``connect()`` before ``publish()``."""
+    """Publishes to Redis Streams; see the module docstring. ``publish()`` connects if needed."""
 
     def __init__(self, config: RedisSinkConfig | None = None) -> None:
         self.config = config or RedisSinkConfig()
         self._client: redis.asyncio.Redis | None = None
         self._sha: str | None = None
-        self._fields = _binary_fields if self.config.content_mode == "binary" else _structured_fields
+        self._fields = (
+            _binary_fields if self.config.content_mode == "binary" else _structured_fields
+        )
 
     @property
     def description(self) -> str:
@@ -178,7 +188,9 @@ class RedisSink:
             async with asyncio.timeout(self.config.timeout_s):
                 self._sha = await self._client.script_load(PUBLISH_SCRIPT)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            raise PublishError(f"Redis {self.description}: cannot connect: {_describe(exc)}") from exc
+            raise PublishError(
+                f"Redis {self.description}: cannot connect: {_describe(exc)}"
+            ) from exc
 
     async def publish(self, source_name: str, events: Sequence[CloudEvent]) -> None:
         if not events:
