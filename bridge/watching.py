@@ -152,7 +152,7 @@ async def watch_external_with_config(
     while True:
         try:
             events = await source.poll()
-        except BaseException as exc:  # any poll failure is retried, never fatal
+        except Exception as exc:  # any poll failure is retried, never fatal
             delay = schedule.next_delay(clock.monotonic(), ok=False)
             log_poll_failure(source.name, exc, schedule.failures, delay)
         else:

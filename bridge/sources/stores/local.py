@@ -38,6 +38,9 @@ class LocalStore:
     async def list(self, prefix: str = "") -> AsyncIterator[Sequence[StoredObject]]:
         if not self.root.is_dir():
             raise StoreError(f"local store root {str(self.root)!r} is not a directory")
+        start_rel = prefix.rpartition("/")[0]  # where _walk starts: it must be inside the root
+        if start_rel and not (self.root / start_rel).resolve().is_relative_to(self.root.resolve()):
+            raise StoreError(f"prefix {prefix!r} leaves the local store root {str(self.root)!r}")
         yield await asyncio.to_thread(self._walk, prefix)
 
     def _resolve(self, path: str) -> Path:
