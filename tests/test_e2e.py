@@ -257,7 +257,9 @@ async def fresh_nats(url: str) -> None:
     try:
         js = nc.jetstream()
         for info in await js.streams_info():
-            if any(s.startswith("koprs.external") for s in info.config.subjects or ()):
+            if info.config.name and any(
+                s.startswith("koprs.external") for s in info.config.subjects or ()
+            ):
                 await js.delete_stream(info.config.name)
     finally:
         await nc.close()
@@ -328,7 +330,9 @@ def decode_redis(source: str, fields: dict[bytes, bytes]) -> dict[str, Any]:
         event: dict[str, Any] = json.loads(fields[b"event"])
     else:
         event = {
-            k.decode()[3:]: header_value(v.decode()) for k, v in fields.items() if k.startswith(b"ce-")
+            k.decode()[3:]: header_value(v.decode())
+            for k, v in fields.items()
+            if k.startswith(b"ce-")
         }
         event["datacontenttype"] = fields[b"content-type"].decode()
         event["data"] = json.loads(fields[b"data"])
@@ -345,7 +349,8 @@ async def redis_consumer(url: str, names: list[str]) -> AsyncIterator[Received]:
     async def follow() -> None:
         while True:
             try:
-                replies = await client.xread(positions, block=100)
+                replies: list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
+                replies = await client.xread(positions, block=100)  # type: ignore[assignment]
             except (ConnectionError, aioredis.ConnectionError):
                 await asyncio.sleep(0.05)
                 continue

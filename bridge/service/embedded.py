@@ -20,13 +20,13 @@ from pathlib import Path
 
 from bridge.cloudevents import CloudEvent
 from bridge.errors import BridgeError
+from bridge.secrets import Secret
 from bridge.service.config import (
     BridgeConfig,
     BrokerConfig,
     LocalSourceConfig,
     SourceConfig,
 )
-from bridge.secrets import Secret
 
 __all__ = ["embedded_config", "find_nats_server", "nats_server", "print_events"]
 
