@@ -4,8 +4,8 @@ The committed state is one ``dict`` of path -> ETag. A poll walks the listing on
 page, looking each path up in that dict: unknown paths are ``Added``, paths whose ETag changed
 are ``Modified``. Only when fewer known paths were seen than the state holds does it compute
 which ones are gone (``Removed``), so the usual no-change poll of a large bucket costs one dict
-lookup per object and allocates nothing per object. Events come out in listing order, removals
-last (sorted by path).
+lookup per object and keeps one pointer per object (the listed paths, to find removals). Events
+come out in listing order, removals last (sorted by path).
 """
 
 from __future__ import annotations
@@ -89,8 +89,14 @@ class ListingDiff:
     def finish(self) -> Changeset:
         state = self._state
         if self._matched < len(state):
-            for path in sorted(state.keys() - set(self._paths)):
-                self._events.append(Removed(StoredObject(path, state[path])))
+            # A copy of the dict (its table only, no new strings) minus the listed paths: less
+            # memory and time than a set of the listed paths and a set of the state's paths.
+            unseen = state.copy()
+            pop = unseen.pop
+            for path in self._paths:
+                pop(path, None)
+            for path in sorted(unseen):
+                self._events.append(Removed(StoredObject(path, unseen[path])))
                 self.delta[path] = None
         return Changeset(self._events, self.delta, state)
 
@@ -101,5 +107,3 @@ def diff_listing(state: Mapping[str, str], listing: Iterable[Sequence[StoredObje
     for page in listing:
         diff.feed(page)
     return diff.finish()
-
-
