@@ -11,19 +11,23 @@ or corrupt checkpoint is reported (StateError) and the caller resyncs from a ful
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from bridge.errors import FencedError, StateError
-from bridge.ha.keys import CHECKPOINT_FORMAT, as_text
+from bridge.ha.keys import CHECKPOINT_FORMAT, SourceKeys, as_text
 from bridge.ha.leases import Lease
 from bridge.sources.base import StateDelta
 from bridge.state import Checkpoint, Intent, event_from_record, event_to_record
 
 __all__ = ["RedisStateStore"]
+
+log = logging.getLogger("bridge.ha")
 
 _FENCE = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end\n"
 _BEGIN = _FENCE + "redis.call('SET', KEYS[2], ARGV[2])\nreturn 1\n"
@@ -77,7 +81,22 @@ class RedisStateStore:
         return lease
 
     async def load(self, source_name: str) -> Checkpoint | None:
-        keys = self._lease(source_name).keys
+        """The checkpoint, or None. Redis unreachable is retried while the lease holds, not
+        reported: a StateError makes the caller reset the checkpoint as corrupt."""
+        lease = self._lease(source_name)
+        delay = 0.05
+        while True:
+            try:
+                return await self._load(source_name, lease.keys)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                lease.check()  # FencedError once the lease is lost
+                log.warning(
+                    "loading the checkpoint of source %r failed, retrying: %s", source_name, exc
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _load(self, source_name: str, keys: SourceKeys) -> Checkpoint | None:
         try:
             meta = await self.redis.hgetall(keys.meta)
             if not meta:
@@ -101,6 +120,8 @@ class RedisStateStore:
             if raw_intent is not None:
                 checkpoint.intent = _intent_from_json(as_text(raw_intent))
             return checkpoint
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+            raise
         except redis.exceptions.RedisError as exc:
             raise StateError(
                 f"cannot load the checkpoint of source {source_name!r}: {exc}"

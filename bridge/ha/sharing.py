@@ -170,6 +170,11 @@ class Coordinator:
                     "source %r stopped unexpectedly", lease.source, exc_info=runner.exception()
                 )
         finally:
+            # Also stop both without relying on the cancellations: on Python 3.11 a
+            # cancellation can be swallowed (asyncio.wait_for, used by redis-py), and a keeper
+            # that survives it would renew the lease of a source nobody leads.
+            lease.lost.set()
+            loop.stop()
             for task in (runner, keeper, lost):
                 task.cancel()
             await asyncio.gather(runner, keeper, lost, return_exceptions=True)

@@ -1,0 +1,1228 @@
+"""High availability with replicas as separate processes (tests/test_ha.py runs them in-process).
+
+Every replica is ``python -m bridge --log-level info run --config <file>`` with its own
+``KOPRS_BRIDGE_REPLICA_ID`` and its own log file (printed when a test fails). The servers are
+real: redis-server for leader election and checkpoints, nats-server (JetStream) as the broker,
+an HTTP server and moto's S3 server as sources. A raw NATS consumer (tests/test_e2e.py) reads
+what reaches the broker. Leases are short (2 s TTL, renewed every 0.3 s) and sources are polled
+every 0.2 s, so a failover takes a few seconds.
+
+The HTTP server records every request with the ``X-Replica`` header each replica's config puts
+on its requests, so a test sees which replica polled which source when.
+
+The tests: (a) steady run, each source polled by one replica at a time; (b) SIGKILL of a
+leader while its source changes; (c) SIGSTOP of a leader in the middle of a poll, past its
+lease, then SIGCONT: fenced out; (d) Redis stopped and started empty; (e) replicas joining
+spread the sources; (f) Redis restarted with its data: checkpoints carry on; (g) a leader
+SIGSTOPped between polls does not poll again once resumed. After each test every replica's
+log is checked: a source given up was released.
+
+Nothing here asserts a duration: timings (failover) are printed, the assertions are about
+order, completeness and uniqueness. Waits are on conditions (events at the consumer, lease keys
+in Redis, lines in a replica's log), polled in bounded loops where there is nothing to await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import yaml
+
+from bridge.ha.checkpoints import RedisStateStore
+from bridge.ha.keys import DEFAULT_PREFIX, SourceKeys, as_text
+from bridge.ha.leases import LeaseClient
+from tests.servers import LOOPBACK, RedisServer, S3Server
+from tests.test_e2e import Received, fresh_nats, nats_consumer
+
+LEASE_TTL_S = 2.0
+RENEW_EVERY_S = 0.3
+INTERVAL_S = 0.2
+WAIT_S = 45.0
+"""Bound of every wait on a condition (generous: only a broken bridge should reach it)."""
+REPO = Path(__file__).resolve().parents[1]
+
+Event = dict[str, Any]
+
+
+# -- HTTP documents that record who polls them ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    at: float
+    """time.monotonic() when the request arrived."""
+    replica: str
+    """The X-Replica header ("?" when missing)."""
+    name: str
+    """The document (the URL path without the leading slash)."""
+
+
+class Documents:
+    """An HTTP server on loopback serving documents at ``/<name>``, with ETags.
+
+    A document whose body is None answers 404. Every request is recorded.
+    """
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, bytes | None] = {}
+        self.on_request: Callable[[Request], None] | None = None
+        """Called (in the server's thread) with each request before it is answered."""
+        self._requests: list[Request] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((LOOPBACK, 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Documents:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    def url(self, name: str) -> str:
+        return f"http://{LOOPBACK}:{self._server.server_address[1]}/{name}"
+
+    def set(self, name: str, body: bytes | None) -> str | None:
+        """Serve ``body`` at ``/<name>`` from now on; its version as events carry it."""
+        self.bodies[name] = body
+        return None if body is None else version_of(body)
+
+    def requests(self, name: str | None = None) -> list[Request]:
+        with self._lock:
+            return [r for r in self._requests if name is None or r.name == name]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        documents = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                name = self.path.lstrip("/")
+                request = Request(time.monotonic(), self.headers.get("X-Replica", "?"), name)
+                with documents._lock:
+                    documents._requests.append(request)
+                if documents.on_request is not None:
+                    documents.on_request(request)
+                body = documents.bodies.get(name)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+                if self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("ETag", etag)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+def version_of(body: bytes) -> str:
+    """The version the bridge gives an HTTP body (``data.digest`` of its events)."""
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+# -- replicas as processes ---------------------------------------------------------------------
+
+_LIVE_PIDS: set[int] = set()
+"""Replica processes started and not yet reaped: killed after each test whatever happened."""
+
+
+class Replica:
+    """One ``python -m bridge run`` process."""
+
+    def __init__(self, name: str, config_path: Path, log_path: Path) -> None:
+        self.name = name
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.killed = False
+        """Set when the test kills it on purpose (so its death is not a failure)."""
+
+    async def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KOPRS_BRIDGE")}
+        env["KOPRS_BRIDGE_REPLICA_ID"] = self.name
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        command = [sys.executable, "-m", "bridge", "--log-level", "info"]
+        command += ["run", "--config", str(self.config_path)]
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.config_path.parent,
+                env=env,
+            )
+        _LIVE_PIDS.add(self.proc.pid)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def send(self, signum: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signum)
+
+    async def kill(self) -> None:
+        """SIGKILL, and wait until it is gone."""
+        assert self.proc is not None
+        self.killed = True
+        self.send(signal.SIGKILL)
+        await self._reap()
+
+    def resume(self) -> None:
+        self.send(signal.SIGCONT)
+
+    async def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it does not exit in time.
+
+        The exit code, or None if it had to be killed.
+        """
+        if self.proc is None:
+            return None
+        if self.proc.returncode is not None:
+            await self._reap()
+            return self.proc.returncode
+        self.resume()
+        self.send(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._reap()
+        except TimeoutError:
+            self.send(signal.SIGKILL)
+            await self._reap()
+            return None
+        return self.proc.returncode
+
+    async def _reap(self) -> None:
+        assert self.proc is not None
+        await self.proc.wait()
+        _LIVE_PIDS.discard(self.proc.pid)
+
+    # -- the log --
+
+    def log(self, since: int = 0) -> str:
+        """The log from byte offset ``since`` (see :meth:`mark`)."""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(since)
+                return f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return ""
+
+    def mark(self) -> int:
+        """The log's current size: pass it as ``since`` to look only at what comes next."""
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def count(self, pattern: str, since: int = 0) -> int:
+        return len(re.findall(pattern, self.log(since)))
+
+
+def logged(replica: Replica, pattern: str, since: int = 0, times: int = 1) -> Callable[[], bool]:
+    """A condition: ``replica`` logged a line matching ``pattern`` ``times`` times after
+    ``since``."""
+    return lambda: replica.count(pattern, since) >= times
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftover_replicas() -> Iterator[None]:
+    """Whatever happened to the test's event loop, no replica outlives the test."""
+    yield
+    for pid in list(_LIVE_PIDS):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        _LIVE_PIDS.discard(pid)
+
+
+class Cluster:
+    """The replicas of one test, each with a config file and a log file in ``tmp_path``."""
+
+    def __init__(self, tmp_path: Path, config_for: Callable[[str], dict[str, Any]]) -> None:
+        self.tmp_path = tmp_path
+        self.config_for = config_for
+        self.replicas: dict[str, Replica] = {}
+
+    def __getitem__(self, name: str) -> Replica:
+        return self.replicas[name]
+
+    async def start(self, *names: str) -> None:
+        for name in names:
+            config_path = self.tmp_path / f"{name}.yaml"
+            config_path.write_text(yaml.safe_dump(self.config_for(name), sort_keys=False))
+            replica = Replica(name, config_path, self.tmp_path / f"{name}.log")
+            self.replicas[name] = replica
+            await replica.start()
+
+    def check_alive(self) -> None:
+        """Fail at once, with its log, when a replica the test did not kill has exited."""
+        for replica in self.replicas.values():
+            if not replica.killed and not replica.running:
+                code = replica.proc.returncode if replica.proc else None
+                pytest.fail(
+                    f"replica {replica.name} exited (code {code}):\n{replica.log()[-4000:]}"
+                )
+
+    async def stop_all(self) -> dict[str, int | None]:
+        names = list(self.replicas)
+        codes = await asyncio.gather(*(self.replicas[n].stop() for n in names))
+        return dict(zip(names, codes, strict=True))
+
+    def logs(self, lines: int = 150) -> str:
+        """The end of every log, without the HTTP requests and with repeated messages folded."""
+        parts = []
+        for replica in self.replicas.values():
+            kept: list[str] = []
+            last, repeats = "", 0
+            for line in replica.log().splitlines():
+                if " httpx: " in line:
+                    continue
+                message = line[24:]  # without the timestamp
+                if message == last:
+                    repeats += 1
+                    continue
+                if repeats:
+                    kept.append(f"    (and {repeats} more times)")
+                kept.append(line)
+                last, repeats = message, 0
+            if repeats:
+                kept.append(f"    (and {repeats} more times)")
+            tail = "\n".join(kept[-lines:])
+            parts.append(f"----- {replica.name} ({replica.log_path}) -----\n{tail}")
+        return "\n".join(parts)
+
+
+@contextlib.asynccontextmanager
+async def cluster(
+    tmp_path: Path, config_for: Callable[[str], dict[str, Any]]
+) -> AsyncIterator[Cluster]:
+    """Replicas that are all stopped on exit (then their logs are checked: every source given
+    up was released); their logs are printed when something failed."""
+    replicas = Cluster(tmp_path, config_for)
+    try:
+        yield replicas
+        await replicas.stop_all()
+        assert_given_up_sources_released(replicas)
+    except BaseException:
+        print(f"replica logs (last lines):\n{replicas.logs()}")
+        raise
+    finally:
+        await replicas.stop_all()
+
+
+def config(
+    replica: str, *, redis_url: str, nats_url: str, sources: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    return {
+        "broker": {"url": nats_url, "ack_timeout": 2},
+        "leader_election": {
+            "redis_url": redis_url,
+            "lease_ttl": LEASE_TTL_S,
+            "renew_every": RENEW_EVERY_S,
+        },
+        "sources": list(sources),
+    }
+
+
+def http_source(name: str, url: str, replica: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "interval": INTERVAL_S,
+        "max_backoff": 0.5,
+        "http": {"url": url, "headers": {"X-Replica": replica}},
+    }
+
+
+def s3_source(name: str, s3: S3Server, bucket: str, prefix: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "interval": INTERVAL_S,
+        "max_backoff": 0.5,
+        "s3": {
+            "bucket": bucket,
+            "prefix": prefix,
+            "endpoint_url": s3.endpoint_url,
+            "region": s3.region,
+            "access_key_id": s3.access_key,
+            "secret_access_key": s3.secret_key,
+        },
+    }
+
+
+# -- waiting on conditions ---------------------------------------------------------------------
+
+
+async def until(
+    check: Callable[[], bool | Awaitable[bool]],
+    what: str,
+    *,
+    replicas: Cluster | None = None,
+    timeout_s: float = WAIT_S,
+    every_s: float = 0.05,
+) -> None:
+    """Poll ``check`` until it is true (bounded); fail naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcome = check()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if replicas is not None:
+            replicas.check_alive()
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        await asyncio.sleep(every_s)
+
+
+async def expect(received: Received, what: str, predicate: Callable[[list[Event]], bool]) -> None:
+    """Wait until the consumer's events satisfy ``predicate``."""
+    try:
+        async with asyncio.timeout(WAIT_S):
+            await received.wait_for(predicate)
+    except TimeoutError:
+        pytest.fail(
+            f"timed out waiting for {what} at the consumer; it has:\n"
+            + "\n".join(map(str, summary(received.events)))
+        )
+
+
+@contextlib.asynccontextmanager
+async def arrival_times(received: Received) -> AsyncIterator[list[float]]:
+    """time.monotonic() at which each event of ``received.events`` arrived (same index)."""
+    times: list[float] = [time.monotonic()] * len(received.events)
+
+    async def follow() -> None:
+        while True:
+            async with received.changed:
+                await received.changed.wait_for(lambda: len(received.events) > len(times))
+                now = time.monotonic()
+                times.extend([now] * (len(received.events) - len(times)))
+
+    task = asyncio.create_task(follow())
+    try:
+        yield times
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# -- reading events and Redis ------------------------------------------------------------------
+
+
+def kind(event: Event) -> str:
+    return str(event["type"].split(".")[-2])
+
+
+def version(event: Event) -> str:
+    """The item's version: the body digest (HTTP) or the ETag (objects)."""
+    data = event["data"]
+    return str(data["digest"] if "digest" in data else data["etag"])
+
+
+def history(events: Sequence[Event], source: str, subject: str) -> list[tuple[str, str]]:
+    """(kind, version) of every event of one item, in arrival order."""
+    return [
+        (kind(e), version(e))
+        for e in events
+        if e["_source_name"] == source and e["subject"] == subject
+    ]
+
+
+def has(
+    source: str, subject: str, kind_: str, version_: str | None
+) -> Callable[[list[Event]], bool]:
+    return lambda events: (kind_, version_) in history(events, source, subject)
+
+
+def final_state(events: Sequence[Event], source: str) -> dict[str, str]:
+    """subject -> version after applying ``source``'s events in order."""
+    state: dict[str, str] = {}
+    for e in events:
+        if e["_source_name"] != source:
+            continue
+        if kind(e) == "removed":
+            state.pop(e["subject"], None)
+        else:
+            state[e["subject"]] = version(e)
+    return state
+
+
+def summary(events: Sequence[Event]) -> list[tuple[str, str, str, str, str]]:
+    return [
+        (e["_source_name"], e["subject"], kind(e), version(e)[:20], e["id"][:12]) for e in events
+    ]
+
+
+def assert_no_duplicates(events: Sequence[Event], *, allowed: Sequence[Event] = ()) -> None:
+    """Unique event ids, and no (source, subject, type, version) twice (except ``allowed``)."""
+    ids = Counter(e["id"] for e in events)
+    assert [i for i, n in ids.items() if n > 1] == [], "an event id was delivered twice"
+    exempt = {id(e) for e in allowed}
+    changes = Counter(
+        (e["_source_name"], e["subject"], e["type"], version(e))
+        for e in events
+        if id(e) not in exempt
+    )
+    twice = [c for c, n in changes.items() if n > 1]
+    assert twice == [], f"the same change was published twice under different ids: {twice}"
+
+
+@contextlib.asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def holders(client: aioredis.Redis, sources: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """source -> (replica, fence) of every held lease, read from its Redis key."""
+    held: dict[str, tuple[str, int]] = {}
+    for name in sources:
+        token = await client.get(SourceKeys(name).lease)
+        if token is not None:
+            replica, _, fence = as_text(token).rpartition("|")
+            held[name] = (replica, int(fence))
+    return held
+
+
+async def spread(client: aioredis.Redis, sources: Sequence[str]) -> list[int]:
+    """How many sources each replica holds, sorted (sources without a holder left out)."""
+    return sorted(Counter(r for r, _ in (await holders(client, sources)).values()).values())
+
+
+def replica_runs(requests: Sequence[Request]) -> list[str]:
+    """The replicas of consecutive requests, repeated runs collapsed: r1 r1 r2 r2 -> r1 r2."""
+    return [replica for replica, _ in itertools.groupby(r.replica for r in requests)]
+
+
+def assert_never_interleaved(documents: Documents, names: Sequence[str]) -> None:
+    """Each source was polled by one replica at a time: a replica that handed a source over
+    never polled it again, so the runs of replicas are all different (r1 r2, not r1 r2 r1)."""
+    for name in names:
+        requests = documents.requests(name)
+        runs = replica_runs(requests)
+        assert "?" not in runs, f"a request to {name} without X-Replica"
+        if len(runs) != len(set(runs)):
+            start = requests[0].at
+            timeline = [(round(r.at - start, 3), r.replica) for r in requests]
+            pytest.fail(f"source {name} polled by interleaved replicas {runs}: {timeline}")
+
+
+def assert_given_up_sources_released(replicas: Cluster) -> None:
+    """Every "giving up source" in a replica's log is followed by the release of that lease
+    (before that replica acquires the source again, and before its log ends)."""
+    mention = re.compile(
+        r"(giving up|acquired the lease on|released the lease on|releasing the lease on)"
+        r" source '([^']+)'"
+    )
+    for replica in replicas.replicas.values():
+        if replica.killed:
+            continue  # a SIGKILL may have cut a hand-over short
+        giving_up: set[str] = set()
+        for match in mention.finditer(replica.log()):
+            what, source = match.groups()
+            if what == "giving up":
+                giving_up.add(source)
+            elif what.startswith("releas"):
+                giving_up.discard(source)
+            else:
+                assert source not in giving_up, f"{replica.name} gave up {source} without release"
+        assert not giving_up, f"{replica.name} gave up {sorted(giving_up)} without releasing"
+
+
+LEASE_LOST = "lost the lease on source '{0}'|stopping source '{0}' at once: its lease is lost"
+ROUND_FAILED = "leader election round failed"
+
+
+# -- (a) one poller per source -----------------------------------------------------------------
+
+
+async def test_a_source_is_never_polled_by_two_replicas_at_once(
+    redis_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    """3 replicas, 6 HTTP sources, no failures: the requests each source receives come from
+    one replica at a time (handovers while the replicas share the sources out are fine, a
+    replica polling a source again after handing it over is not), the sources end up spread
+    2/2/2, and every change is published exactly once."""
+    await fresh_nats(nats_url)
+    names = [f"s{i}" for i in range(6)]
+    with Documents() as docs:
+        urls = {n: docs.url(n) for n in names}
+        v1 = {n: docs.set(n, f'{{"doc": "{n}", "v": 1}}'.encode()) for n in names}
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [http_source(n, urls[n], replica) for n in names]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1", "r2", "r3")
+            async with nats_consumer(nats_url) as received:
+                for n in names:
+                    await expect(received, f"Added {n}", has(n, urls[n], "added", v1[n]))
+
+                async def balanced() -> bool:
+                    return await spread(client, names) == [2, 2, 2]
+
+                await until(balanced, "a 2/2/2 spread", replicas=replicas)
+                v2 = {n: docs.set(n, f'{{"doc": "{n}", "v": 2}}'.encode()) for n in names}
+                for n in names:
+                    await expect(received, f"Modified {n}", has(n, urls[n], "modified", v2[n]))
+                # A steady run: every source polled 10 more times by whoever holds it.
+                seen = {n: len(docs.requests(n)) for n in names}
+                await until(
+                    lambda: all(len(docs.requests(n)) >= seen[n] + 10 for n in names),
+                    "10 more polls of every source",
+                    replicas=replicas,
+                )
+                spread_at_end = await spread(client, names)
+            codes = await replicas.stop_all()
+            events = list(received.events)
+
+    print(
+        "\nreplicas that polled each source, in turn:",
+        {n: replica_runs(docs.requests(n)) for n in names},
+    )
+    assert_never_interleaved(docs, names)
+    assert spread_at_end == [2, 2, 2]
+    for n in names:
+        assert history(events, n, urls[n]) == [("added", v1[n]), ("modified", v2[n])]
+    assert_no_duplicates(events)
+    assert codes == {"r1": 0, "r2": 0, "r3": 0}, "a replica did not shut down cleanly on SIGTERM"
+
+
+# -- (b) SIGKILL of a leader -------------------------------------------------------------------
+
+
+async def test_b_sigkilled_leader_is_replaced_and_nothing_is_lost_or_doubled(
+    redis_url: str,
+    nats_url: str,
+    s3_server: S3Server,
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    """3 replicas lead an S3 bucket and an HTTP document. The bucket changes step by step
+    (each state held until the consumer saw it); right after one change its leader is
+    SIGKILLed, the next change is made at once. Another replica takes the bucket over and
+    publishes; every change reaches the consumer once, in order, except that the state made
+    at the kill may be skipped (it was replaced at once); the final state matches the bucket."""
+    await fresh_nats(nats_url)
+    s3 = s3_server.client()
+    prefix = "cfg/"
+
+    async def put(key: str, body: bytes) -> str:
+        reply = await asyncio.to_thread(
+            s3.put_object, Bucket=s3_bucket, Key=prefix + key, Body=body
+        )
+        return str(reply["ETag"]).strip('"')
+
+    async def delete(key: str) -> None:
+        await asyncio.to_thread(s3.delete_object, Bucket=s3_bucket, Key=prefix + key)
+
+    def listing() -> dict[str, str]:
+        reply = s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix)
+        return {o["Key"]: o["ETag"].strip('"') for o in reply.get("Contents", [])}
+
+    etags: dict[str, str] = {}
+    expected: dict[str, list[tuple[str, str]]] = {}
+    optional: tuple[str, tuple[str, str]] | None = None
+
+    async def change(key: str, body: bytes | None) -> tuple[str, str]:
+        """Apply a change; record and return the (kind, version) the consumer must see."""
+        subject = prefix + key
+        if body is None:
+            await delete(key)
+            event = ("removed", etags.pop(subject))
+        else:
+            etag = await put(key, body)
+            event = ("modified" if subject in etags else "added", etag)
+            etags[subject] = etag
+        expected.setdefault(subject, []).append(event)
+        return event
+
+    async def step(key: str, body: bytes | None) -> None:
+        event = await change(key, body)
+        await expect(received, f"{event} of {key}", has("bucket", prefix + key, *event))
+
+    with Documents() as docs:
+        doc_url = docs.url("doc")
+        doc_v1 = docs.set("doc", b'{"doc": 1}')
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [
+                s3_source("bucket", s3_server, s3_bucket, prefix),
+                http_source("doc", doc_url, replica),
+            ]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        for key in ("k0", "k1", "k2"):
+            await change(key, f"{key} initial".encode())
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1", "r2", "r3")
+            async with nats_consumer(nats_url) as received, arrival_times(received) as arrived:
+                for subject, ((kind_, etag),) in expected.items():
+                    await expect(received, f"Added {subject}", has("bucket", subject, kind_, etag))
+                await expect(received, "Added doc", has("doc", doc_url, "added", doc_v1))
+
+                async def two_leaders() -> bool:
+                    held = await holders(client, ["bucket", "doc"])
+                    return len({replica for replica, _ in held.values()}) == 2
+
+                await until(two_leaders, "bucket and doc led by two replicas", replicas=replicas)
+                await step("k0", b"1")
+                await step("k3", b"2")
+                await step("k1", None)
+                await step("k2", b"4")
+                await step("k1", b"5")
+
+                leader, fence = (await holders(client, ["bucket"]))["bucket"]
+                optional = (prefix + "k0", await change("k0", b"6"))
+                killed_at = time.monotonic()
+                await replicas[leader].kill()
+                await step("k0", b"7")  # made after the kill: published by a new leader
+                first_new = next(
+                    i for i, e in enumerate(received.events) if version(e) == etags[prefix + "k0"]
+                )
+                failover_s = arrived[first_new] - killed_at
+                new_leader, new_fence = (await holders(client, ["bucket"]))["bucket"]
+                await step("k3", None)
+                await step("k2", b"9")
+                await step("k1", b"10")
+                await step("k0", None)
+                await step("k4", b"12")
+                await until(
+                    lambda: final_state(received.events, "bucket") == listing(),
+                    "the consumer's state of the bucket to match the bucket",
+                    replicas=replicas,
+                )
+                # Let a few more rounds pass (the document's polls as a clock), so that a late
+                # copy of anything would show.
+                polls = len(docs.requests("doc"))
+                await until(lambda: len(docs.requests("doc")) >= polls + 3, "3 polls of doc")
+                events = list(received.events)
+
+    print(
+        f"\nfailover after SIGKILL of {leader}: {failover_s:.2f} s from the kill to the first "
+        f"event of the new leader {new_leader} (lease TTL {LEASE_TTL_S:g} s, poll every "
+        f"{INTERVAL_S:g} s)"
+    )
+    assert new_leader != leader
+    assert new_fence > fence
+    assert optional is not None
+    skippable_subject, skippable = optional
+    for subject, changes in expected.items():
+        got = history(events, "bucket", subject)
+        if subject == skippable_subject and skippable not in got:
+            changes = [e for e in changes if e != skippable]  # noqa: PLW2901
+        assert got == changes, f"history of {subject}"
+    assert final_state(events, "bucket") == listing()
+    assert history(events, "doc", doc_url) == [("added", doc_v1)]
+    assert_no_duplicates(events)
+
+
+# -- (c) SIGSTOP of a leader past its lease ----------------------------------------------------
+
+
+async def test_c_paused_leader_is_fenced_when_it_resumes(
+    redis_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    """The leader of a source is SIGSTOPped in the middle of a poll (the answer it will read
+    when resumed holds a change) and kept stopped past its lease TTL; another replica takes the
+    source over and publishes. After SIGCONT the old leader finds its lease lost (its log says
+    so): it neither publishes nor writes its checkpoint (the checkpoint's fence and revision are
+    the new leader's) nor polls again, and the consumer has every change exactly once."""
+    await fresh_nats(nats_url)
+    names = ["doc", "other"]
+    with Documents() as docs:
+        urls = {n: docs.url(n) for n in names}
+        versions = [docs.set("doc", b'{"v": 1}')]
+        docs.set("other", b'{"other": 1}')
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [http_source(n, urls[n], replica) for n in names]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1", "r2", "r3")
+            async with nats_consumer(nats_url) as received:
+                await expect(received, "Added doc", has("doc", urls["doc"], "added", versions[0]))
+
+                async def two_leaders() -> bool:
+                    held = await holders(client, names)
+                    return len(held) == 2 and len({r for r, _ in held.values()}) == 2
+
+                await until(two_leaders, "doc and other led by two replicas", replicas=replicas)
+                versions.append(docs.set("doc", b'{"v": 2}'))
+                await expect(received, "v2", has("doc", urls["doc"], "modified", versions[-1]))
+
+                paused, old_fence = (await holders(client, ["doc"]))["doc"]
+                pid = replicas[paused].pid
+                stopped = threading.Event()
+
+                def pause_in_the_middle_of_a_poll(request: Request) -> None:
+                    # The leader's next poll gets v3, but only once it is resumed: it is
+                    # stopped while it waits for the answer, with a change on its way.
+                    if request.replica == paused and request.name == "doc" and not stopped.is_set():
+                        docs.set("doc", b'{"v": 3}')
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.set()
+
+                docs.on_request = pause_in_the_middle_of_a_poll
+                try:
+                    await until(stopped.is_set, f"{paused} to poll doc (and be stopped)")
+                    docs.on_request = None
+                    versions.append(version_of(b'{"v": 3}'))
+
+                    async def taken_over() -> bool:
+                        held = (await holders(client, ["doc"])).get("doc")
+                        return held is not None and held[0] != paused
+
+                    await until(
+                        taken_over, f"another replica to take doc from {paused}", replicas=replicas
+                    )
+                    await expect(received, "v3", has("doc", urls["doc"], "modified", versions[-1]))
+                    versions.append(docs.set("doc", b'{"v": 4}'))
+                    await expect(received, "v4", has("doc", urls["doc"], "modified", versions[-1]))
+                    new_leader, new_fence = (await holders(client, ["doc"]))["doc"]
+                    since = replicas[paused].mark()
+                finally:
+                    resumed_at = time.monotonic()
+                    replicas[paused].resume()
+                await until(
+                    logged(replicas[paused], LEASE_LOST.format("doc"), since),
+                    f"{paused} to log that it lost the lease on doc",
+                    replicas=replicas,
+                )
+                # The new leader goes on; the resumed one does not come back to doc.
+                versions.append(docs.set("doc", b'{"v": 5}'))
+                await expect(received, "v5", has("doc", urls["doc"], "modified", versions[-1]))
+                polls = len(docs.requests("doc"))
+                await until(
+                    lambda: len(docs.requests("doc")) >= polls + 3,
+                    "3 more polls of doc",
+                    replicas=replicas,
+                )
+                meta = await client.hgetall(SourceKeys("doc").meta)
+                lease = await client.get(SourceKeys("doc").lease)
+                events = list(received.events)
+                resumed_log = replicas[paused].log(since)
+
+    assert new_leader != paused
+    assert new_fence > old_fence
+    assert as_text(lease) == f"{new_leader}|{new_fence}"
+    assert int(meta[b"fence"]) == new_fence, "the checkpoint was written with a stale fence"
+    assert int(meta[b"revision"]) == len(versions)  # one commit per change, none extra
+    late_polls = [r for r in docs.requests("doc") if r.replica == paused and r.at > resumed_at]
+    assert late_polls == [], f"{paused} polled doc after it resumed without its lease"
+    assert "acquired the lease on source 'doc'" not in resumed_log
+    assert history(events, "doc", urls["doc"]) == [
+        ("added", versions[0]),
+        *(("modified", v) for v in versions[1:]),
+    ]
+    assert_no_duplicates(events)
+
+
+# -- (d) Redis down ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+async def test_d_redis_outage_pauses_polling_and_loses_nothing(
+    redis_server: RedisServer, redis_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    """2 replicas, 3 HTTP sources. While redis-server is stopped the replicas lose their leases
+    and stop polling: a change made then is not published. Redis comes back empty (no
+    persistence), so the checkpoints are gone: the bridge adds the current items again, and
+    every item's latest state, the change made during the outage included, reaches the
+    consumer; nothing else is published twice."""
+    await fresh_nats(nats_url)
+    names = ["a", "b", "c"]
+    with Documents() as docs:
+        urls = {n: docs.url(n) for n in names}
+        current = {n: docs.set(n, f'{{"{n}": 1}}'.encode()) for n in names}
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [http_source(n, urls[n], replica) for n in names]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        try:
+            async with (
+                cluster(tmp_path, config_for) as replicas,
+                redis_client(redis_url) as client,
+            ):
+                await replicas.start("r1", "r2")
+                async with nats_consumer(nats_url) as received:
+                    for n in names:
+                        await expect(received, f"Added {n}", has(n, urls[n], "added", current[n]))
+                    current["a"] = docs.set("a", b'{"a": 2}')
+                    await expect(received, "a v2", has("a", urls["a"], "modified", current["a"]))
+
+                    async def both_lead() -> bool:
+                        return await spread(client, names) == [1, 2]
+
+                    await until(both_lead, "both replicas leading", replicas=replicas)
+                    await leases_lost_when(redis_server.stop, replicas, names)
+                    await rounds_failed(replicas, 1)
+                    polls = len(docs.requests())
+                    published = len(received.events)
+                    current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
+                    current["c"] = docs.set("c", b'{"c": 2}')
+                    await rounds_failed(replicas, 2)
+                    assert len(docs.requests()) == polls, "a source was polled without a lease"
+                    assert len(received.events) == published, "published while Redis was down"
+
+                    restarted_at = len(received.events)
+                    redis_server.start()  # empty: leases, fences and checkpoints are gone
+                    # The checkpoints are gone: every item is added again (a too: its v2 was
+                    # a Modified before), b and c with their change made during the outage.
+                    for n in names:
+                        await expect(received, f"{n} v2", has(n, urls[n], "added", current[n]))
+                    current["a"] = docs.set("a", b'{"a": 3}')
+                    await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
+                    seen = {n: len(docs.requests(n)) for n in names}
+                    await until(
+                        lambda: all(len(docs.requests(n)) >= seen[n] + 2 for n in names),
+                        "2 more polls of every source",
+                        replicas=replicas,
+                    )
+                    events = list(received.events)
+        finally:
+            redis_server.start()
+
+    after = events[restarted_at:]
+    assert all(kind(e) in ("added", "modified") for e in after)
+    for n in names:
+        assert final_state(events, n) == {urls[n]: current[n]}, f"latest state of {n}"
+    # Re-added after the restart: allowed to repeat a change already published.
+    assert_no_duplicates(events, allowed=[e for e in after if kind(e) == "added"])
+
+
+async def leases_lost_when(stop: Callable[[], None], replicas: Cluster, names: list[str]) -> None:
+    """Call ``stop`` (Redis), then wait until a replica logged the loss of every source's lease."""
+    marks = {name: replica.mark() for name, replica in replicas.replicas.items()}
+    stop()
+
+    def lost(source: str) -> Callable[[], bool]:
+        pattern = LEASE_LOST.format(source)
+        return lambda: any(
+            logged(replica, pattern, marks[name])() for name, replica in replicas.replicas.items()
+        )
+
+    for n in names:
+        await until(lost(n), f"a replica to log that it lost the lease on {n}", replicas=replicas)
+
+
+async def rounds_failed(replicas: Cluster, rounds: int) -> None:
+    """Wait until every replica logged ``rounds`` more failed election rounds."""
+    marks = {name: replica.mark() for name, replica in replicas.replicas.items()}
+    for name, replica in replicas.replicas.items():
+        await until(
+            logged(replica, ROUND_FAILED, marks[name], rounds),
+            f"{name} to fail {rounds} more election round(s)",
+            replicas=replicas,
+        )
+
+
+# -- (e) scale-out -----------------------------------------------------------------------------
+
+
+async def test_e_sources_spread_when_replicas_join(
+    redis_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    """1 replica leads 12 sources (each added, then modified); 2 more join: the leases spread
+    4/4/4, the new holders go on from the checkpoints (nothing is added again: a re-Add of the
+    modified documents would have a new id), and no source is polled by two replicas at a
+    time."""
+    await fresh_nats(nats_url)
+    names = [f"s{i:02}" for i in range(12)]
+    with Documents() as docs:
+        urls = {n: docs.url(n) for n in names}
+        v1 = {n: docs.set(n, f'{{"doc": "{n}"}}'.encode()) for n in names}
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [http_source(n, urls[n], replica) for n in names]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1")
+            async with nats_consumer(nats_url) as received:
+                for n in names:
+                    await expect(received, f"Added {n}", has(n, urls[n], "added", v1[n]))
+                v2 = {n: docs.set(n, f'{{"doc": "{n}", "v": 2}}'.encode()) for n in names}
+                for n in names:
+                    await expect(received, f"Modified {n}", has(n, urls[n], "modified", v2[n]))
+                assert await spread(client, names) == [12]
+                await replicas.start("r2", "r3")
+
+                async def balanced() -> bool:
+                    return await spread(client, names) == [4, 4, 4]
+
+                await until(balanced, "a 4/4/4 spread", replicas=replicas)
+                held = await holders(client, names)
+
+                def polled_by_holders() -> bool:
+                    return all(
+                        sum(r.replica == held[n][0] for r in docs.requests(n)) >= 3 for n in names
+                    )
+
+                await until(
+                    polled_by_holders, "3 polls of each source by its holder", replicas=replicas
+                )
+                spread_now = Counter(r for r, _ in (await holders(client, names)).values())
+                events = list(received.events)
+
+    assert spread_now == {"r1": 4, "r2": 4, "r3": 4}
+    assert {r for r, _ in held.values()} == {"r1", "r2", "r3"}
+    for n in names:
+        assert history(events, n, urls[n]) == [("added", v1[n]), ("modified", v2[n])], n
+    assert_no_duplicates(events)
+    assert_never_interleaved(docs, names)
+
+
+# -- (f) Redis down, with persistence ----------------------------------------------------------
+
+
+class PersistentRedisServer(RedisServer):
+    """redis-server with an append-only file: a restart keeps leases, fences and checkpoints."""
+
+    def _command(self) -> list[str]:
+        command = super()._command()
+        command[command.index("--appendonly") + 1] = "yes"
+        return [*command, "--appendfsync", "always"]
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[PersistentRedisServer]:
+    with PersistentRedisServer() as server:
+        yield server
+
+
+@pytest.mark.timeout(180)
+async def test_f_redis_restart_with_persistence_resumes_from_the_checkpoints(
+    persistent_redis: PersistentRedisServer, nats_url: str, tmp_path: Path
+) -> None:
+    """Like (d), but Redis keeps its data across the restart (as in production): after the
+    outage the new leaders continue from the checkpoints. Nothing is added again, the change
+    made during the outage is published as Modified, and a document deleted during the outage
+    yields Removed (a checkpoint wiped after the restart would lose it)."""
+    await fresh_nats(nats_url)
+    redis_url = persistent_redis.url
+    names = ["a", "b", "c"]
+    with Documents() as docs:
+        urls = {n: docs.url(n) for n in names}
+        current = {n: docs.set(n, f'{{"{n}": 1}}'.encode()) for n in names}
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [http_source(n, urls[n], replica) for n in names]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1", "r2")
+            async with nats_consumer(nats_url) as received:
+                for n in names:
+                    await expect(received, f"Added {n}", has(n, urls[n], "added", current[n]))
+                current["a"] = docs.set("a", b'{"a": 2}')
+                await expect(received, "a v2", has("a", urls["a"], "modified", current["a"]))
+
+                async def both_lead() -> bool:
+                    return await spread(client, names) == [1, 2]
+
+                await until(both_lead, "both replicas leading", replicas=replicas)
+                fences = {n: f for n, (_, f) in (await holders(client, names)).items()}
+                await leases_lost_when(persistent_redis.stop, replicas, names)
+                restarted_at = len(received.events)
+                current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
+                removed_c = current.pop("c")
+                docs.set("c", None)
+                await rounds_failed(replicas, 1)
+                persistent_redis.start()  # with the data: checkpoints and fences are back
+
+                await expect(received, "b v2", has("b", urls["b"], "modified", current["b"]))
+                await expect(received, "c removed", has("c", urls["c"], "removed", removed_c))
+                current["a"] = docs.set("a", b'{"a": 3}')
+                await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
+                polls = {n: len(docs.requests(n)) for n in names}
+                await until(
+                    lambda: all(len(docs.requests(n)) >= polls[n] + 2 for n in names),
+                    "2 more polls of every source",
+                    replicas=replicas,
+                )
+                async with redis_client(redis_url) as fresh:  # the old connections are closed
+                    held = await holders(fresh, names)
+                    metas = {n: await fresh.hgetall(SourceKeys(n).meta) for n in names}
+                events = list(received.events)
+
+    assert sorted(held) == names
+    for n in names:
+        # Fences went on from where they were (the counter survived), and the last commit
+        # (after the restart) was made under a newer fence than before, at most the current one.
+        assert fences[n] < int(metas[n].get(b"fence", 0)) <= held[n][1], f"fences of {n}"
+    assert summary(events[restarted_at:]) == summary(
+        [e for e in events[restarted_at:] if kind(e) != "added"]
+    ), "an item was added again after the restart: a checkpoint was lost"
+    assert history(events, "a", urls["a"]) == [
+        ("added", version_of(b'{"a": 1}')),
+        ("modified", version_of(b'{"a": 2}')),
+        ("modified", current["a"]),
+    ]
+    assert history(events, "b", urls["b"]) == [
+        ("added", version_of(b'{"b": 1}')),
+        ("modified", current["b"]),
+    ]
+    assert history(events, "c", urls["c"]) == [("added", removed_c), ("removed", removed_c)]
+    assert_no_duplicates(events)
+
+
+async def test_checkpoint_load_after_a_redis_restart_is_retried_not_reset(
+    persistent_redis: PersistentRedisServer,
+) -> None:
+    """In one process, the cause of what (f) guards against: after a Redis restart the first
+    command on a pooled connection fails ("Connection closed by server"). Loading a checkpoint
+    must retry that, not raise StateError: the caller takes a StateError for a corrupt
+    checkpoint and deletes it."""
+    client = aioredis.from_url(persistent_redis.url)
+    try:
+        lease = await LeaseClient(client, "r1", ttl_s=60, prefix=DEFAULT_PREFIX).acquire("src")
+        assert lease is not None
+        store = RedisStateStore(client, {"src": lease})
+        await store.commit("src", 3, {"k": "v"})
+        persistent_redis.restart()
+        checkpoint = await store.load("src")
+        assert checkpoint is not None
+        assert (checkpoint.revision, checkpoint.state) == (3, {"k": "v"})
+    finally:
+        await client.aclose()
+
+
+# -- (g) a resumed leader does not poll again ---------------------------------------------------
+
+
+async def test_g_leader_paused_between_polls_does_not_poll_again_when_resumed(
+    redis_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    """2 replicas, 1 source. Its leader is SIGSTOPped between two polls, past its lease TTL, and
+    the other replica takes over. When the old leader resumes, its next poll is long due, but
+    its lease is lost: it must not poll the source again (it cannot lead it again either, the
+    other replica holds it)."""
+    await fresh_nats(nats_url)
+    with Documents() as docs:
+        url = docs.url("doc")
+        versions = [docs.set("doc", b'{"v": 1}')]
+
+        def config_for(replica: str) -> dict[str, Any]:
+            return config(
+                replica,
+                redis_url=redis_url,
+                nats_url=nats_url,
+                sources=[http_source("doc", url, replica)],
+            )
+
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1", "r2")
+            async with nats_consumer(nats_url) as received:
+                await expect(received, "Added doc", has("doc", url, "added", versions[0]))
+                paused, _ = (await holders(client, ["doc"]))["doc"]
+                polls = sum(r.replica == paused for r in docs.requests("doc"))
+                await until(
+                    lambda: sum(r.replica == paused for r in docs.requests("doc")) > polls,
+                    f"a poll by {paused}",
+                    every_s=0.005,
+                )
+                os.kill(replicas[paused].pid, signal.SIGSTOP)  # just after a poll
+                try:
+
+                    async def taken_over() -> bool:
+                        held = (await holders(client, ["doc"])).get("doc")
+                        return held is not None and held[0] != paused
+
+                    await until(taken_over, "the other replica to take doc over", replicas=replicas)
+                    versions.append(docs.set("doc", b'{"v": 2}'))
+                    await expect(received, "v2", has("doc", url, "modified", versions[-1]))
+                    since = replicas[paused].mark()
+                finally:
+                    resumed_at = time.monotonic()
+                    replicas[paused].resume()
+                await until(
+                    logged(replicas[paused], LEASE_LOST.format("doc"), since),
+                    f"{paused} to log that it lost the lease on doc",
+                    replicas=replicas,
+                )
+                versions.append(docs.set("doc", b'{"v": 3}'))
+                await expect(received, "v3", has("doc", url, "modified", versions[-1]))
+                polls = len(docs.requests("doc"))
+                await until(
+                    lambda: len(docs.requests("doc")) >= polls + 3,
+                    "3 more polls of doc",
+                    replicas=replicas,
+                )
+                events = list(received.events)
+
+    late = [r for r in docs.requests("doc") if r.replica == paused and r.at > resumed_at]
+    assert late == [], f"{paused} polled doc after it resumed without its lease"
+    assert history(events, "doc", url) == [
+        ("added", versions[0]),
+        *(("modified", v) for v in versions[1:]),
+    ]
+    assert_no_duplicates(events)
