@@ -139,7 +139,9 @@ class LeaseClient:
         """Give ``lease`` back (compare-and-delete), even when the caller is being cancelled."""
         lease.lost.set()
         try:
-            await asyncio.shield(self._release(keys=[lease.keys.lease], args=[lease.token]))
+            deleted = await asyncio.shield(
+                self._release(keys=[lease.keys.lease], args=[lease.token])
+            )
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning(
                 "releasing the lease on source %r failed (it expires by itself): %s",
@@ -147,7 +149,15 @@ class LeaseClient:
                 exc,
             )
         else:
-            log.info("released the lease on source %r (fence %d)", lease.source, lease.fence)
+            if deleted:
+                log.info("released the lease on source %r (fence %d)", lease.source, lease.fence)
+            else:
+                log.info(
+                    "releasing the lease on source %r (fence %d): nothing to do, it had expired "
+                    "or been taken",
+                    lease.source,
+                    lease.fence,
+                )
 
     async def keep(self, lease: Lease, renew_every_s: float) -> None:
         """Renew ``lease`` every ``renew_every_s`` until it is lost or this task is cancelled."""

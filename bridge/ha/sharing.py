@@ -85,6 +85,7 @@ class Coordinator:
         self.held: dict[str, Lease] = {}
         self.state = RedisStateStore(redis, self.held)
         self.led: dict[str, _Led] = {}
+        self._leaving: set[asyncio.Task[None]] = set()
         self.live_replicas = 0
         self.rounds = 0
         self._round_done = asyncio.Condition()
@@ -111,7 +112,8 @@ class Coordinator:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.period_s)
         finally:
-            await asyncio.gather(*(self._give_up(name) for name in list(self.led)))
+            leaving = [self._give_up(self.led.pop(name)) for name in list(self.led)]
+            await asyncio.gather(*leaving, *self._leaving)
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await asyncio.shield(self.redis.zrem(replicas_key(self.prefix), self.replica))
 
@@ -139,7 +141,11 @@ class Coordinator:
                     self.live_replicas,
                     share,
                 )
-                await self._give_up(name)
+                # In the background: a publish in flight may take up to the grace period,
+                # and the heartbeat of this round must not wait for it.
+                task = asyncio.create_task(self._give_up(self.led.pop(name)))
+                self._leaving.add(task)
+                task.add_done_callback(self._leaving.discard)
         for name in self._order:
             if len(self.led) >= share:
                 break
@@ -181,11 +187,8 @@ class Coordinator:
             self.held.pop(lease.source, None)
             await self.leases.release(lease)
 
-    async def _give_up(self, name: str) -> None:
-        """Stop leading ``name``: let a publish in flight finish (bounded), release the lease."""
-        led = self.led.pop(name, None)
-        if led is None:
-            return
+    async def _give_up(self, led: _Led) -> None:
+        """Stop leading a source: let a publish in flight finish (bounded), release the lease."""
         led.loop.stop()
         if not led.loop.busy:
             led.task.cancel()
