@@ -2,7 +2,8 @@
 
 The ``id`` is deterministic: the first 32 hex digits of the SHA-256 of the source name, the
 item key, the kind, the item's version token (ETag, body digest) and the source's *revision*
-(the count of changesets the bridge committed for that source). Re-deriving a change after a
+(the count of changesets the bridge committed for that source, from a random base chosen when
+the source's state was created). Re-deriving a change after a
 crash or a failed publish gives the same id, so the broker drops the copy; the revision keeps
 ids distinct when an item returns to an earlier version later (a file recreated with the same
 content is a new ``Added``).

@@ -8,6 +8,7 @@ re-read when the file changes (Kubernetes rotates projected tokens in place).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -59,14 +60,33 @@ class Secret:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password (or token-only userinfo) replaced by ``***``."""
+    """``url`` fit for logs and errors: passwords and tokens replaced by ``***``.
+
+    * ``user:password@`` keeps the user: ``user:***@``; a lone userinfo (``redis://secret@host``,
+      a NATS token) may be a secret itself and becomes ``***@``;
+    * the query and fragment are dropped: they may carry one too (``?password=``, ``?token=``);
+    * a comma-separated list of URLs (NATS servers) is redacted URL by URL (a comma inside a
+      password stays part of it: only a comma followed by ``scheme://`` separates URLs);
+    * what does not parse as a URL, or has an ``@`` outside its authority, shows as ``***``.
+    """
+    return ",".join(_redact_one(part.strip()) for part in _URL_LIST_SEPARATOR.split(url))
+
+
+_URL_LIST_SEPARATOR = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _redact_one(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
         return REDACTED
-    if "@" not in parts.netloc:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user, has_password, _ = userinfo.partition(":")
-    shown = f"{user}:{REDACTED}" if has_password else REDACTED
-    return urlunsplit(parts._replace(netloc=f"{shown}@{hostport}"))
+    netloc = parts.netloc
+    if "@" in parts.path + parts.query + parts.fragment:
+        return REDACTED  # e.g. a password with '/', '?' or '#' not percent-encoded
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:{REDACTED}@{hostport}" if has_password else f"{REDACTED}@{hostport}"
+    if not netloc and url.startswith(f"{parts.scheme}://"):
+        return f"{parts.scheme}://{parts.path}"  # unix:///path: urlunsplit would drop the //
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))

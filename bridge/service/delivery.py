@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +106,22 @@ class SourceLoop:
         self._stopping = True
 
     async def run(self) -> None:
-        await self.restore()
+        schedule = Schedule(self.spec.watch, self.clock.monotonic())
+        while not self._stopping:  # a state store that is down delays the start, not kills it
+            try:
+                await self.restore()
+                break
+            except FencedError:
+                raise
+            except Exception as exc:
+                delay = schedule.next_delay(self.clock.monotonic(), ok=False)
+                log.warning(
+                    "source %r: loading its checkpoint failed, retrying in %.2fs: %s",
+                    self.spec.name,
+                    delay,
+                    exc,
+                )
+                await self.clock.sleep(delay)
         schedule = Schedule(self.spec.watch, self.clock.monotonic())
         while not self._stopping:
             self.busy = True
@@ -150,13 +166,16 @@ class SourceLoop:
             raise
         except StateError as exc:
             log.error("source %r: %s; resyncing from a full poll", self.spec.name, exc)
-            reset = getattr(self.state, "reset", None)
-            if reset is not None:
-                await reset(self.spec.name)
+            await self.state.reset(self.spec.name)
             checkpoint = None
         if checkpoint is None:
+            # A new lineage of state starts at a random multiple of 2**32, persisted at once, so
+            # the ids of its events never repeat those of a lost earlier state (the low 32 bits
+            # count committed changesets).
+            revision = secrets.randbits(31) << 32
+            await self.state.commit(self.spec.name, revision, {})
             source.restore({})
-            self.revision = 0
+            self.revision = revision
             return
         source.restore(checkpoint.state)
         self.revision = checkpoint.revision

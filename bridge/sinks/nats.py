@@ -7,9 +7,10 @@ again within ``duplicate_window_s`` and acknowledges it with ``duplicate: true``
 success. Content modes:
 
 * ``binary`` (default): ``ce-*`` headers and ``content-type: application/json``, the data as
-  body (CloudEvents NATS binding, binary mode). Header values travel as UTF-8; the NATS client
-  strips leading and trailing blanks and turns CR/LF into spaces, so ``ce-subject`` of a key
-  with such characters differs from the key (the subject token always encodes it exactly).
+  body (CloudEvents NATS binding, binary mode). Header values are percent-encoded as the
+  CloudEvents HTTP binding prescribes (:meth:`bridge.cloudevents.CloudEvent.to_binary`), so
+  blanks, line breaks and non-ASCII text in a key survive the NATS client (which would strip or
+  fold them); decode them with :func:`bridge.cloudevents.header_value`.
 * ``structured``: the whole event as JSON, ``content-type: application/cloudevents+json``.
 
 A batch is pipelined: every message is sent (up to 4096 in flight) before any acknowledgement
@@ -43,7 +44,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import nats
 import nats.errors
@@ -55,6 +55,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from bridge.cloudevents import CloudEvent
 from bridge.errors import ConfigError, PublishError
+from bridge.secrets import redact_url
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, nats_subject, validate_source_name
 
 __all__ = [
@@ -64,7 +65,6 @@ __all__ = [
     "ContentMode",
     "NatsSink",
     "NatsSinkConfig",
-    "redact_url",
     "subject_filter_covers",
 ]
 
@@ -186,18 +186,6 @@ class NatsSinkConfig:
             max_bytes=self.max_bytes or -1,
             max_msgs_per_subject=self.max_msgs_per_subject or -1,
         )
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its userinfo (user, password or token) replaced by ``***`` and no query."""
-    redacted = []
-    for part in url.split(","):
-        split = urlsplit(part.strip())
-        netloc = split.netloc
-        if "@" in netloc:
-            netloc = "***@" + netloc.rpartition("@")[2]
-        redacted.append(urlunsplit((split.scheme, netloc, split.path, "", "")))
-    return ",".join(redacted)
 
 
 def subject_filter_covers(pattern: str, prefix: str) -> bool:

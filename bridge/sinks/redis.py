@@ -3,29 +3,64 @@
 Keys, for a source ``S`` and the default ``stream_prefix`` ``koprs:external:``:
 
 * ``koprs:external:S``: the stream, trimmed with ``XADD MAXLEN ~ maxlen`` (approximate, cheap).
-* ``koprs:external:S:ids:<event-id>``: dedup marker of one event id, holding its entry id,
-  expiring after ``dedup_window_s``. An event whose marker exists is not added again.
-* ``koprs:external:S:items``: hash of the current items, field = the item key (the
-  CloudEvent ``subject``), value = the stream entry id of its latest event; a ``Removed`` event
-  deletes the field. Consumers list current state from it, then read the stream after the
-  largest id they saw. ``MAXLEN`` trimming can drop the entry of an item that has not changed
-  for long, so size ``maxlen`` above the number of items if consumers need every entry.
+* ``{koprs:external:S}:ids:<event-id>``: dedup marker of one event id, holding the id of its
+  stream entry, expiring after ``dedup_window_s``. An event whose marker exists is not added
+  again.
+* ``{koprs:external:S}:items``: hash of the current items, field = the item key (the CloudEvent
+  ``subject``), value = the stream entry id of its latest event; a ``Removed`` event deletes the
+  field. Consumers list current state from it, then read the stream after the largest id they
+  saw. ``MAXLEN`` trimming can drop the entry of an item that has not changed for long, so size
+  ``maxlen`` above the number of items if consumers need every entry.
+
+The markers and the items hash carry the whole stream key as hash tag (``{...}``), so all three
+keys are in one Redis Cluster slot, the one of the stream key itself (which has no braces: the
+stream prefix may not contain any). :func:`bridge.subjects.redis_stream_key`,
+:func:`items_key` and :func:`marker_key` build the names.
 
 Entry fields:
 
 * ``binary`` content mode (default): the context attributes as fields named like the binary
   headers, ``ce-specversion``, ``ce-id``, ``ce-source``, ``ce-type``, ``ce-subject``,
-  ``ce-time``, ``ce-dataschema`` (and ``ce-traceparent`` when tracing), ``content-type``
-  (the ``datacontenttype``, ``application/json``), and ``data``: the data as JSON bytes.
+  ``ce-time``, ``ce-dataschema`` (and ``ce-traceparent`` when tracing), percent-encoded like the
+  headers (:func:`bridge.cloudevents.header_value` decodes them), ``content-type`` (the
+  ``datacontenttype``, ``application/json``), and ``data``: the data as JSON bytes.
 * ``structured`` content mode: one field ``event``, the whole event as JSON (CloudEvents JSON
   format).
 
-One Lua script does, per event and atomically: skip it if its dedup marker exists, else
-``XADD``, set the marker (``EX dedup_window_s``) and update the items hash. The marker is set
-after the ``XADD``, so a script that failed half-way can at worst add an event twice when
-retried, never lose one. A batch is sent as a pipeline of script calls (one per 500 events),
-so it costs one round trip. A Redis error (refused connection, timeout, an unexpected reply)
-is a :class:`PublishError` naming the server, its password hidden.
+A batch is published in parts of at most :data:`EVENTS_PER_TRANSACTION` events and about
+:data:`BYTES_PER_TRANSACTION` bytes (a usual batch is one part). A part costs two round trips on
+one connection, whatever its size:
+
+1. ``WATCH`` the stream and the items hash; ``EXISTS`` over the markers of the part's event ids,
+   a count: 0 (the usual case) means all are new, all of them means the part was published
+   before; anything between costs a third round trip, an ``MGET`` of the markers, to tell which;
+   and :data:`READ_SCRIPT`, which checks the key types and returns the stream's last entry id
+   and the server time (a short reply, where ``XINFO STREAM`` would carry two whole entries).
+2. One ``MULTI``/``EXEC`` transaction with, for the new events only (in order, each id once):
+   ``XADD MAXLEN ~`` with an explicit entry id (the server time in milliseconds, or the last
+   id's if that is later, and increasing sequence numbers: what ``XADD *`` would have chosen),
+   then :data:`MARKER_SCRIPT`, which sets their markers (it gets keys and entry ids only: no
+   payload goes through Lua, whose argument conversion made a script that did everything slow),
+   and one ``HSET`` and/or ``HDEL`` of the items hash with each item's final state in the part.
+
+Commands are packed here rather than by redis-py, and while the server runs one part's
+transaction the next part is encoded.
+
+Why nothing is lost or doubled: a transaction runs whole or not at all (one whose ``EXEC`` the
+server never got runs nothing; AOF, RDB and replication never keep half of one), so an entry
+never lacks its marker nor the other way round, and a failed publish retried re-reads the
+markers and adds exactly what is missing (parts that were committed are skipped). Commands of a
+transaction can still fail one by one at run time; the ones that could here are ruled out
+beforehand, under ``WATCH``: the key types are checked, and the entry ids are above the
+stream's last id. If another client changes the stream or the items hash between the two round
+trips (only a second publisher of the same source, i.e. a split brain, does), ``EXEC`` does
+nothing and the part is tried again from step 1, so even concurrent publishers of the same
+event id add it once. A lost reply (``EXEC`` ran, the connection broke) is the same: the next
+try finds the markers. What Redis itself can lose (acknowledged writes on a failover to a
+lagging replica) is lost here too.
+
+A Redis error (refused connection, timeout, an unexpected reply) is a :class:`PublishError`
+naming the server, its password hidden.
 """
 
 from __future__ import annotations
@@ -33,62 +68,82 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from typing import Literal
+from urllib.parse import urlsplit
 
 import redis.asyncio
 import redis.exceptions
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bridge.cloudevents import CloudEvent
 from bridge.errors import ConfigError, PublishError
+from bridge.secrets import redact_url
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
 
 __all__ = [
-    "EVENTS_PER_CALL",
-    "PUBLISH_SCRIPT",
+    "BYTES_PER_TRANSACTION",
+    "EVENTS_PER_TRANSACTION",
+    "MARKER_SCRIPT",
+    "READ_SCRIPT",
     "ContentMode",
     "RedisSink",
     "RedisSinkConfig",
     "items_key",
-    "redact_url",
+    "marker_key",
 ]
 
 log = logging.getLogger(__name__)
 
 ContentMode = Literal["binary", "structured"]
-EVENTS_PER_CALL = 500
-"""Events per script call; a batch is split into calls sent in one pipeline."""
+EVENTS_PER_TRANSACTION = 1000
+"""Most events in one transaction (one part of a batch): bounds how long one ``EXEC`` holds
+the server. The bridge's batches are no larger by default."""
+BYTES_PER_TRANSACTION = 1 << 19
+"""A part is also closed once its entries reach this size (1 MiB): a transaction waits in the
+server's memory until ``EXEC`` (one over ``client-query-buffer-limit`` would be refused), very
+large ones are slower, and several parts let the next be encoded while the server works."""
 _REMOVED_TYPE_SUFFIX = ".removed.v1"
+_Packed = tuple[CloudEvent, list[bytes], int]
+"""An event, its packed entry fields and how many arguments they are."""
+_ATTEMPTS = 3
+"""Tries of one transaction: again after a dead pooled connection or a concurrent change."""
 
-PUBLISH_SCRIPT = """
--- KEYS[1] stream, KEYS[2] items hash, KEYS[2 + i] dedup marker of event i
--- ARGV[1] maxlen, ARGV[2] dedup window (s), then per event:
---   removed ('1' or '0'), item key, number of fields n, n field/value pairs
-local stream, items = KEYS[1], KEYS[2]
-local maxlen, window = ARGV[1], ARGV[2]
-local a = 3
-local added = 0
-for k = 3, #KEYS do
-  local removed, item, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  local first = a + 3
-  local last = first + 2 * n - 1
-  a = last + 1
-  if redis.call('EXISTS', KEYS[k]) == 0 then
-    local entry = redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(ARGV, first, last))
-    redis.call('SET', KEYS[k], entry, 'EX', window)
-    if removed == '1' then
-      redis.call('HDEL', items, item)
-    else
-      redis.call('HSET', items, item, entry)
+READ_SCRIPT = """
+-- KEYS[1] stream, KEYS[2] items hash
+-- returns {last entry id of the stream, server time (ms)}: a short reply, where XINFO STREAM's
+-- would carry the first and last entries in full
+local kind = redis.call('TYPE', KEYS[1]).ok
+local last = '0-0'
+if kind == 'stream' then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      last = info[i + 1]
+      break
     end
-    added = added + 1
   end
+elseif kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
-return added
+kind = redis.call('TYPE', KEYS[2]).ok
+if kind ~= 'hash' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' holds a ' .. kind .. ', not a hash')
+end
+local now = redis.call('TIME')
+return {last, now[1] * 1000 + math.floor(now[2] / 1000)}
+"""
+
+MARKER_SCRIPT = """
+-- KEYS: the dedup markers to set; ARGV[1]: their lifetime (s), ARGV[1 + i]: value of KEYS[i]
+local window = ARGV[1]
+for i = 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 1], 'EX', window)
+end
+return #KEYS
 """
 
 
@@ -101,7 +156,8 @@ class RedisSinkConfig:
     :attr:`RedisSink.description` shows it as ``***``."""
 
     stream_prefix: str = REDIS_STREAM_PREFIX
-    """Prefix of every key: the stream of source ``S`` is ``<stream_prefix>S``."""
+    """Prefix of every key: the stream of source ``S`` is ``<stream_prefix>S``. No braces
+    (the other keys use the stream key as Redis Cluster hash tag)."""
 
     maxlen: int = 100_000
     """Approximate length bound of each stream (``XADD MAXLEN ~``); oldest entries go first."""
@@ -131,6 +187,11 @@ class RedisSinkConfig:
                 f"redis sink: url must start with redis://, rediss:// or unix://, "
                 f"not {redact_url(self.url)!r}"
             )
+        if "{" in self.stream_prefix or "}" in self.stream_prefix:
+            raise ConfigError(
+                f"redis sink: stream_prefix {self.stream_prefix!r} may not contain '{{' or '}}' "
+                "(the stream key is the Redis Cluster hash tag of the sink's other keys)"
+            )
         if self.maxlen < 1:
             raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
         for name in ("dedup_window_s", "timeout_s", "connect_timeout_s"):
@@ -139,21 +200,14 @@ class RedisSinkConfig:
                 raise ConfigError(f"redis sink: {name} must be > 0 seconds, got {value!r}")
 
 
-def redact_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` and without query parameters."""
-    split = urlsplit(url)
-    netloc = split.netloc
-    if "@" in netloc:
-        userinfo, _, host = netloc.rpartition("@")
-        user, has_password, _ = userinfo.partition(":")
-        # a lone userinfo (redis://secret@host) may be a password too: hide it
-        netloc = f"{user}:***@{host}" if has_password else f"***@{host}"
-    return urlunsplit((split.scheme, netloc, split.path, "", ""))
-
-
 def items_key(source_name: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
-    """The hash of a source's current items (see the module docstring)."""
-    return f"{redis_stream_key(source_name, prefix)}:items"
+    """The hash of a source's current items: ``{koprs:external:<source-name>}:items``."""
+    return f"{{{redis_stream_key(source_name, prefix)}}}:items"
+
+
+def marker_key(source_name: str, event_id: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
+    """The dedup marker of an event id: ``{koprs:external:<source-name>}:ids:<event-id>``."""
+    return f"{{{redis_stream_key(source_name, prefix)}}}:ids:{event_id}"
 
 
 class RedisSink:
@@ -162,10 +216,11 @@ class RedisSink:
     def __init__(self, config: RedisSinkConfig | None = None) -> None:
         self.config = config or RedisSinkConfig()
         self._client: redis.asyncio.Redis | None = None
-        self._sha: str | None = None
-        self._fields = (
+        self._fields: Callable[[CloudEvent, list[bytes]], tuple[int, int]] = (
             _binary_fields if self.config.content_mode == "binary" else _structured_fields
         )
+        self._maxlen = _bulk(str(self.config.maxlen).encode())
+        self._window = str(math.ceil(self.config.dedup_window_s)).encode()
 
     @property
     def description(self) -> str:
@@ -186,7 +241,7 @@ class RedisSink:
             )
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                self._sha = await self._client.script_load(PUBLISH_SCRIPT)
+                await self._client.ping()
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             raise PublishError(
                 f"Redis {self.description}: cannot connect: {_describe(exc)}"
@@ -196,71 +251,277 @@ class RedisSink:
         if not events:
             return
         validate_source_name(source_name)
-        if self._client is None or self._sha is None:
+        if self._client is None:
             await self.connect()
-        assert self._client is not None
-        calls = self._calls(source_name, events)
+        stream = redis_stream_key(source_name, self.config.stream_prefix).encode()
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                try:
-                    await self._run(calls)
-                except redis.exceptions.NoScriptError:
-                    # the server lost its script cache (restart, SCRIPT FLUSH): load it again;
-                    # running the calls again is safe, duplicates are dropped
-                    self._sha = await self._client.script_load(PUBLISH_SCRIPT)
-                    await self._run(calls)
+                parts = _Parts(self._pack, events)
+                while part := parts.next():
+                    await self._publish_part(stream, part, parts.prepare)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             raise PublishError(
                 f"Redis {self.description}: {len(events)} events of {source_name!r} not "
                 f"acknowledged: {_describe(exc)}"
             ) from exc
 
-    def _calls(self, source_name: str, events: Sequence[CloudEvent]) -> list[list[Any]]:
-        cfg = self.config
-        stream = redis_stream_key(source_name, cfg.stream_prefix)
-        ids_prefix = f"{stream}:ids:"
-        head = [stream, f"{stream}:items"]
+    def _pack(self, events: Sequence[CloudEvent], start: int) -> list[_Packed]:
+        """The fields of the events from ``start`` on, packed, as many as one part takes."""
+        part: list[_Packed] = []
+        size = 0
         fields = self._fields
-        calls = []
-        for start in range(0, len(events), EVENTS_PER_CALL):
-            chunk = events[start : start + EVENTS_PER_CALL]
-            keys = [ids_prefix + event.id for event in chunk]
-            args: list[Any] = [cfg.maxlen, math.ceil(cfg.dedup_window_s)]
-            for event in chunk:
-                pairs = fields(event)
-                args += (
-                    "1" if event.type.endswith(_REMOVED_TYPE_SUFFIX) else "0",
-                    event.subject,
-                    len(pairs) // 2,
-                    *pairs,
-                )
-            calls.append([len(head) + len(keys), *head, *keys, *args])
-        return calls
+        for event in events[start : start + EVENTS_PER_TRANSACTION]:
+            chunks: list[bytes] = []
+            count, length = fields(event, chunks)
+            part.append((event, chunks, count))
+            size += length
+            if size >= BYTES_PER_TRANSACTION:
+                break
+        return part
 
-    async def _run(self, calls: list[list[Any]]) -> None:
+    async def _publish_part(
+        self, stream: bytes, events: Sequence[_Packed], meanwhile: Callable[[], None]
+    ) -> None:
+        """One transaction, tried again (from the start: it is idempotent) after a dead pooled
+        connection or a concurrent change of the watched keys. ``meanwhile`` is called while
+        the server runs it (to pack the next part)."""
         assert self._client is not None
-        pipe = self._client.pipeline(transaction=False)
-        for call in calls:
-            pipe.execute_command("EVALSHA", self._sha, *call)
-        await pipe.execute()
+        pool = self._client.connection_pool
+        for attempt in range(1, _ATTEMPTS + 1):
+            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            try:
+                await self._transaction(conn, stream, events, meanwhile)
+                return
+            except BaseException as exc:
+                # its state (WATCH, replies not read) is unknown: never hand it out again
+                await conn.disconnect(nowait=True)
+                retry = isinstance(
+                    exc, redis.exceptions.WatchError | redis.exceptions.ConnectionError
+                )
+                if not retry or attempt == _ATTEMPTS:
+                    raise
+                log.debug("Redis %s: trying a transaction again: %s", self.description, exc)
+            finally:
+                await pool.release(conn)
+
+    async def _transaction(
+        self,
+        conn: AbstractConnection,
+        stream: bytes,
+        events: Sequence[_Packed],
+        meanwhile: Callable[[], None],
+    ) -> None:
+        hashtag = b"{" + stream + b"}"
+        items = hashtag + b":items"
+        marker_prefix = hashtag + b":ids:"
+
+        # round trip 1: watch, then read the markers and what the transaction needs
+        candidates: dict[str, _Packed] = {}
+        for packed in events:
+            candidates.setdefault(packed[0].id, packed)  # an id twice in one batch: added once
+        markers = [marker_prefix + event_id.encode() for event_id in candidates]
+        await conn.send_packed_command(
+            [
+                _command(b"WATCH", stream, items),
+                _command(b"EXISTS", *markers),
+                _command(b"EVAL", _READ_SCRIPT, b"2", stream, items),
+            ]
+        )
+        answers = [await _reply(conn) for _ in range(3)]
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        _watched, existing, read = answers
+        last, now_ms = _read_result(read)
+        if existing == 0:  # the usual case: every event is new
+            new = list(zip(candidates.values(), markers, strict=True))
+        elif existing == len(markers):  # a batch published again whole
+            new = []
+        else:  # partly published before: which ones (one more round trip, still watched)
+            await conn.send_packed_command(_command(b"MGET", *markers))
+            found = await _reply(conn)
+            if not isinstance(found, list) or len(found) != len(markers):
+                raise redis.exceptions.ResponseError(f"unexpected MGET reply {found!r:.200}")
+            new = [
+                (packed, marker)
+                for packed, marker, value in zip(candidates.values(), markers, found, strict=True)
+                if value is None
+            ]
+        if not new:
+            await conn.send_packed_command(_command(b"UNWATCH"))
+            if isinstance(reply := await _reply(conn), Exception):
+                raise reply
+            return
+
+        # round trip 2: the transaction, packed as one list of byte strings (payloads not copied)
+        entry_ids = _next_ids(last, now_ms, len(new))
+        head = _bulk(b"XADD") + _bulk(stream) + _bulk(b"MAXLEN") + _bulk(b"~") + self._maxlen
+        chunks = [_command(b"MULTI")]
+        state: dict[str, bytes | None] = {}
+        for ((event, fields, count), _marker), entry_id in zip(new, entry_ids, strict=True):
+            chunks.append(b"*%d\r\n%b%b" % (count + 6, head, _bulk(entry_id)))
+            chunks += fields
+            removed = event.type.endswith(_REMOVED_TYPE_SUFFIX)
+            state[event.subject] = None if removed else entry_id
+        commands = [
+            _command(
+                b"EVAL",
+                _MARKER_SCRIPT,
+                str(len(new)).encode(),
+                *[marker for _event, marker in new],
+                self._window,
+                *entry_ids,
+            )
+        ]
+        present = [
+            part
+            for key, entry in state.items()
+            if entry is not None
+            for part in (key.encode(), entry)
+        ]
+        gone = [key.encode() for key, entry in state.items() if entry is None]
+        if present:
+            commands.append(_command(b"HSET", items, *present))
+        if gone:
+            commands.append(_command(b"HDEL", items, *gone))
+        # replies: MULTI's, one per queued command (XADDs, EVAL, HSET/HDEL), then EXEC's
+        replies = 1 + len(new) + len(commands)
+        await conn.send_packed_command([*chunks, *commands, _command(b"EXEC")])
+        meanwhile()
+        queued = [await _reply(conn) for _ in range(replies)]
+        try:
+            results = await _exec_reply(conn)
+        except redis.exceptions.ExecAbortError as exc:
+            # a command was refused while queued (OOM, ACL, syntax): nothing ran
+            raise next((r for r in queued if isinstance(r, Exception)), exc) from None
+        if results is None:
+            raise redis.exceptions.WatchError(
+                f"{stream.decode()} or {items.decode()} changed during the transaction"
+            )
+        if not isinstance(results, list) or len(results) != replies - 1:
+            raise redis.exceptions.ResponseError(f"unexpected EXEC reply {results!r:.200}")
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        if results[: len(new)] != entry_ids:
+            raise redis.exceptions.ResponseError(
+                f"XADD returned other entry ids than the ones requested: "
+                f"{results[: len(new)]!r:.200} instead of {entry_ids!r:.200}"
+            )
 
     async def aclose(self) -> None:
-        client, self._client, self._sha = self._client, None, None
+        client, self._client = self._client, None
         if client is not None:
             await client.aclose()
 
 
-def _binary_fields(event: CloudEvent) -> list[str | bytes]:
+class _Parts:
+    """The parts of a batch, each packed when needed, or ahead with :meth:`prepare`."""
+
+    def __init__(
+        self,
+        pack: Callable[[Sequence[CloudEvent], int], list[_Packed]],
+        events: Sequence[CloudEvent],
+    ) -> None:
+        self._pack = pack
+        self._events = events
+        self._start = 0
+        self._ready: list[_Packed] | None = None
+
+    def prepare(self) -> None:
+        """Pack the next part now, if not done yet (the CPU is idle while the server works)."""
+        if self._ready is None and self._start < len(self._events):
+            self._ready = self._pack(self._events, self._start)
+            self._start += len(self._ready)
+
+    def next(self) -> list[_Packed]:
+        """The next part; empty at the end."""
+        self.prepare()
+        part, self._ready = self._ready or [], None
+        return part
+
+
+# -- RESP: commands are packed here, not by redis-py, because this is the hot path --
+
+
+def _bulk(arg: bytes) -> bytes:
+    return b"$%d\r\n%b\r\n" % (len(arg), arg)
+
+
+def _command(*args: bytes) -> bytes:
+    return b"".join([b"*%d\r\n" % len(args), *[b"$%d\r\n%b\r\n" % (len(a), a) for a in args]])
+
+
+# Replies are read without a timeout of their own (it costs more than parsing a short reply):
+# publish() bounds all its round trips together.
+
+
+async def _reply(conn: AbstractConnection) -> object:
+    """The next reply, an error reply returned as its exception (so the others still get read)."""
+    try:
+        reply: object = await conn.read_response(disable_decoding=True, timeout=math.inf)
+    except redis.exceptions.ResponseError as exc:
+        return exc
+    return reply
+
+
+async def _exec_reply(conn: AbstractConnection) -> object:
+    """The reply of ``EXEC``: a list of results, or None when a watched key changed."""
+    reply: object = await conn.read_response(disable_decoding=True, timeout=math.inf)
+    return reply
+
+
+def _read_result(reply: object) -> tuple[tuple[int, int], int]:
+    """The stream's last entry id and the server time (ms), from :data:`READ_SCRIPT`."""
+    match reply:
+        case [bytes(last), int(now_ms)]:
+            ms, _, seq = last.partition(b"-")
+            return (int(ms), int(seq)), now_ms
+    raise redis.exceptions.ResponseError(f"unexpected reply of the read script {reply!r:.200}")
+
+
+_READ_SCRIPT = READ_SCRIPT.encode()
+_MARKER_SCRIPT = MARKER_SCRIPT.encode()
+_MAX_SEQ = (1 << 64) - 1
+
+
+def _next_ids(last: tuple[int, int], now_ms: int, count: int) -> list[bytes]:
+    """``count`` increasing entry ids above ``last``, as ``XADD *`` would have made them at
+    ``now_ms``: the current millisecond, or the last id's when the clock is behind it."""
+    ms = max(now_ms, last[0])
+    seq = last[1] + 1 if ms == last[0] else 0
+    if seq + count - 1 > _MAX_SEQ:
+        ms, seq = ms + 1, 0
+    return [b"%d-%d" % (ms, seq + i) for i in range(count)]
+
+
+_FIELD_NAMES: dict[str, bytes] = {}
+"""Packed field names (a handful, the same for every event)."""
+_DATA_FIELD = _bulk(b"data")
+_EVENT_FIELD = _bulk(b"event")
+
+
+def _binary_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
+    """Append the packed field names and values of ``event`` to ``out``; return how many
+    arguments that is and (about) how many bytes."""
     headers, body = event.to_binary()
-    pairs: list[str | bytes] = []
+    names = _FIELD_NAMES
+    size = len(body)
     for name, value in headers.items():
-        pairs += (name, value)
-    pairs += ("data", body)
-    return pairs
+        packed = names.get(name)
+        if packed is None:
+            packed = names[name] = _bulk(name.encode())
+        raw = value.encode()
+        size += len(raw)
+        out += (packed, b"$%d\r\n%b\r\n" % (len(raw), raw))
+    out += (_DATA_FIELD, b"$%d\r\n" % len(body), body, b"\r\n")
+    return 2 * len(headers) + 2, size
 
 
-def _structured_fields(event: CloudEvent) -> list[str | bytes]:
-    return ["event", event.to_structured()]
+def _structured_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
+    document = event.to_structured()
+    out += (_EVENT_FIELD, b"$%d\r\n" % len(document), document, b"\r\n")
+    return 2, len(document)
 
 
 def _describe(exc: BaseException) -> str:

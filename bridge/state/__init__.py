@@ -1,6 +1,7 @@
 """Where committed source state lives between polls and across restarts.
 
-A checkpoint is a source's *revision* (how many changesets with events were committed), its
+A checkpoint is a source's *revision* (a counter of committed changesets with events, starting
+at a random base when a source's state is first created, so ids from a lost state never repeat), its
 state map, and possibly an *intent*: a batch of events recorded just before it was published
 and not yet committed. Whoever loads a checkpoint with an intent publishes that batch again
 (same ids, so the broker drops copies) and commits it before polling, so a change published by
@@ -66,6 +67,10 @@ class StateStore(Protocol):
         """Apply ``delta``, set ``revision`` and drop the intent, atomically."""
         ...
 
+    async def reset(self, source_name: str) -> None:
+        """Forget the checkpoint (it was unreadable); the source resyncs from a full poll."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -106,6 +111,9 @@ class MemoryStateStore:
         checkpoint.revision = revision
         apply_delta(checkpoint.state, delta)
         checkpoint.intent = None
+
+    async def reset(self, source_name: str) -> None:
+        self.checkpoints.pop(source_name, None)
 
     async def aclose(self) -> None:
         return None

@@ -65,6 +65,15 @@ class FileStateStore:
     async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
         await asyncio.to_thread(self._commit, source_name, revision, delta)
 
+    async def reset(self, source_name: str) -> None:
+        path = self.path(source_name)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot delete checkpoint {str(path)!r}: {exc}") from exc
+        self._lines.pop(source_name, None)
+        self._sizes.pop(source_name, None)
+
     async def aclose(self) -> None:
         return None
 
