@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,7 +107,7 @@ class CloudEvent:
         line breaks or non-ASCII text survive header transports; :func:`header_value` decodes.
         """
         headers = {
-            f"ce-{k}": quote(v, safe=_HEADER_SAFE)
+            f"ce-{k}": quote(v, safe=_HEADER_SAFE) if _NEEDS_QUOTING.search(v) else v
             for k, v in self.attributes().items()
             if k != "datacontenttype"
         }
@@ -115,6 +116,7 @@ class CloudEvent:
 
 
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+_NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["%]')
 
 
 def header_value(raw: str) -> str:

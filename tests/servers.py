@@ -216,12 +216,27 @@ class ServerProcess:
         self.stop()
         self.start(timeout_s)
 
-    def pause(self) -> None:
-        """Freeze the process (SIGSTOP): its port stays open but nothing answers."""
+    def pause(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
+        """Freeze the process (SIGSTOP): its port stays open but nothing answers.
+
+        Returns once the kernel reports every thread of it stopped (state ``T`` in
+        ``/proc/<pid>/task/*/stat``, the main thread's being ``/proc/<pid>/stat``): SIGSTOP is
+        delivered asynchronously, and a thread running on another CPU could otherwise still
+        answer a request sent right after ``kill()`` returned. Without ``/proc`` (not Linux)
+        it does not wait.
+        """
         if self._proc is None or not self.running:
             raise ServerError(f"{self.name} on port {self.port} is not running; cannot pause it")
         self._proc.send_signal(signal.SIGSTOP)
         self._paused = True
+        tasks = Path(f"/proc/{self._proc.pid}/task")
+        if not tasks.is_dir():
+            return
+        deadline = time.monotonic() + timeout_s
+        while not all(_thread_stopped(stat) for stat in tasks.glob("*/stat")):
+            if time.monotonic() > deadline:
+                raise ServerError(f"{self.name} on port {self.port} did not stop in {timeout_s} s")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         """Thaw a paused process (SIGCONT)."""
@@ -257,6 +272,16 @@ class ServerProcess:
     def __repr__(self) -> str:
         state = "paused" if self._paused else ("running" if self.running else "stopped")
         return f"<{type(self).__name__} {LOOPBACK}:{self.port} {state}>"
+
+
+def _thread_stopped(stat: Path) -> bool:
+    """Whether the thread of a ``/proc/<pid>/task/<tid>/stat`` file is stopped (or gone)."""
+    try:
+        # "<tid> (<comm>) <state> ...": comm may contain anything, ") " included
+        state = stat.read_text().rpartition(") ")[2][:1]
+    except (FileNotFoundError, ProcessLookupError):  # a thread that exited meanwhile
+        return True
+    return state in ("T", "t")  # stopped (by a signal, or while traced)
 
 
 @atexit.register

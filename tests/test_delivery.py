@@ -164,9 +164,9 @@ async def test_plain_source_events_stay_pending_until_published() -> None:
 
 @pytest.mark.parametrize("busy", [False, True])
 async def test_run_stops_promptly_without_leaking_tasks(busy: bool, tmp_path: Path) -> None:
+    from bridge.secrets import Secret
     from bridge.service.config import BridgeConfig, BrokerConfig, LocalSourceConfig, SourceConfig
     from bridge.service.runner import Bridge
-    from bridge.secrets import Secret
 
     config = BridgeConfig(
         broker=BrokerConfig(url=Secret.inline("nats://127.0.0.1:1"), kind="nats"),

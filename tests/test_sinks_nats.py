@@ -17,7 +17,8 @@ import pytest
 
 from bridge.errors import ConfigError, PublishError
 from bridge.events import Modified
-from bridge.sinks.nats import NatsSink, NatsSinkConfig, redact_url, subject_filter_covers
+from bridge.secrets import redact_url
+from bridge.sinks.nats import NatsSink, NatsSinkConfig, subject_filter_covers
 from bridge.subjects import decode_item_token, nats_subject
 from tests.servers import NatsServer, free_port
 from tests.test_sinks_contract import (
@@ -28,7 +29,6 @@ from tests.test_sinks_contract import (
     http_event,
     nats_test_config,
     object_events,
-    pause,
 )
 
 pytestmark = pytest.mark.servers
@@ -257,11 +257,12 @@ async def test_headers_of_each_content_mode(
     assert decode_nats(msg) == expected([event])[0]
 
 
-async def test_structured_mode_keeps_any_key_exactly(
-    nats_url: str, js: nats.js.JetStreamContext
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_any_key_is_kept_exactly(
+    mode: str, nats_url: str, js: nats.js.JetStreamContext
 ) -> None:
-    keys = ["  padded  ", "line\nbreak", "tab\there"]
-    config = nats_test_config(nats_url, content_mode="structured")
+    keys = ["  padded  ", "line\nbreak", "cr\r\nlf\r", "tab\there", "50% off", "ünï"]
+    config = nats_test_config(nats_url, content_mode=mode)
     sink = NatsSink(config)
     try:
         await sink.publish("files", object_events(keys))
@@ -271,6 +272,16 @@ async def test_structured_mode_keeps_any_key_exactly(
         await js.delete_stream(config.stream)
     assert [decode_nats(m)["subject"] for m in msgs] == keys
     assert [decode_item_token(m.subject.rsplit(".", 1)[1]) for m in msgs] == keys
+    if mode == "binary":
+        # the header travels percent-encoded: nothing the NATS client would strip or fold
+        assert [(m.headers or {})["ce-subject"] for m in msgs] == [
+            "%20%20padded%20%20",
+            "line%0Abreak",
+            "cr%0D%0Alf%0D",
+            "tab%09here",
+            "50%25%20off",
+            "%C3%BCn%C3%AF",
+        ]
 
 
 async def test_a_negative_acknowledgement_fails_the_batch(
@@ -297,7 +308,7 @@ async def test_hanging_server_fails_within_the_ack_timeout(
 ) -> None:
     await sink.connect()
     events = object_events(["a", "b", "c"])
-    pause(nats_server)
+    nats_server.pause()
     try:
         with pytest.raises(PublishError, match=r"3 of 3 events .*no acknowledgement within"):
             await sink.publish("files", events)
@@ -343,12 +354,12 @@ async def test_connect_to_a_dead_address_fails() -> None:
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
-        ("nats://alice:s3cret@nats.example:4222", "nats://***@nats.example:4222"),
+        ("nats://alice:s3cret@nats.example:4222", "nats://alice:***@nats.example:4222"),
         ("nats://s3cret@nats.example:4222", "nats://***@nats.example:4222"),
         ("tls://nats.example:4222?token=s3cret", "tls://nats.example:4222"),
         (
             "nats://a:s3cret@one.example:4222,nats://a:s3cret@two.example:4222",
-            "nats://***@one.example:4222,nats://***@two.example:4222",
+            "nats://a:***@one.example:4222,nats://a:***@two.example:4222",
         ),
         ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
     ],

@@ -102,7 +102,7 @@ ContentMode = Literal["binary", "structured"]
 EVENTS_PER_TRANSACTION = 1000
 """Most events in one transaction (one part of a batch): bounds how long one ``EXEC`` holds
 the server. The bridge's batches are no larger by default."""
-BYTES_PER_TRANSACTION = 1 << 19
+BYTES_PER_TRANSACTION = 1 << 20
 """A part is also closed once its entries reach this size (1 MiB): a transaction waits in the
 server's memory until ``EXEC`` (one over ``client-query-buffer-limit`` would be refused), very
 large ones are slower, and several parts let the next be encoded while the server works."""
@@ -318,7 +318,7 @@ class RedisSink:
         # round trip 1: watch, then read the markers and what the transaction needs
         candidates: dict[str, _Packed] = {}
         for packed in events:
-            candidates.setdefault(packed[0].id, packed)  # an id twice in one batch: added once
+            candidates.setdefault(packed[0].id, packed)  # an id twice in one part: added once
         markers = [marker_prefix + event_id.encode() for event_id in candidates]
         await conn.send_packed_command(
             [
@@ -353,7 +353,7 @@ class RedisSink:
                 raise reply
             return
 
-        # round trip 2: the transaction, packed as one list of byte strings (payloads not copied)
+        # round trip 2: the transaction, as a list of byte strings (payloads referenced, not copied)
         entry_ids = _next_ids(last, now_ms, len(new))
         head = _bulk(b"XADD") + _bulk(stream) + _bulk(b"MAXLEN") + _bulk(b"~") + self._maxlen
         chunks = [_command(b"MULTI")]
@@ -427,16 +427,24 @@ class _Parts:
         self._events = events
         self._start = 0
         self._ready: list[_Packed] | None = None
+        self._error: Exception | None = None
 
     def prepare(self) -> None:
-        """Pack the next part now, if not done yet (the CPU is idle while the server works)."""
-        if self._ready is None and self._start < len(self._events):
-            self._ready = self._pack(self._events, self._start)
+        """Pack the next part now, if not done yet (the CPU is idle while the server works).
+        An error (an event that cannot be encoded) is raised by :meth:`next`, not here."""
+        if self._ready is None and self._error is None and self._start < len(self._events):
+            try:
+                self._ready = self._pack(self._events, self._start)
+            except Exception as exc:
+                self._error = exc
+                return
             self._start += len(self._ready)
 
     def next(self) -> list[_Packed]:
         """The next part; empty at the end."""
         self.prepare()
+        if self._error is not None:
+            raise self._error
         part, self._ready = self._ready or [], None
         return part
 
