@@ -26,7 +26,7 @@ import jsonschema
 from bridge.cloudevents import SCHEMA_BASE_URI, TYPE_PREFIX, header_value
 from bridge.errors import DecodeError
 from bridge.events import Added, EventKind, ExternalEvent, Modified, Removed
-from bridge.schemas import load_schema
+from bridge.schemas import load_schema, schemas_by_id
 from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 from bridge.subjects import decode_item_token
@@ -117,6 +117,9 @@ def decode_cloudevent(
     event_type = attributes.get("type")
     if isinstance(event_type, str) and not _known_type(event_type):
         raise UnknownEventTypeError(f"unknown CloudEvent type {event_type!r}")
+    dataschema = attributes.get("dataschema")
+    if isinstance(dataschema, str) and dataschema not in schemas_by_id():
+        raise UnknownEventTypeError(f"unknown dataschema {dataschema!r}")
     if isinstance(data, bytes | bytearray | str):
         try:
             data = json.loads(data)
