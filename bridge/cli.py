@@ -3,6 +3,10 @@
 ``run [--config FILE]``   run the bridge (no config: the embedded default, see README)
 ``check --config FILE``   validate a config file and exit (2 when invalid)
 ``status --config FILE``  which replica leads which source (leader election in Redis)
+``tail --config FILE | --broker URL [--source NAME ...] [--json] [--from-start]``
+                          follow the broker: one line per event (JSON lines with --json)
+``asyncapi --config FILE [--format json|yaml]``
+                          print the AsyncAPI 3.0 document of what the bridge publishes
 
 Invalid configs exit with status 2 and one message naming the file, key and problem.
 """
@@ -41,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run(args))
         if args.command == "status":
             return asyncio.run(_status(args.config, as_json=args.json))
+        if args.command == "tail":
+            return _tail(args)
+        if args.command == "asyncapi":
+            return _asyncapi(args.config, args.format)
     except ConfigError as exc:
         print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -88,6 +96,35 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show which replica leads which source")
     status.add_argument("--config", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="print JSON")
+    tail = commands.add_parser(
+        "tail",
+        help="follow a broker: one line per event",
+        description="Print what the bridge publishes, one line per event, until Ctrl-C.",
+    )
+    target = tail.add_mutually_exclusive_group(required=True)
+    target.add_argument("--config", type=Path, help="the bridge's YAML config (broker, sources)")
+    target.add_argument("--broker", metavar="URL", help="nats://... or redis://... directly")
+    tail.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this source (repeatable; default: every source)",
+    )
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+    tail.add_argument(
+        "--from-start",
+        action="store_true",
+        help="list then watch: first the current state of every item, then live changes",
+    )
+    tail.add_argument(
+        "--subject-prefix", help="with --broker nats://: subject prefix (default koprs.external)"
+    )
+    asyncapi = commands.add_parser(
+        "asyncapi", help="print the AsyncAPI 3.0 document of what the bridge publishes"
+    )
+    asyncapi.add_argument("--config", type=Path, required=True)
+    asyncapi.add_argument("--format", choices=["json", "yaml"], default="json")
     return parser
 
 
@@ -129,6 +166,29 @@ async def _status(path: Path, *, as_json: bool) -> int:
         holder = held["holder"] or "(no leader)"
         print(f"  {name:<24} {holder:<32} fence={held['fence']} revision={held['revision']}")
     return 0
+
+
+def _asyncapi(path: Path, fmt: str) -> int:
+    from bridge.asyncapi import asyncapi_document, render
+    from bridge.service.config import load_config
+
+    document = asyncapi_document(load_config(path))
+    sys.stdout.write(render(document, "yaml" if fmt == "yaml" else "json"))
+    return 0
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from bridge.tail import TailOptions, run_tail
+
+    options = TailOptions.from_args(
+        config=args.config,
+        broker=args.broker,
+        sources=args.source,
+        as_json=args.json,
+        from_start=args.from_start,
+        subject_prefix=args.subject_prefix,
+    )
+    return run_tail(options)
 
 
 async def _run(args: argparse.Namespace) -> int:

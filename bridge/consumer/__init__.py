@@ -9,13 +9,35 @@ from bridge.consumer.decoding import (
     decode_redis_entry,
     decode_structured,
 )
+from bridge.consumer.handler import (
+    EventHandler,
+    FunctionHandler,
+    TerminateReason,
+    event_handler,
+    run_handler,
+)
+from bridge.consumer.nats import NatsWatch, NatsWatchConfig, watch_nats
+from bridge.consumer.redis import RedisWatch, RedisWatchConfig, watch_redis
+from bridge.consumer.reflector import Reflector
 
 __all__ = [
     "CustomResource",
     "Envelope",
+    "EventHandler",
+    "FunctionHandler",
+    "NatsWatch",
+    "NatsWatchConfig",
+    "RedisWatch",
+    "RedisWatchConfig",
+    "Reflector",
+    "TerminateReason",
     "UnknownEventTypeError",
     "decode_cloudevent",
     "decode_nats",
     "decode_redis_entry",
     "decode_structured",
+    "event_handler",
+    "run_handler",
+    "watch_nats",
+    "watch_redis",
 ]

@@ -1,0 +1,608 @@
+"""``RedisWatch``: list-then-watch over the streams :class:`~bridge.sinks.redis.RedisSink` writes.
+
+``watch_redis(url_or_client, ["files", "web"], group="operator")`` yields, as a
+:class:`~bridge.consumer.base.Watch`:
+
+1. **The list**: for every source, one :class:`Delivery` (``initial=True``) per live item: its
+   latest event, with the change turned into an ``Added`` (the CloudEvent context is kept). The
+   item hash ``{koprs:external:<source>}:items`` and the stream's last entry id are read by one
+   script, atomically, so the list is the state at that entry id: the sink changes both in one
+   transaction. Removed items are not in the hash. The entries are then fetched by id in
+   pipelined batches, in stream order. An entry trimmed by ``MAXLEN`` is missing: the item is
+   left out with a warning naming it (size the sink's ``maxlen`` above the number of items).
+2. **Synced**, once for all sources.
+3. **Live changes**, strictly after the list's entry id: no gap, no duplicate.
+
+Without ``group``: plain ``XREAD`` from the list's position; nothing is durable, ``ack`` does
+nothing, ``nak(delay)`` yields the event again from this process after ``delay``. Every start
+lists again.
+
+With ``group`` (a consumer group, durable in Redis; ``consumer`` names this process in it and
+should be stable across its restarts, e.g. the pod name; default ``<hostname>-<pid>``):
+
+* A stream that does not have the group yet is listed, and the group is created (``XGROUP
+  CREATE ... <list's entry id> MKSTREAM``) once the list has been gone through, i.e. when
+  :class:`Synced` is due: a consumer that dies during the list lists again when it restarts.
+  Processes that start a new group at the same moment may each list (at least once).
+* A stream that already has the group is **not listed**: the group resumes from its durable
+  position. First this consumer's own pending entries (``XREADGROUP`` from ``0``: delivered
+  before its restart but not acknowledged), then entries idle for ``claim_idle_s`` in any
+  consumer's pending list (``XAUTOCLAIM``, also every ``claim_idle_s`` after: a dead consumer's
+  entries move to a live one), then new entries (``XREADGROUP >``). A cache that lives in memory
+  wants the list on every start: use no group, or a group of its own per process.
+* ``ack()`` is ``XACK``. ``nak(delay)`` leaves the entry pending and, after ``delay``, claims it
+  back with ``XCLAIM`` (``min-idle-time`` = the delay, so an entry another consumer claimed
+  meanwhile is not taken back) and yields it again. If this process dies first, the entry is
+  still pending: redelivered on restart or claimed by another consumer. Initial deliveries are
+  not stream deliveries of the group: acking them does nothing, a nak yields them again from
+  this process only.
+* Several consumers of one group split the entries; several groups each get every entry.
+
+A nak'ed event comes back after the ones read meanwhile: order holds per stream otherwise.
+One task iterates a watch; ``ack``/``nak`` may be called from anywhere on its event loop.
+
+Outages: a Redis error that a reconnection may cure (refused connection, timeout, read-only
+replica, loading) is logged and the step tried again with exponential backoff, forever. Any
+other Redis error (a key of the wrong type...) is raised. After an error, and after every read
+that waited ``block_s`` for nothing, the watch checks whether the server lost data (restarted
+without persistence, failed over to an empty replica, a stream deleted): a stream whose last
+entry id is below the last one read, or (with a group) that lacks the group. Then, like the NATS
+watch and kube-rs' watcher after a gap, it **lists again** (initial deliveries, then a new
+:class:`Synced`, so a :class:`~bridge.consumer.reflector.Reflector` drops what the new list
+lacks) and goes on after that list, creating the group again at its position. Without
+``list_first`` it reads such a stream from its start instead (everything in it is new), and
+creates a missing group again at the last entry id read if the stream still holds it, else at
+``0``. A reply lost with a broken connection leaves its entries pending in the group:
+``XAUTOCLAIM`` delivers them after ``claim_idle_s``. Entries trimmed by ``MAXLEN`` before this
+watch read them are not noticed: size ``maxlen`` for the slowest consumer.
+
+Entries that do not decode (not a koprs CloudEvent, unknown type or version) are logged and
+skipped, and acknowledged with a group; with ``on_decode_error="raise"`` the
+:class:`~bridge.errors.DecodeError` is raised by the iteration instead (the entry is left
+pending) and the next iteration goes on after it.
+
+If a client is passed instead of a URL it is not closed by :meth:`RedisWatch.aclose` (so a
+blocked read ends within ``block_s`` only), its ``socket_timeout`` must be longer than
+``block_s`` (or None), and its own retry policy applies too. A client made from a URL retries
+nothing itself: the watch does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import itertools
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, Self
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from bridge.consumer.base import Delivery, Synced, WatchItem
+from bridge.consumer.decoding import Envelope, decode_redis_entry
+from bridge.errors import ConfigError, DecodeError
+from bridge.events import Added
+from bridge.secrets import redact_url
+from bridge.sinks.redis import items_key
+from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
+
+__all__ = ["SNAPSHOT_SCRIPT", "RedisWatch", "RedisWatchConfig", "watch_redis"]
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_SCRIPT = """
+-- KEYS[1] stream, KEYS[2] items hash; ARGV[1] group ('' for none), ARGV[2] '1' to list
+-- returns {last entry id, 1 if the stream has the group, else 0, HGETALL of the items (or {}
+-- when not listing or the group exists)}: one atomic read, consistent with the sink's writes
+local last, has_group = '0-0', 0
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'stream' then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+  if ARGV[1] ~= '' then
+    for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+      for i = 1, #group, 2 do
+        if group[i] == 'name' and group[i + 1] == ARGV[1] then has_group = 1 end
+      end
+    end
+  end
+elseif kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
+end
+local items = {}
+if ARGV[2] == '1' and has_group == 0 then items = redis.call('HGETALL', KEYS[2]) end
+return {last, has_group, items}
+"""
+
+_LIST_BATCH = 256
+"""Entries of the list fetched in one pipelined round trip."""
+_RETRYABLE = (
+    redis.exceptions.ConnectionError,  # also BusyLoadingError
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    OSError,  # also TimeoutError
+)
+_Id = tuple[int, int]
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class RedisWatchConfig:
+    """What :class:`RedisWatch` reads and how (see the module docstring)."""
+
+    sources: tuple[str, ...]
+    """Source names: the streams ``<stream_prefix><name>``."""
+    group: str | None = None
+    """Consumer group: durable position, shared work. None: no group, nothing durable."""
+    consumer: str | None = None
+    """This process's name in the group; default ``<hostname>-<pid>``."""
+    list_first: bool = True
+    """List the current items before the live changes (for streams without the group)."""
+    stream_prefix: str = REDIS_STREAM_PREFIX
+    """As the sink's ``stream_prefix``."""
+    on_decode_error: Literal["skip", "raise"] = "skip"
+    """``skip``: log, acknowledge and go on; ``raise``: raise the DecodeError from the iteration."""
+    batch_size: int = 100
+    """Most entries per stream in one read."""
+    block_s: float = 5.0
+    """Longest wait of one blocking read (the watch checks its timers in between)."""
+    claim_idle_s: float = 60.0
+    """A pending entry idle for this long is claimed (``XAUTOCLAIM``), this often."""
+    retry_max_s: float = 5.0
+    """Backoff after Redis errors: from 0.05 s, doubling up to this."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("redis watch: sources must name at least one source")
+        for name in self.sources:
+            try:
+                validate_source_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"redis watch: {exc}") from None
+        if self.on_decode_error not in ("skip", "raise"):
+            raise ConfigError(
+                f"redis watch: on_decode_error must be 'skip' or 'raise', "
+                f"not {self.on_decode_error!r}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError(f"redis watch: batch_size must be >= 1, got {self.batch_size!r}")
+        for name in ("block_s", "claim_idle_s", "retry_max_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value >= 0):
+                raise ConfigError(f"redis watch: {name} must be >= 0 seconds, got {value!r}")
+
+
+def watch_redis(
+    url_or_client: str | redis.asyncio.Redis,
+    sources: Iterable[str],
+    *,
+    group: str | None = None,
+    consumer: str | None = None,
+    list_first: bool = True,
+    stream_prefix: str = REDIS_STREAM_PREFIX,
+    on_decode_error: Literal["skip", "raise"] = "skip",
+    batch_size: int = 100,
+    block_s: float = 5.0,
+    claim_idle_s: float = 60.0,
+    retry_max_s: float = 5.0,
+) -> RedisWatch:
+    """A :class:`RedisWatch` of ``sources``; the options are those of :class:`RedisWatchConfig`."""
+    config = RedisWatchConfig(
+        sources=tuple(sources),
+        group=group,
+        consumer=consumer,
+        list_first=list_first,
+        stream_prefix=stream_prefix,
+        on_decode_error=on_decode_error,
+        batch_size=batch_size,
+        block_s=block_s,
+        claim_idle_s=claim_idle_s,
+        retry_max_s=retry_max_s,
+    )
+    return RedisWatch(url_or_client, config)
+
+
+@dataclasses.dataclass(order=True)
+class _Retry:
+    due: float
+    seq: int
+    stream: str = dataclasses.field(compare=False)
+    entry_id: str = dataclasses.field(compare=False)
+    delivery: Delivery = dataclasses.field(compare=False)
+    claim_idle_ms: int | None = dataclasses.field(compare=False)
+    """None: yield ``delivery`` again; else ``XCLAIM`` the entry with this min-idle-time."""
+
+
+class RedisWatch:
+    """An async iterator of :data:`WatchItem` over Redis streams; see the module docstring."""
+
+    def __init__(self, url_or_client: str | redis.asyncio.Redis, config: RedisWatchConfig) -> None:
+        self.config = config
+        if isinstance(url_or_client, str):
+            self._client = redis.asyncio.Redis.from_url(
+                url_or_client,
+                socket_timeout=config.block_s + 10.0,
+                socket_connect_timeout=10.0,
+                # no retries of its own: the watch's loop retries (and notices outages), and
+                # a blocking read retried after aclose() would outlive the watch
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._owns_client = True
+            self._where = redact_url(url_or_client)
+        else:
+            self._client, self._owns_client, self._where = url_or_client, False, "Redis"
+        self.group = config.group
+        self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self._sources = {redis_stream_key(s, config.stream_prefix): s for s in config.sources}
+        self._cursor = dict.fromkeys(self._sources, "0-0")
+        """Per stream: the last entry id read (or listed up to)."""
+        self._ready: deque[WatchItem | DecodeError] = deque()
+        self._listing: deque[tuple[str, str, str]] = deque()
+        """(stream, item key, entry id) still to fetch for the list."""
+        self._to_create: dict[str, str] = {}
+        """Per stream: the id to create the group at once the list is through."""
+        self._own_pending: dict[str, str] = {}
+        """Per stream: where the next read of this consumer's pending entries starts."""
+        self._claim_from = dict.fromkeys(self._sources, "0-0")
+        self._next_claim = 0.0
+        self._retries: list[_Retry] = []
+        self._seq = 0
+        self._started = self._synced = self._closed = False
+        self._check_streams = False
+        """Set after a Redis error or an idle read: look for streams (or groups) the server
+        lost."""
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> WatchItem:
+        while not self._ready:
+            if self._closed:
+                raise StopAsyncIteration
+            if not self._started:
+                await self._retrying(self._start)
+            elif self._listing:
+                await self._retrying(self._fetch_list)
+            elif not self._synced:
+                await self._retrying(self._create_groups)
+                if not self._closed:
+                    self._synced = True
+                    self._ready.append(Synced(tuple(self._sources.values())))
+            else:
+                await self._retrying(self._read_live)
+        item = self._ready.popleft()
+        if isinstance(item, DecodeError):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ready.clear()
+        if self._owns_client:
+            await self._client.aclose()
+
+    # -- phases --
+
+    async def _start(self) -> None:
+        snapshots = await self._snapshot(list_items=self.config.list_first)
+        self._own_pending.clear()
+        self._to_create.clear()
+        self._claim_from = dict.fromkeys(self._sources, "0-0")
+        listing: list[tuple[str, str, str]] = []
+        for stream, (last, has_group, items) in snapshots.items():
+            self._cursor[stream] = last
+            if self.group is not None and has_group:
+                self._own_pending[stream] = "0-0"
+            elif self.group is not None:
+                self._to_create[stream] = last
+            listing += sorted(((stream, key, entry) for key, entry in items.items()), key=_by_id)
+        self._listing = deque(listing)
+        self._started = True
+
+    async def _snapshot(self, *, list_items: bool) -> dict[str, tuple[str, bool, dict[str, str]]]:
+        """Per stream: (last entry id, has the group, {item key: entry id} when listed)."""
+        pipe = self._client.pipeline(transaction=False)
+        for stream in self._sources:
+            keys = (stream, items_key(self._sources[stream], self.config.stream_prefix))
+            args = (self.group or "", "1" if list_items else "0")
+            pipe.execute_command("EVAL", SNAPSHOT_SCRIPT, 2, *keys, *args)
+        replies = await pipe.execute()
+        result = {}
+        for stream, (last, has_group, flat) in zip(self._sources, replies, strict=True):
+            items = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+            result[stream] = (_text(last), bool(has_group), items)
+        return result
+
+    async def _fetch_list(self) -> None:
+        batch = list(itertools.islice(self._listing, _LIST_BATCH))
+        pipe = self._client.pipeline(transaction=False)
+        for stream, _key, entry_id in batch:
+            pipe.execute_command("XRANGE", stream, entry_id, entry_id)
+        replies = await pipe.execute()
+        for (stream, key, entry_id), found in zip(batch, replies, strict=True):
+            self._listing.popleft()
+            if not found:
+                log.warning(
+                    "item %r of source %r is not listed: its latest event (entry %s) was "
+                    "trimmed from %s (raise the sink's maxlen above the number of items)",
+                    key, self._sources[stream], entry_id, stream,
+                )  # fmt: skip
+                continue
+            envelope = self._decode(stream, entry_id, found[0][1])
+            if envelope is not None:
+                added = dataclasses.replace(envelope, event=Added(envelope.event.resource))
+                self._ready.append(self._delivery(stream, entry_id, added, initial=True))
+
+    async def _create_groups(self) -> None:
+        assert self.group is not None or not self._to_create
+        for stream, position in list(self._to_create.items()):
+            await self._create_group(stream, position)
+            del self._to_create[stream]
+
+    async def _create_group(self, stream: str, position: str) -> None:
+        try:
+            await self._command("XGROUP", "CREATE", stream, self.group, position, "MKSTREAM")
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+            log.debug("group %r of %s exists already (created meanwhile)", self.group, stream)
+
+    async def _read_live(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self._release_retries(loop.time())
+        if self._ready:
+            return
+        if self._check_streams:
+            await self._recover_lost_streams()
+            if not self._started:  # to list again
+                return
+        if self.group is not None:
+            if self._own_pending:
+                await self._read_own_pending()
+                return
+            if loop.time() >= self._next_claim:
+                self._next_claim = loop.time() + self.config.claim_idle_s
+                await self._autoclaim()
+                if self._ready:
+                    return
+        wait = self.config.block_s
+        if self._retries:
+            wait = min(wait, self._retries[0].due - loop.time())
+        if self.group is not None:
+            wait = min(wait, self._next_claim - loop.time())
+        block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
+        if self.group is None:
+            reply = await self._command(
+                "XREAD", "COUNT", self.config.batch_size, "BLOCK", block_ms,
+                "STREAMS", *self._cursor, *self._cursor.values(),
+            )  # fmt: skip
+        else:
+            reply = await self._command(
+                "XREADGROUP", "GROUP", self.group, self.consumer,
+                "COUNT", self.config.batch_size, "BLOCK", block_ms,
+                "STREAMS", *self._cursor, *([">"] * len(self._cursor)),
+            )  # fmt: skip
+        got = _per_stream(reply)
+        for stream, entries in got:
+            await self._accept(stream, entries)
+        # idle: the time to notice a stream the server lost (read from where it no longer is)
+        self._check_streams = not got
+
+    async def _read_own_pending(self) -> None:
+        streams = list(self._own_pending)
+        reply = await self._command(
+            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.config.batch_size,
+            "STREAMS", *streams, *[self._own_pending[s] for s in streams],
+        )  # fmt: skip
+        got = dict(_per_stream(reply))
+        for stream in streams:
+            entries = got.get(stream, [])
+            if not entries:
+                del self._own_pending[stream]
+                continue
+            self._own_pending[stream] = _text(entries[-1][0])
+            await self._accept(stream, entries)
+
+    async def _autoclaim(self) -> None:
+        idle_ms = int(self.config.claim_idle_s * 1000)
+        for stream in self._sources:
+            reply = await self._command(
+                "XAUTOCLAIM", stream, self.group, self.consumer, idle_ms,
+                self._claim_from[stream], "COUNT", self.config.batch_size,
+            )  # fmt: skip
+            self._claim_from[stream] = _text(reply[0])
+            if len(reply) > 2 and reply[2]:
+                log.warning(
+                    "%d pending entries of %s were trimmed before being acknowledged: %s",
+                    len(reply[2]), stream, ", ".join(_text(i) for i in reply[2]),
+                )  # fmt: skip
+            if reply[1]:
+                log.info("claimed %d idle pending entries of %s", len(reply[1]), stream)
+            await self._accept(stream, reply[1])
+
+    async def _release_retries(self, now: float) -> None:
+        """Deliver again what was nak'ed and is due (an ``XCLAIM`` first, with a group)."""
+        while self._retries and self._retries[0].due <= now:
+            retry = self._retries[0]
+            if retry.claim_idle_ms is None:
+                heapq.heappop(self._retries)
+                self._ready.append(retry.delivery)
+                continue
+            claimed = await self._command(
+                "XCLAIM", retry.stream, self.group, self.consumer, retry.claim_idle_ms,
+                retry.entry_id,
+            )  # fmt: skip
+            heapq.heappop(self._retries)
+            if not claimed:
+                log.debug("%s of %s: acknowledged or claimed by another consumer since its nak",
+                          retry.entry_id, retry.stream)  # fmt: skip
+            await self._accept(retry.stream, claimed)
+
+    async def _recover_lost_streams(self) -> None:
+        """Look for streams (or groups) the server lost: list again, or without ``list_first``
+        read them from their start (a missing group is created again)."""
+        snapshots = await self._snapshot(list_items=False)
+        self._check_streams = False
+        lost = {
+            stream: last
+            for stream, (last, has_group, _items) in snapshots.items()
+            if _parse_id(last) < _parse_id(self._cursor[stream])
+            or (self.group is not None and not has_group)
+        }
+        for stream, last in lost.items():
+            log.warning(
+                "%s on %s: %s; %s", stream, self._where,
+                f"group {self.group!r} is missing"
+                if _parse_id(last) >= _parse_id(self._cursor[stream])
+                else f"it ends at {last}, before {self._cursor[stream]} already read",
+                "listing again" if self.config.list_first else "reading it from its start",
+            )  # fmt: skip
+        if lost and self.config.list_first:
+            self._started = self._synced = False
+            self._retries.clear()  # stale: the list brings every item's latest event
+            return
+        for stream, last in lost.items():
+            if _parse_id(last) < _parse_id(self._cursor[stream]):
+                self._cursor[stream] = "0-0"
+            if self.group is not None:
+                await self._create_group(stream, self._cursor[stream])
+                self._claim_from[stream] = "0-0"
+
+    # -- entries --
+
+    async def _accept(self, stream_key: Any, entries: Sequence[Any]) -> None:
+        """Queue deliveries of ``entries`` (``(id, fields)`` pairs) of one stream, all before
+        the first ``await`` (a cancelled read loses none), then acknowledge the skipped ones."""
+        if not entries:
+            return
+        stream = _text(stream_key)
+        skipped: list[str] = []
+        for raw_id, fields in entries:
+            entry_id = _text(raw_id)
+            if not fields:  # a pending entry trimmed or deleted meanwhile: nothing to deliver
+                log.warning("entry %s of %s was trimmed before being handled", entry_id, stream)
+                skipped.append(entry_id)
+                continue
+            envelope = self._decode(stream, entry_id, fields)
+            if envelope is not None:
+                self._ready.append(self._delivery(stream, entry_id, envelope))
+            elif self.config.on_decode_error == "skip":
+                skipped.append(entry_id)
+        last = max((_text(entry[0]) for entry in entries), key=_parse_id)
+        if _parse_id(last) > _parse_id(self._cursor[stream]):
+            self._cursor[stream] = last
+        await self._ack(stream, *skipped)
+
+    def _decode(self, stream: str, entry_id: str, fields: Any) -> Envelope | None:
+        try:
+            return decode_redis_entry(stream, fields, stream_prefix=self.config.stream_prefix)
+        except DecodeError as exc:
+            if self.config.on_decode_error == "raise":
+                error = type(exc)(f"entry {entry_id} of {stream}: {exc}")
+                error.__cause__ = exc
+                self._ready.append(error)
+            else:
+                log.warning("skipping entry %s of %s: %s", entry_id, stream, exc)
+            return None
+
+    def _delivery(
+        self, stream: str, entry_id: str, envelope: Envelope, *, initial: bool = False
+    ) -> Delivery:
+        durable = self.group is not None and not initial
+
+        async def ack() -> None:
+            if durable:
+                await self._ack(stream, entry_id)
+
+        async def nak(delay_s: float) -> None:
+            self._seq += 1
+            delay_s = max(0.0, delay_s)
+            again = dataclasses.replace(delivery, initial=False) if initial else delivery
+            # the entry has been idle since its delivery, so at least delay_s by then, unless
+            # another consumer claimed it meanwhile (- 1: the server counts whole ms)
+            idle_ms = max(0, int(delay_s * 1000) - 1) if durable else None
+            due = asyncio.get_running_loop().time() + delay_s
+            heapq.heappush(self._retries, _Retry(due, self._seq, stream, entry_id, again, idle_ms))
+
+        delivery = Delivery(envelope, initial=initial, _ack=ack, _nak=nak)
+        return delivery
+
+    async def _ack(self, stream: str, *entry_ids: str) -> None:
+        """``XACK``; a failure is logged, not raised: the entry stays pending (at least once)."""
+        if self.group is None or self._closed or not entry_ids:  # closed: stays pending
+            return
+        try:
+            try:
+                await self._command("XACK", stream, self.group, *entry_ids)
+            except _RETRYABLE:  # a pooled connection may have died: once more, at once
+                await self._command("XACK", stream, self.group, *entry_ids)
+        except (redis.exceptions.RedisError, *_RETRYABLE) as exc:
+            log.warning(
+                "could not acknowledge entries %s of %s (delivered again later): %s",
+                ", ".join(entry_ids), stream, exc,
+            )  # fmt: skip
+
+    async def _command(self, *args: Any) -> Any:
+        return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+    # -- errors --
+
+    async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run ``step`` until it succeeds or the watch is closed; back off after errors."""
+        delay = 0.05
+        while not self._closed:
+            try:
+                await step()
+                return
+            except _RETRYABLE as exc:
+                if self._closed:
+                    return
+                log.warning(
+                    "Redis %s: %s: %s; trying again in %.2f s",
+                    self._where, type(exc).__name__, exc, delay,
+                )  # fmt: skip
+                self._check_streams = True
+            except redis.exceptions.ResponseError as exc:
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                log.warning("Redis %s: %s; recreating it", self._where, exc)
+                self._check_streams = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max(self.config.retry_max_s, 0.05))
+
+
+def _per_stream(reply: Any) -> list[tuple[str, list[Any]]]:
+    """``XREAD``/``XREADGROUP`` replies, RESP2 (a list of pairs) or RESP3 (a map)."""
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    return [(_text(stream), list(entries or [])) for stream, entries in pairs]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_id(entry_id: str) -> _Id:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _by_id(listed: tuple[str, str, str]) -> _Id:
+    return _parse_id(listed[2])

@@ -1,0 +1,362 @@
+"""``koprs-bridge tail``: follow a broker from the terminal, one line per event.
+
+``koprs-bridge tail --config bridge.yaml`` follows every source of the config on its broker;
+``--broker URL`` follows a broker directly (NATS: every subject under the prefix; Redis: the
+``koprs:external:*`` streams that exist when it starts), ``--source NAME`` (repeatable) narrows
+it down. Lines look like::
+
+    2026-01-02T03:04:05.123456Z added    files  configs/app.yaml  size=120 etag=18c3...-78
+    2026-01-02T03:04:09.000001Z modified web    https://cfg.example/app.json  status=200 ...
+
+Keys with blanks or control characters are printed JSON-quoted. ``--json`` prints one JSON
+object per event instead: ``time``, ``kind``, ``source_name``, ``key``, ``id``, ``type``,
+``source``, ``dataschema``, ``initial`` and ``resource`` (the decoded resource; an HTTP body as
+text, or base64 when it is not UTF-8).
+
+Without ``--from-start`` only changes published after the start are shown. With it, first the
+current state of every item (list-then-watch: one ``added`` line per live item, marked
+``initial``), then a ``synced`` line (``{"synced": [...sources]}`` with ``--json``), then live
+changes. Nothing is durable: tailing never disturbs other consumers. NATS is read with
+:func:`~bridge.consumer.nats.watch_nats` (an ephemeral consumer, deleted on exit; the stream is
+the config's, or the one that captures the subject prefix), Redis with
+:func:`~bridge.consumer.redis.watch_redis` (no group). Events that do not decode are logged on
+stderr and skipped. Status messages go to stderr (``following ...`` once the subscription is in
+place); Ctrl-C (SIGINT) or SIGTERM ends it with exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TextIO
+from urllib.parse import urlsplit
+
+from bridge.consumer.base import Synced, Watch
+from bridge.consumer.decoding import CustomResource, Envelope
+from bridge.errors import BridgeError, ConfigError
+from bridge.secrets import redact_url
+from bridge.sources.http import HttpResource
+from bridge.sources.stores import StoredObject
+from bridge.subjects import DEFAULT_SUBJECT_PREFIX, REDIS_STREAM_PREFIX, validate_source_name
+
+__all__ = ["TailOptions", "format_json", "format_line", "run_tail"]
+
+_SCHEMES = {"nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TailOptions:
+    """What to follow and how to print it."""
+
+    url: str
+    kind: Literal["nats", "redis"]
+    sources: tuple[str, ...] = ()
+    """Source names; empty: every source."""
+    as_json: bool = False
+    from_start: bool = False
+    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
+    stream: str | None = None
+    """NATS: the JetStream stream; None: the one that captures ``<subject_prefix>.>``."""
+
+    @classmethod
+    def from_args(
+        cls,
+        *,
+        config: Path | None,
+        broker: str | None,
+        sources: Sequence[str],
+        as_json: bool,
+        from_start: bool,
+        subject_prefix: str | None,
+    ) -> TailOptions:
+        """Options from the command line (``--config`` or ``--broker``); ConfigError if wrong."""
+        for name in sources:
+            try:
+                validate_source_name(name)
+            except ValueError as exc:
+                raise ConfigError(f"--source: {exc}") from None
+        if config is not None:
+            from bridge.service.config import load_config
+
+            loaded = load_config(config)
+            return cls(
+                url=loaded.broker.url.reveal(),
+                kind=loaded.broker.kind,
+                sources=tuple(sources) or tuple(s.name for s in loaded.sources),
+                as_json=as_json,
+                from_start=from_start,
+                subject_prefix=subject_prefix or loaded.broker.subject_prefix,
+                stream=loaded.broker.stream,
+            )
+        assert broker is not None
+        scheme = urlsplit(broker).scheme
+        if scheme not in _SCHEMES:
+            raise ConfigError(
+                f"--broker must start with nats://, tls://, redis:// or rediss://, "
+                f"got {redact_url(broker)!r}"
+            )
+        kind: Literal["nats", "redis"] = "nats" if _SCHEMES[scheme] == "nats" else "redis"
+        return cls(
+            url=broker,
+            kind=kind,
+            sources=tuple(sources),
+            as_json=as_json,
+            from_start=from_start,
+            subject_prefix=subject_prefix or DEFAULT_SUBJECT_PREFIX,
+        )
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _time(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _quoted(key: str) -> str:
+    if key and key.isprintable() and " " not in key and not key.startswith('"'):
+        return key
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _details(resource: Any) -> str:
+    if isinstance(resource, StoredObject):
+        size = "" if resource.size is None else f"size={resource.size} "
+        return f"{size}etag={resource.etag}"
+    if isinstance(resource, HttpResource):
+        digest = resource.digest[:16]
+        return f"status={resource.status} size={len(resource.body)} digest=sha256:{digest}"
+    if isinstance(resource, CustomResource):
+        return f"version={resource.version}"
+    return ""
+
+
+def format_line(envelope: Envelope, *, initial: bool = False) -> str:
+    """The readable line of one event."""
+    parts = [
+        _time(envelope.time),
+        f"{envelope.kind:<8}",
+        envelope.source_name or envelope.source,
+        _quoted(envelope.key),
+    ]
+    details = _details(envelope.event.resource)
+    if details:
+        parts.append(details)
+    if initial:
+        parts.append("(initial)")
+    return "  ".join(parts)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, HttpResource):
+        body: dict[str, str]
+        try:
+            body = {"encoding": "utf-8", "data": value.body.decode("utf-8")}
+        except UnicodeDecodeError:
+            body = {"encoding": "base64", "data": base64.b64encode(value.body).decode("ascii")}
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return {**fields, "body": body, "size": len(value.body)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return value
+
+
+def format_json(envelope: Envelope, *, initial: bool = False) -> str:
+    """The JSON line of one event (see the module docstring)."""
+    return json.dumps(
+        {
+            "time": _time(envelope.time),
+            "kind": envelope.kind,
+            "source_name": envelope.source_name,
+            "key": envelope.key,
+            "id": envelope.id,
+            "type": envelope.type,
+            "source": envelope.source,
+            "dataschema": envelope.dataschema,
+            "initial": initial,
+            "resource": _jsonable(envelope.event.resource),
+        },
+        ensure_ascii=False,
+    )
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+async def _redis_sources(url: str) -> tuple[str, ...]:
+    """The sources whose streams exist now (``koprs:external:<name>`` keys of type stream)."""
+    import redis.asyncio
+    import redis.exceptions
+
+    client = redis.asyncio.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    try:
+        names = []
+        async for key in client.scan_iter(match=f"{REDIS_STREAM_PREFIX}*", _type="stream"):
+            name = (key.decode() if isinstance(key, bytes) else str(key))[
+                len(REDIS_STREAM_PREFIX) :
+            ]
+            with contextlib.suppress(ValueError):
+                names.append(validate_source_name(name))
+        return tuple(sorted(names))
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BridgeError(f"cannot list the streams of {redact_url(url)}: {exc}") from exc
+    finally:
+        await client.aclose()
+
+
+Closer = Callable[[], Awaitable[None]]
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _open_redis(options: TailOptions) -> tuple[Watch, Closer]:
+    from bridge.consumer.redis import watch_redis
+
+    sources = options.sources or await _redis_sources(options.url)
+    if not sources:
+        raise BridgeError(
+            f"no koprs:external:* stream on {redact_url(options.url)} yet: name the sources "
+            "with --source (their streams may be created later)"
+        )
+    return watch_redis(options.url, sources, list_first=options.from_start, block_s=1.0), _nothing
+
+
+async def _open_nats(options: TailOptions) -> tuple[Watch, Closer]:
+    import nats
+    import nats.errors
+    import nats.js.errors
+
+    from bridge.consumer.nats import watch_nats
+
+    prefix = options.subject_prefix
+    try:
+        nc = await nats.connect(
+            options.url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=10
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        raise BridgeError(f"cannot connect to {redact_url(options.url)}: {exc}") from exc
+    try:
+        js = nc.jetstream()
+        if options.stream is None:
+            stream = await js.find_stream_name_by_subject(f"{prefix}.>")
+        else:
+            stream = (await js.stream_info(options.stream)).config.name or options.stream
+    except nats.js.errors.NotFoundError:
+        await nc.close()
+        which = f"stream {options.stream}" if options.stream else f"stream captures {prefix}.>"
+        raise BridgeError(
+            f"no JetStream {which} on {redact_url(options.url)} (has the bridge published yet?)"
+        ) from None
+    except BaseException:
+        await nc.close()
+        raise
+    watch = watch_nats(
+        nc,
+        options.sources,
+        list_first=options.from_start,
+        stream=stream,
+        subject_prefix=prefix,
+        confirm_acks=False,
+    )
+    return watch, nc.close
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+async def _follow(watch: Watch, options: TailOptions, out: TextIO) -> None:
+    where = redact_url(options.url)
+    what = ", ".join(options.sources) if options.sources else "every source"
+    said = False
+    async for item in watch:
+        if isinstance(item, Synced):
+            if not said:  # once: a watch that lists again after an outage syncs again
+                said = True
+                print(
+                    f"koprs-bridge tail: following {where} ({what}); Ctrl-C stops", file=sys.stderr
+                )
+                sys.stderr.flush()
+            if options.from_start:
+                sources = list(item.sources) or list(options.sources)
+                line = (
+                    json.dumps({"synced": sources})
+                    if options.as_json
+                    else "--- synced: the current state is above; live changes follow ---"
+                )
+                out.write(line + "\n")
+                out.flush()
+            continue
+        fmt = format_json if options.as_json else format_line
+        out.write(fmt(item.envelope, initial=item.initial) + "\n")
+        out.flush()
+        await item.ack()
+
+
+async def _main(options: TailOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        watch, close = await (_open_nats if options.kind == "nats" else _open_redis)(options)
+        follow = asyncio.create_task(_follow(watch, options, sys.stdout))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({follow, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            # Closing the watch ends an iteration waiting in the other task: a cancellation
+            # alone can be lost in a client library that swallows CancelledError.
+            await watch.aclose()
+            await _finished(follow)
+            await close()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+    if not follow.cancelled() and (error := follow.exception()) is not None:
+        if isinstance(error, BrokenPipeError):  # e.g. `koprs-bridge tail ... | head`
+            return 0
+        raise error
+    return 0
+
+
+async def _finished(task: asyncio.Task[None], grace_s: float = 10.0) -> None:
+    """Wait for ``task``, which was told to stop; cancel it if it does not within the grace."""
+    done, _ = await asyncio.wait({task}, timeout=grace_s)
+    while not done:
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+
+
+def run_tail(options: TailOptions) -> int:
+    """Follow until Ctrl-C / SIGTERM (exit 0) or a fatal error (BridgeError)."""
+    code = asyncio.run(_main(options))
+    if sys.stdout.closed or _broken(sys.stdout):
+        # stdout is a closed pipe: keep the interpreter from failing to flush it at exit
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return code
+
+
+def _broken(out: TextIO) -> bool:
+    try:
+        out.flush()
+    except BrokenPipeError:
+        return True
+    return False
