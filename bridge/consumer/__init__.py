@@ -1,5 +1,6 @@
 """The consumer side: decode what the bridge publishes, watch it, cache it, handle it."""
 
+from bridge.consumer.base import Delivery, Synced, Watch, WatchItem
 from bridge.consumer.decoding import (
     CustomResource,
     Envelope,
@@ -22,6 +23,7 @@ from bridge.consumer.reflector import Reflector
 
 __all__ = [
     "CustomResource",
+    "Delivery",
     "Envelope",
     "EventHandler",
     "FunctionHandler",
@@ -30,8 +32,11 @@ __all__ = [
     "RedisWatch",
     "RedisWatchConfig",
     "Reflector",
+    "Synced",
     "TerminateReason",
     "UnknownEventTypeError",
+    "Watch",
+    "WatchItem",
     "decode_cloudevent",
     "decode_nats",
     "decode_redis_entry",
