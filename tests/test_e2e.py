@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ from bridge.cloudevents import header_value
 from bridge.schemas import load_schema
 from bridge.service.config import parse_config
 from bridge.service.runner import Bridge
+from tests.documents import Documents
 from tests.servers import NatsServer, RedisServer, S3Server
 
 ENVELOPE = "https://koprs.dev/schemas/bridge/v1/cloudevent.json"
@@ -34,54 +32,13 @@ ENVELOPE = "https://koprs.dev/schemas/bridge/v1/cloudevent.json"
 
 # -- a scriptable HTTP document ------------------------------------------------------------
 
-
-class Document:
-    """What the HTTP server serves: a body with an ETag, or 404 when ``body`` is None."""
-
-    def __init__(self) -> None:
-        self.body: bytes | None = None
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        document = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = document.body
-                if body is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
-                if self.headers.get("If-None-Match") == etag:
-                    self.send_response(304)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("ETag", etag)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
+DOC = "app.json"
 
 
 @pytest.fixture
-def document() -> Iterator[tuple[Document, str]]:
-    doc = Document()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), doc.handler())
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield doc, f"http://127.0.0.1:{server.server_address[1]}/app.json"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def document() -> Iterator[tuple[Documents, str]]:
+    with Documents() as docs:
+        yield docs, docs.url(DOC)
 
 
 # -- raw consumers --------------------------------------------------------------------------
@@ -210,7 +167,7 @@ async def settle(bridge: Bridge) -> None:
 
 
 async def script(
-    doc: Document, s3: S3Server, bucket: str, received: Received, bridge: Bridge
+    doc: Documents, s3: S3Server, bucket: str, received: Received, bridge: Bridge
 ) -> None:
     """A scripted sequence of changes, each awaited at the consumer before the next."""
     client = s3.client()
@@ -218,17 +175,17 @@ async def script(
     def has(n: int, source: str) -> Callable[[list[dict[str, Any]]], bool]:
         return lambda _: len(received.seen(source)) >= n
 
-    doc.body = b'{"v": 1}'
+    doc.set(DOC, b'{"v": 1}')
     client.put_object(Bucket=bucket, Key="cfg/a.yaml", Body=b"a1")
     client.put_object(Bucket=bucket, Key="cfg/dir/b c.yaml", Body=b"b1")
     client.put_object(Bucket=bucket, Key="other/ignored", Body=b"x")
     await received.wait_for(has(1, "doc"))
     await received.wait_for(has(2, "bucket"))
-    doc.body = b'{"v": 2}'
+    doc.set(DOC, b'{"v": 2}')
     client.put_object(Bucket=bucket, Key="cfg/a.yaml", Body=b"a2")
     await received.wait_for(has(2, "doc"))
     await received.wait_for(has(3, "bucket"))
-    doc.body = None
+    doc.set(DOC, None)
     client.delete_object(Bucket=bucket, Key="cfg/dir/b c.yaml")
     await received.wait_for(has(3, "doc"))
     await received.wait_for(has(4, "bucket"))
@@ -267,7 +224,7 @@ async def fresh_nats(url: str) -> None:
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
 async def test_nats_end_to_end(
-    mode: str, nats_url: str, s3_server: S3Server, s3_bucket: str, document: tuple[Document, str]
+    mode: str, nats_url: str, s3_server: S3Server, s3_bucket: str, document: tuple[Documents, str]
 ) -> None:
     doc, doc_url = document
     await fresh_nats(nats_url)
@@ -285,7 +242,7 @@ async def test_nats_down_at_start_and_mid_run_loses_nothing(
     nats_url: str,
     s3_server: S3Server,
     s3_bucket: str,
-    document: tuple[Document, str],
+    document: tuple[Documents, str],
 ) -> None:
     doc, doc_url = document
     await fresh_nats(nats_url)
@@ -295,7 +252,7 @@ async def test_nats_down_at_start_and_mid_run_loses_nothing(
     }
     client = s3_server.client()
     nats_server.stop()
-    doc.body = b"1"
+    doc.set(DOC, b"1")
     client.put_object(Bucket=s3_bucket, Key="cfg/a", Body=b"1")
     async with running_bridge(raw) as bridge:
         nats_server.start()  # down at start: the bridge waits and then publishes
@@ -305,7 +262,7 @@ async def test_nats_down_at_start_and_mid_run_loses_nothing(
             )
             await settle(bridge)
             nats_server.stop()  # down mid-run: changes made now must arrive once it is back
-            doc.body = b"2"
+            doc.set(DOC, b"2")
             client.put_object(Bucket=s3_bucket, Key="cfg/b", Body=b"1")
             client.delete_object(Bucket=s3_bucket, Key="cfg/a")
             loops = list(bridge.loops.values())
@@ -371,7 +328,7 @@ async def redis_consumer(url: str, names: list[str]) -> AsyncIterator[Received]:
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
 async def test_redis_end_to_end(
-    mode: str, redis_url: str, s3_server: S3Server, s3_bucket: str, document: tuple[Document, str]
+    mode: str, redis_url: str, s3_server: S3Server, s3_bucket: str, document: tuple[Documents, str]
 ) -> None:
     doc, doc_url = document
     raw = {
@@ -392,7 +349,7 @@ async def test_redis_restarted_mid_run_loses_nothing(
     tmp_path: Path,
     s3_server: S3Server,
     s3_bucket: str,
-    document: tuple[Document, str],
+    document: tuple[Documents, str],
 ) -> None:
     doc, doc_url = document
     raw = {
@@ -400,7 +357,7 @@ async def test_redis_restarted_mid_run_loses_nothing(
         "sources": sources(doc_url, s3_server, s3_bucket),
     }
     client = s3_server.client()
-    doc.body = b"1"
+    doc.set(DOC, b"1")
     async with (
         running_bridge(raw) as bridge,
         redis_consumer(redis_url, ["doc", "bucket"]) as received,
@@ -408,7 +365,7 @@ async def test_redis_restarted_mid_run_loses_nothing(
         await received.wait_for(lambda _: len(received.seen("doc")) == 1)
         await settle(bridge)
         redis_server.stop()
-        doc.body = b"2"
+        doc.set(DOC, b"2")
         client.put_object(Bucket=s3_bucket, Key="cfg/a", Body=b"1")
         for loop in list(bridge.loops.values()):
             await loop.wait_for_steps(loop.steps + 2)
