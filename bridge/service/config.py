@@ -28,19 +28,62 @@ from bridge.secrets import Secret, redact_url
 from bridge.subjects import SOURCE_NAME_PATTERN
 
 __all__ = [
+    "AuthConfig",
+    "BasicAuthConfig",
     "BridgeConfig",
     "BrokerConfig",
     "HttpSourceConfig",
     "LeaderElectionConfig",
     "LocalSourceConfig",
+    "LoggingConfig",
     "S3SourceConfig",
+    "ServerConfig",
     "SourceConfig",
+    "TlsConfig",
+    "TracingConfig",
     "load_config",
     "parse_config",
 ]
 
 ENV_PREFIX = "KOPRS_BRIDGE__"
 ContentMode = Literal["binary", "structured"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class TlsConfig:
+    """TLS for a connection: a custom CA, an optional client certificate (mTLS)."""
+
+    ca_file: Path | None = None
+    """CA bundle (PEM) that signs the server's certificate (default: the system's)."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for mutual TLS; needs ``key_file``."""
+    key_file: Path | None = None
+    verify: bool = True
+    """False skips verifying the server's certificate (testing only)."""
+    server_name: str | None = None
+    """Expected host name in the server's certificate (default: the URL's host)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class AuthConfig:
+    """Credentials for a broker or Redis; at most one method (user/password, token, nkey, creds).
+
+    ``token``, ``nkey_seed_file`` and ``creds_file`` are NATS-only; Redis takes an ACL
+    ``username`` (optional) and ``password``. Credentials in the URL work too.
+    """
+
+    username: str | None = None
+    password: Secret | None = None
+    token: Secret | None = None
+    nkey_seed_file: Path | None = None
+    creds_file: Path | None = None
+    """NATS JWT credentials (``.creds``) file."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class BasicAuthConfig:
+    username: str
+    password: Secret
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -70,6 +113,9 @@ class BrokerConfig:
     """Redis: approximate MAXLEN of each source's stream."""
     ack_timeout_s: float = 5.0
     """How long to wait for the broker's acknowledgements of one batch."""
+    tls: TlsConfig | None = None
+    """TLS settings (also implied by ``tls://`` / ``rediss://``)."""
+    auth: AuthConfig | None = None
 
     @property
     def description(self) -> str:
@@ -85,6 +131,9 @@ class LeaderElectionConfig:
     """A lease not renewed for this long expires and another replica may take the source."""
     renew_every_s: float | None = None
     """How often the holder renews (default: a third of the TTL)."""
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
+    """Redis ACL ``username``/``password`` (only those two)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -92,10 +141,16 @@ class HttpSourceConfig:
     url: str
     headers: Mapping[str, Secret] = field(default_factory=dict)
     bearer_token: Secret | None = None
+    """Sent as ``Authorization: Bearer``; a ``{file: ...}`` token is re-read when it changes."""
+    basic_auth: BasicAuthConfig | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     timeout_s: float = 10.0
     verify_tls: bool | str = True
     """False to skip verification, or the path of a CA bundle."""
+    tls: TlsConfig | None = None
+    """CA bundle / client certificate (mTLS); ``verify_tls`` is the short form."""
+    max_redirects: int = 5
+    """Redirects followed (0: none). Credentials are never sent to another host."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -107,6 +162,15 @@ class S3SourceConfig:
     access_key_id: Secret | None = None
     secret_access_key: Secret | None = None
     session_token: Secret | None = None
+    """Explicit keys; absent: the standard AWS credential chain (env, web identity, profile,
+    container/instance metadata)."""
+    profile: str | None = None
+    """A profile of the shared AWS config/credentials files."""
+    role_arn: str | None = None
+    """Assume this role with ``web_identity_token_file`` (IRSA-style)."""
+    web_identity_token_file: Path | None = None
+    sts_endpoint_url: str | None = None
+    """STS endpoint for web identity (default: AWS's)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -134,12 +198,42 @@ class SourceConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class ServerConfig:
+    """The operations HTTP server: ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    """0 picks a free port (tests)."""
+    metrics: bool = True
+    """Serve Prometheus metrics at ``/metrics``."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TracingConfig:
+    exporter: Literal["none", "console", "otlp"] = "none"
+    endpoint: str | None = None
+    """OTLP/HTTP endpoint (default: the OTEL_EXPORTER_OTLP_* environment, else localhost)."""
+    service_name: str = "koprs-bridge"
+    sample_ratio: float = 1.0
+
+
+@dataclass(kw_only=True, frozen=True)
+class LoggingConfig:
+    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(kw_only=True, frozen=True)
 class BridgeConfig:
     broker: BrokerConfig
     sources: tuple[SourceConfig, ...]
     leader_election: LeaderElectionConfig | None = None
     state_path: Path | None = None
     """Folder for checkpoints of a single replica (absent: state in memory)."""
+    server: ServerConfig | None = None
+    """Absent: no health/metrics server."""
+    tracing: TracingConfig = TracingConfig()
+    logging: LoggingConfig = LoggingConfig()
     origin: str = "<config>"
     """The file the config was read from, for messages."""
 
@@ -332,7 +426,9 @@ class _Reader:
 
     def bridge(self, raw: dict[str, Any]) -> BridgeConfig:
         doc = self.mapping(
-            raw, {"broker", "leader_election", "state", "sources"}, {"broker", "sources"}
+            raw,
+            {"broker", "leader_election", "state", "sources", "server", "tracing", "logging"},
+            {"broker", "sources"},
         )
         with self.at("broker"):
             broker = self.broker(doc["broker"])
@@ -361,13 +457,134 @@ class _Reader:
                         )
                     seen[source.name] = index
                     sources.append(source)
+        extra: dict[str, Any] = {}
+        for key in ("server", "tracing", "logging"):
+            if doc.get(key) is not None:
+                with self.at(key):
+                    extra[key] = getattr(self, key)(doc[key])
         return BridgeConfig(
             broker=broker,
             sources=tuple(sources),
             leader_election=election,
             state_path=state_path,
             origin=self.origin,
+            **extra,
         )
+
+    def server(self, raw: Any) -> ServerConfig:
+        doc = self.mapping(raw, {"host", "port", "metrics"})
+        fields: dict[str, Any] = {}
+        if "host" in doc:
+            with self.at("host"):
+                fields["host"] = self.string(doc["host"])
+        if "port" in doc:
+            with self.at("port"):
+                fields["port"] = self.integer(doc["port"])
+                if fields["port"] > 65535:
+                    self.fail(f"must be a TCP port (0-65535), not {doc['port']!r}")
+        if "metrics" in doc:
+            with self.at("metrics"):
+                fields["metrics"] = self.boolean(doc["metrics"])
+        return ServerConfig(**fields)
+
+    def tracing(self, raw: Any) -> TracingConfig:
+        doc = self.mapping(raw, {"exporter", "endpoint", "service_name", "sample_ratio"})
+        fields: dict[str, Any] = {}
+        if "exporter" in doc:
+            with self.at("exporter"):
+                if doc["exporter"] not in ("none", "console", "otlp"):
+                    self.fail(f"must be 'none', 'console' or 'otlp', not {doc['exporter']!r}")
+                fields["exporter"] = doc["exporter"]
+        if "endpoint" in doc:
+            with self.at("endpoint"):
+                endpoint = self.string(doc["endpoint"])
+                if urlsplit(endpoint).scheme not in ("http", "https"):
+                    self.fail(f"must be an http:// or https:// URL, not {endpoint!r}")
+                fields["endpoint"] = endpoint
+        if "service_name" in doc:
+            with self.at("service_name"):
+                fields["service_name"] = self.string(doc["service_name"])
+        if "sample_ratio" in doc:
+            with self.at("sample_ratio"):
+                ratio = doc["sample_ratio"]
+                if isinstance(ratio, bool) or not isinstance(ratio, int | float):
+                    self.fail(f"must be a number from 0 to 1, not {ratio!r}")
+                if not 0 <= ratio <= 1:
+                    self.fail(f"must be from 0 to 1, not {ratio!r}")
+                fields["sample_ratio"] = float(ratio)
+        return TracingConfig(**fields)
+
+    def logging(self, raw: Any) -> LoggingConfig:
+        doc = self.mapping(raw, {"format", "level"})
+        fields: dict[str, Any] = {}
+        if "format" in doc:
+            with self.at("format"):
+                if doc["format"] not in ("text", "json"):
+                    self.fail(f"must be 'text' or 'json', not {doc['format']!r}")
+                fields["format"] = doc["format"]
+        if "level" in doc:
+            with self.at("level"):
+                level = str(doc["level"]).upper()
+                if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                    self.fail(f"must be debug, info, warning or error, not {doc['level']!r}")
+                fields["level"] = level
+        return LoggingConfig(**fields)
+
+    def file(self, value: Any) -> Path:
+        path = Path(self.string(value))
+        if not path.is_file():
+            self.fail(f"file {str(path)!r} does not exist")
+        return path
+
+    def tls(self, raw: Any) -> TlsConfig:
+        doc = self.mapping(raw, {"ca_file", "cert_file", "key_file", "verify", "server_name"})
+        fields: dict[str, Any] = {}
+        for key in ("ca_file", "cert_file", "key_file"):
+            if key in doc:
+                with self.at(key):
+                    fields[key] = self.file(doc[key])
+        if ("cert_file" in fields) != ("key_file" in fields):
+            self.fail("cert_file and key_file must be given together")
+        if "verify" in doc:
+            with self.at("verify"):
+                fields["verify"] = self.boolean(doc["verify"])
+        if "server_name" in doc:
+            with self.at("server_name"):
+                fields["server_name"] = self.string(doc["server_name"])
+        return TlsConfig(**fields)
+
+    def auth(self, raw: Any, *, nats: bool) -> AuthConfig:
+        allowed = {"username", "password"}
+        if nats:
+            allowed |= {"token", "nkey_seed_file", "creds_file"}
+        doc = self.mapping(raw, allowed)
+        fields: dict[str, Any] = {}
+        if "username" in doc:
+            with self.at("username"):
+                fields["username"] = self.string(doc["username"])
+        for key in ("password", "token"):
+            if key in doc:
+                with self.at(key):
+                    fields[key] = self.secret(doc[key])
+        for key in ("nkey_seed_file", "creds_file"):
+            if key in doc:
+                with self.at(key):
+                    fields[key] = self.file(doc[key])
+        if nats and "username" in fields and "password" not in fields:
+            self.fail("username needs a password")
+        methods = [
+            m
+            for m, given in (
+                ("username/password", "password" in fields),
+                ("token", "token" in fields),
+                ("nkey_seed_file", "nkey_seed_file" in fields),
+                ("creds_file", "creds_file" in fields),
+            )
+            if given
+        ]
+        if len(methods) > 1:
+            self.fail(f"give one authentication method, not {' and '.join(methods)}")
+        return AuthConfig(**fields)
 
     def broker(self, raw: Any) -> BrokerConfig:
         keys = {
@@ -381,6 +598,8 @@ class _Reader:
             "replicas",
             "maxlen",
             "ack_timeout",
+            "tls",
+            "auth",
         }
         doc = self.mapping(raw, keys, {"url"})
         with self.at("url"):
@@ -425,10 +644,18 @@ class _Reader:
             if key in doc:
                 with self.at(key):
                     fields[key] = self.integer(doc[key], minimum=minimum) or None
+        if doc.get("tls") is not None:
+            with self.at("tls"):
+                fields["tls"] = self.tls(doc["tls"])
+        if doc.get("auth") is not None:
+            with self.at("auth"):
+                fields["auth"] = self.auth(doc["auth"], nats=kinds[scheme] == "nats")
         return BrokerConfig(**fields)
 
     def leader_election(self, raw: Any) -> LeaderElectionConfig:
-        doc = self.mapping(raw, {"redis_url", "lease_ttl", "renew_every"}, {"redis_url"})
+        doc = self.mapping(
+            raw, {"redis_url", "lease_ttl", "renew_every", "tls", "auth"}, {"redis_url"}
+        )
         with self.at("redis_url"):
             url = self.secret(doc["redis_url"])
             if urlsplit(url.reveal()).scheme not in ("redis", "rediss"):
@@ -445,7 +672,16 @@ class _Reader:
                 renew = self.duration(doc["renew_every"])
                 if renew >= ttl:
                     self.fail(f"must be shorter than lease_ttl ({ttl:g} s), got {renew:g} s")
-        return LeaderElectionConfig(redis_url=url, lease_ttl_s=ttl, renew_every_s=renew)
+        tls = auth = None
+        if doc.get("tls") is not None:
+            with self.at("tls"):
+                tls = self.tls(doc["tls"])
+        if doc.get("auth") is not None:
+            with self.at("auth"):
+                auth = self.auth(doc["auth"], nats=False)
+        return LeaderElectionConfig(
+            redis_url=url, lease_ttl_s=ttl, renew_every_s=renew, tls=tls, auth=auth
+        )
 
     def source(self, raw: Any) -> SourceConfig:
         kinds = {"http", "s3", "local"}
@@ -486,7 +722,17 @@ class _Reader:
     def http_source(self, raw: Any) -> HttpSourceConfig:
         doc = self.mapping(
             raw,
-            {"url", "headers", "bearer_token", "max_body_bytes", "timeout", "verify_tls"},
+            {
+                "url",
+                "headers",
+                "bearer_token",
+                "basic_auth",
+                "max_body_bytes",
+                "timeout",
+                "verify_tls",
+                "tls",
+                "max_redirects",
+            },
             {"url"},
         )
         with self.at("url"):
@@ -529,12 +775,46 @@ class _Reader:
                 elif not isinstance(verify, bool):
                     self.fail("must be true, false or the path of a CA bundle")
                 fields["verify_tls"] = verify
+        if doc.get("basic_auth") is not None:
+            with self.at("basic_auth"):
+                basic = self.mapping(
+                    doc["basic_auth"], {"username", "password"}, {"username", "password"}
+                )
+                with self.at("username"):
+                    username = self.string(basic["username"])
+                    if ":" in username:
+                        self.fail("must not contain ':'")
+                with self.at("password"):
+                    password = self.secret(basic["password"])
+                fields["basic_auth"] = BasicAuthConfig(username=username, password=password)
+            if "bearer_token" in fields:
+                self.fail("give bearer_token or basic_auth, not both")
+        if doc.get("tls") is not None:
+            with self.at("tls"):
+                fields["tls"] = self.tls(doc["tls"])
+                if "verify_tls" in fields:
+                    self.fail("give verify_tls or tls, not both")
+        if "max_redirects" in doc:
+            with self.at("max_redirects"):
+                fields["max_redirects"] = self.integer(doc["max_redirects"])
         return HttpSourceConfig(**fields)
 
     def s3_source(self, raw: Any) -> S3SourceConfig:
         secrets = {"access_key_id", "secret_access_key", "session_token"}
         doc = self.mapping(
-            raw, {"bucket", "prefix", "endpoint_url", "region"} | secrets, {"bucket"}
+            raw,
+            {
+                "bucket",
+                "prefix",
+                "endpoint_url",
+                "region",
+                "profile",
+                "role_arn",
+                "web_identity_token_file",
+                "sts_endpoint_url",
+            }
+            | secrets,
+            {"bucket"},
         )
         with self.at("bucket"):
             bucket = self.string(doc["bucket"])
@@ -550,9 +830,23 @@ class _Reader:
                 if urlsplit(endpoint).scheme not in ("http", "https"):
                     self.fail(f"must be an http:// or https:// URL, not {endpoint!r}")
                 fields["endpoint_url"] = endpoint
-        if "region" in doc:
-            with self.at("region"):
-                fields["region"] = self.string(doc["region"])
+        for key in ("region", "profile", "role_arn"):
+            if key in doc:
+                with self.at(key):
+                    fields[key] = self.string(doc[key])
+        if "sts_endpoint_url" in doc:
+            with self.at("sts_endpoint_url"):
+                endpoint = self.string(doc["sts_endpoint_url"])
+                if urlsplit(endpoint).scheme not in ("http", "https"):
+                    self.fail(f"must be an http:// or https:// URL, not {endpoint!r}")
+                fields["sts_endpoint_url"] = endpoint
+        if "web_identity_token_file" in doc:
+            with self.at("web_identity_token_file"):
+                fields["web_identity_token_file"] = self.file(doc["web_identity_token_file"])
+        if ("role_arn" in fields) != ("web_identity_token_file" in fields):
+            self.fail("role_arn and web_identity_token_file must be given together")
+        if "role_arn" in fields and "access_key_id" in doc:
+            self.fail("give access keys or role_arn/web_identity_token_file, not both")
         for key in sorted(secrets & doc.keys()):
             with self.at(key):
                 fields[key] = self.secret(doc[key])
