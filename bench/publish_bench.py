@@ -67,7 +67,7 @@ from bridge.service.delivery import SourceLoop, SourceSpec
 from bridge.sinks import Sink
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
-from bridge.sources.base import Changeset, StateDelta, StateMapSource
+from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
 from bridge.sources.http import HttpResource
 from bridge.state import Checkpoint, Intent, MemoryStateStore, StateStore
 from bridge.state.files import FileStateStore
@@ -173,7 +173,7 @@ class SyntheticSource(StateMapSource):
             resources.append((resource, etag))
         self._resources = resources
 
-    async def changes(self) -> Changeset:
+    async def changes(self, replay: Replay | None = None) -> Changeset:
         state = self._state
         events: list[ExternalEvent[Any]] = []
         delta: StateDelta = {}

@@ -12,7 +12,7 @@ from bridge.errors import StateError
 from bridge.events import Added
 from bridge.service.delivery import SourceLoop, SourceSpec
 from bridge.sinks.memory import MemorySink
-from bridge.sources.base import StateDelta
+from bridge.sources.base import Changeset, Replay, StateDelta
 from bridge.state import MemoryStateStore
 from bridge.state.files import FileStateStore
 from bridge.watching import WatchConfig
@@ -23,9 +23,9 @@ ADDED, MODIFIED, REMOVED = (f"dev.koprs.external.{k}.v1" for k in ("added", "mod
 class CountingPoller(ObjectStorePoller):
     polls = 0
 
-    async def changes(self):  # type: ignore[no-untyped-def]
+    async def changes(self, replay: Replay | None = None) -> Changeset:
         self.polls += 1
-        return await super().changes()
+        return await super().changes(replay)
 
 
 def make_loop(
@@ -50,7 +50,7 @@ async def test_state_is_committed_only_after_the_broker_acknowledged() -> None:
     recorded = state.checkpoints["files"]
     assert (recorded.revision, recorded.state) == (0, {})  # nothing committed yet...
     assert recorded.intent is not None  # ...only the intent to publish
-    assert [e.subject for e in recorded.intent.events] == ["a"]
+    assert list(recorded.intent.delta) == ["a"]
     sink.unblock()
     assert await step is None
     assert state.checkpoints["files"].state == {"a": (await store.list().__anext__())[0].etag}
@@ -211,10 +211,8 @@ async def test_batch_published_by_a_replica_that_died_before_committing_is_settl
     await store.delete("a")
     successor, poller = make_loop(store, sink, FileStateStore(tmp_path))
     await successor.restore()
-    assert await successor.step() is None  # settles the recorded batch, without polling
-    assert poller.polls == 0
-    assert sink.duplicates == 1  # it was published again and dropped by id
-    assert await successor.step() is None
+    assert await successor.step() is None  # polls against the state the intent led to
+    assert poller.polls == 1
     assert kinds(sink) == [("added", "a"), ("removed", "a")]
     reloaded = await FileStateStore(tmp_path).load("files")
     assert reloaded is not None
@@ -244,3 +242,165 @@ async def test_large_changesets_go_out_in_batches_committed_one_by_one() -> None
     assert state.checkpoints["files"].revision == 1
     assert {e.subject for e in sink.events("files")} == {f"k{i:02}" for i in range(25)}
     assert poller.polls == 1
+
+
+class DiesBeforeCommit(FileStateStore):
+    """A replica that publishes, then dies before its commit."""
+
+    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+        if delta:  # the empty commit that starts a lineage gets through
+            raise StateError("replica killed")
+        await super().commit(source_name, revision, delta)
+
+
+async def _died_after_publishing(
+    tmp_path: Path, store: MemoryStore, sink: MemorySink, *, max_batch_events: int = 1000
+) -> SourceLoop:
+    """Deliver once with a replica that dies before its commit; then return its successor."""
+    dying, _ = make_loop(store, sink, DiesBeforeCommit(tmp_path))
+    dying.spec.max_batch_events = max_batch_events
+    await dying.restore()
+    assert await dying.step() is not None
+    successor, _ = make_loop(store, sink, FileStateStore(tmp_path))
+    successor.spec.max_batch_events = max_batch_events
+    await successor.restore()
+    return successor
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        # nothing changed since: the intent's events again, same ids, dropped by the broker
+        (None, [("added", "a"), ("added", "b")]),
+        # a changed again, b deleted: diffed against what the intent published
+        ("mutate", [("added", "a"), ("added", "b"), ("modified", "a"), ("removed", "b")]),
+    ],
+)
+async def test_replay_of_an_unsettled_batch(
+    tmp_path: Path, change: str | None, expected: list[tuple[str, str]]
+) -> None:
+    store, sink = MemoryStore(), MemorySink()
+    await store.put("a", b"1")
+    await store.put("b", b"1")
+    successor = await _died_after_publishing(tmp_path, store, sink)
+    first = [(e.id, e.subject) for e in sink.events("files")]
+    if change == "mutate":
+        await store.put("a", b"2")
+        await store.delete("b")
+    assert await successor.step() is None
+    assert kinds(sink) == expected
+    assert sink.duplicates == (2 if change is None else 0)
+    assert [(e.id, e.subject) for e in sink.events("files")][:2] == first
+    reloaded = await FileStateStore(tmp_path).load("files")
+    assert reloaded is not None
+    assert reloaded.intent is None
+    assert reloaded.state == {o.path: o.etag async for p in store.list() for o in p}
+    assert reloaded.revision == successor.revision
+
+
+async def test_replay_of_a_removal_and_of_a_recreation(tmp_path: Path) -> None:
+    store, sink = MemoryStore(), MemorySink()
+    await store.put("gone", b"1")
+    await store.put("back", b"1")
+    loop, _ = make_loop(store, sink, FileStateStore(tmp_path))
+    await loop.restore()
+    assert await loop.step() is None
+    await store.delete("gone")
+    await store.delete("back")
+    successor = await _died_after_publishing(tmp_path, store, sink)
+    assert kinds(sink)[-2:] == [("removed", "back"), ("removed", "gone")]
+    await store.put("back", b"2")  # recreated while no replica led
+    assert await successor.step() is None
+    assert kinds(sink)[2:] == [("removed", "back"), ("removed", "gone"), ("added", "back")]
+    assert sink.duplicates == 1  # Removed of "gone" again, same id
+    reloaded = await FileStateStore(tmp_path).load("files")
+    assert reloaded is not None
+    assert set(reloaded.state) == {"back"}
+
+
+async def test_replay_split_in_batches_keeps_the_rest_of_the_intent_recorded(
+    tmp_path: Path,
+) -> None:
+    """A replay committed batch by batch: until its last batch is committed the old intent's
+    unsettled entries stay recorded, so a second crash still settles them."""
+    store, sink = MemoryStore(), MemorySink()
+    for i in range(4):
+        await store.put(f"k{i}", b"1")
+    successor = await _died_after_publishing(tmp_path, store, sink, max_batch_events=10)
+    for i in range(4, 10):
+        await store.put(f"k{i}", b"1")  # new objects: with the replay, 10 events...
+    await store.delete("k3")  # ...and k3, published as Added, is gone
+    successor.spec.max_batch_events = 3
+
+    class DiesAfterFirstBatch(FileStateStore):
+        commits = 0
+
+        async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+            self.commits += 1
+            if self.commits > 1:
+                raise StateError("replica killed")
+            await super().commit(source_name, revision, delta)
+
+    successor.state = DiesAfterFirstBatch(tmp_path)
+    assert await successor.step() is not None
+    recorded = await FileStateStore(tmp_path).load("files")
+    assert recorded is not None
+    assert recorded.intent is not None
+    assert "k3" in recorded.intent.delta  # the Added of k3 may have been published
+    third, _ = make_loop(store, sink, FileStateStore(tmp_path))
+    await third.restore()
+    assert await third.step() is None
+    latest = {}
+    for kind, key in kinds(sink):
+        latest[key] = kind
+    assert latest.pop("k3") == "removed"
+    assert set(latest) == {f"k{i}" for i in range(10) if i != 3}
+    assert set(latest.values()) == {"added"}
+
+
+@pytest.mark.parametrize(
+    ("after", "expected", "duplicates"),
+    [
+        (b"v2", [("modified", "doc")], 1),  # unchanged since the intent: the same event again
+        (b"v3", [("modified", "doc"), ("modified", "doc")], 0),  # changed again
+        (None, [("modified", "doc"), ("removed", "doc")], 0),  # gone since
+    ],
+)
+async def test_http_replay_of_an_unsettled_batch(
+    tmp_path: Path, after: bytes | None, expected: list[tuple[str, str]], duplicates: int
+) -> None:
+    """An HTTP document's Modified was published by a replica that died before its commit; the
+    successor fetches it unconditionally and emits the same event again or diffs against it."""
+    from bridge.sources.http import HttpPoller
+    from tests.documents import Documents
+
+    with Documents() as docs:
+        url = docs.url("doc")
+
+        def http_loop(state: FileStateStore) -> SourceLoop:
+            poller = HttpPoller(url).with_name("files")
+            spec = SourceSpec(name="files", source=poller, watch=WatchConfig(1), source_uri=url)
+            return SourceLoop(spec, sink, state)
+
+        sink = MemorySink()
+        docs.set("doc", b"v1")
+        first = http_loop(FileStateStore(tmp_path))
+        await first.restore()
+        assert await first.step() is None
+        docs.set("doc", b"v2")
+        dying = http_loop(DiesBeforeCommit(tmp_path))
+        await dying.restore()
+        assert await dying.step() is not None
+        await first.spec.source.aclose()  # type: ignore[attr-defined]
+        await dying.spec.source.aclose()  # type: ignore[attr-defined]
+        docs.set("doc", after)
+        successor = http_loop(FileStateStore(tmp_path))
+        await successor.restore()
+        assert await successor.step() is None
+        await successor.spec.source.aclose()  # type: ignore[attr-defined]
+    assert [(k, s.rsplit("/", 1)[-1]) for k, s in kinds(sink)] == [("added", "doc"), *expected]
+    assert sink.duplicates == duplicates
+    reloaded = await FileStateStore(tmp_path).load("files")
+    assert reloaded is not None
+    assert reloaded.intent is None
+    assert ("digest" in reloaded.state) == (after is not None)

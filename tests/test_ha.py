@@ -70,7 +70,7 @@ async def test_expired_lease_is_taken_over_and_the_old_holder_is_fenced(
     with pytest.raises(FencedError):
         await old_store.commit("src", 2, {"k": "stale"})  # ...cannot overwrite the new state
     with pytest.raises(FencedError):
-        await old_store.begin("src", Intent(3, {}, []))
+        await old_store.begin("src", Intent(3, {}))
     checkpoint = await new_store.load("src")
     assert checkpoint is not None
     assert (checkpoint.revision, checkpoint.state) == (2, {"k": "v2"})

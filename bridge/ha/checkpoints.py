@@ -12,7 +12,6 @@ or corrupt checkpoint is reported (StateError) and the caller resyncs from a ful
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any, cast
 
@@ -23,7 +22,8 @@ from bridge.errors import FencedError, StateError
 from bridge.ha.keys import CHECKPOINT_FORMAT, SourceKeys, as_text
 from bridge.ha.leases import Lease
 from bridge.sources.base import StateDelta
-from bridge.state import Checkpoint, Intent, event_from_record, event_to_record
+from bridge.state import Checkpoint, Intent, intent_from_record, intent_to_record
+from bridge.state.codec import dumps, loads
 
 __all__ = ["RedisStateStore"]
 
@@ -118,7 +118,7 @@ class RedisStateStore:
                     break
             raw_intent = await self.redis.get(keys.intent)
             if raw_intent is not None:
-                checkpoint.intent = _intent_from_json(as_text(raw_intent))
+                checkpoint.intent = intent_from_record(loads(raw_intent))
             return checkpoint
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
             raise
@@ -133,14 +133,7 @@ class RedisStateStore:
 
     async def begin(self, source_name: str, intent: Intent) -> None:
         lease = self._lease(source_name)
-        payload = json.dumps(
-            {
-                "rev": intent.revision,
-                "delta": intent.delta,
-                "events": [event_to_record(e) for e in intent.events],
-            },
-            separators=(",", ":"),
-        )
+        payload = dumps(intent_to_record(intent))
         await self._run(self._begin, lease, [lease.keys.lease, lease.keys.intent], [payload])
 
     async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
@@ -178,12 +171,3 @@ class RedisStateStore:
 
     async def aclose(self) -> None:
         return None
-
-
-def _intent_from_json(raw: str) -> Intent:
-    record = json.loads(raw)
-    return Intent(
-        int(record["rev"]),
-        dict(record["delta"]),
-        [event_from_record(e) for e in record["events"]],
-    )

@@ -21,7 +21,7 @@ from typing import Any
 from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.errors import BridgeError, FencedError, StateError
 from bridge.sinks import Sink
-from bridge.sources.base import Changeset, StatefulSource
+from bridge.sources.base import Changeset, Replay, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
 from bridge.watching import (
     Clock,
@@ -61,6 +61,8 @@ class _Pending:
     """The revision the events' ids are derived from (that of the whole changeset)."""
     commit_revision: int
     """The source's revision once this batch is committed (unchanged for all but the last)."""
+    intent: Intent | None = None
+    """What is recorded before publishing (None: this batch needs no intent)."""
     events: list[CloudEvent] | None = None
     intent_recorded: bool = False
     published: bool = False
@@ -94,6 +96,8 @@ class SourceLoop:
         self.committed_batches = 0
         self._queue: list[_Pending] = []
         """The batches of the changeset being delivered, in order."""
+        self._replay: tuple[Replay, int] | None = None
+        """A recorded intent (and its revision) to settle with the next poll."""
         self._stopping = False
         self.busy = False
         """True while a poll, publish or commit is in progress (not while waiting)."""
@@ -187,13 +191,13 @@ class SourceLoop:
             ", republishing an unsettled batch" if checkpoint.intent else "",
         )
         if checkpoint.intent is not None:
+            # The batch may have been published: poll against the state it led to, and emit
+            # again (same ids) what has not changed since. See bridge.state and Replay.
             intent = checkpoint.intent
             after = dict(checkpoint.state)
             apply_delta(after, intent.delta)
-            changeset = Changeset([], intent.delta, {}, lambda: source.restore(after))
-            self._queue = [
-                _Pending(changeset, intent.revision, intent.revision, intent.events, True)
-            ]
+            source.restore(after)
+            self._replay = (Replay(checkpoint.state, intent.delta), intent.revision)
 
     async def step(self) -> Exception | None:
         """Deliver the pending batches, polling first if there are none; the error if any."""
@@ -205,6 +209,7 @@ class SourceLoop:
             except Exception as exc:
                 return exc
             self._queue = self._batches(changeset)
+            self._replay = None
         while self._queue:
             try:
                 await self._deliver(self._queue[0])
@@ -217,11 +222,26 @@ class SourceLoop:
         return None
 
     def _batches(self, changeset: Changeset) -> list[_Pending]:
-        target = self.revision + 1 if changeset.events else self.revision
+        stateful = isinstance(self.spec.source, StatefulSource)
+        if self._replay is not None:
+            replay, target = self._replay
+        else:
+            replay, target = None, self.revision + 1 if changeset.events else self.revision
         parts = changeset.split(self.spec.max_batch_events)
-        return [
-            _Pending(part, target, target if part is parts[-1] else self.revision) for part in parts
-        ]
+        batches: list[_Pending] = []
+        for index, part in enumerate(parts):
+            revision = target if index == len(parts) - 1 else self.revision
+            pending = _Pending(part, target, revision)
+            if part.events and stateful:
+                delta = part.delta
+                if replay is not None and len(parts) > 1:
+                    # Until every batch of a replay is committed, the unsettled rest of the old
+                    # intent stays recorded: those events may have been published.
+                    later = {k for p in parts[index + 1 :] for k in p.delta if k in replay.delta}
+                    delta = {**{k: replay.delta[k] for k in later}, **part.delta}
+                pending.intent = Intent(target, delta)
+            batches.append(pending)
+        return batches
 
     async def _deliver(self, pending: _Pending) -> None:
         name = self.spec.name
@@ -231,9 +251,8 @@ class SourceLoop:
         if self.guard is not None:
             self.guard()
         if pending.events and not pending.published:
-            if not pending.intent_recorded:
-                intent = Intent(pending.commit_revision, pending.changeset.delta, pending.events)
-                await self.state.begin(name, intent)
+            if pending.intent is not None and not pending.intent_recorded:
+                await self.state.begin(name, pending.intent)
                 pending.intent_recorded = True
             if self.guard is not None:
                 self.guard()
@@ -246,6 +265,8 @@ class SourceLoop:
     async def _changes(self) -> Changeset:
         source = self.spec.source
         if isinstance(source, StatefulSource):
+            if self._replay is not None:
+                return await source.changes(self._replay[0])
             return await source.changes()
         # A plain ExternalSource advanced its own state already: its events stay pending
         # here until published, so they are not lost, but a crash before that loses them.

@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 from bridge.events import ExternalEvent
 from bridge.watching import ExternalSource
 
-__all__ = ["Changeset", "StateDelta", "StateMapSource", "StatefulSource"]
+__all__ = ["Changeset", "Replay", "StateDelta", "StateMapSource", "StatefulSource"]
 
 StateDelta = dict[str, str | None]
 """State entries a changeset sets (a string) or deletes (``None``)."""
@@ -65,12 +65,27 @@ class Changeset:
         self.delta = {}
 
 
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A batch that may have been published without being committed (a recorded intent).
+
+    The source's state was restored to ``before`` plus ``delta``. The next poll must diff
+    against that state *and* emit again, relative to ``before``, the event of every changed
+    entry whose current value still equals the one in ``delta`` (same key, kind and version:
+    the same event id, so the broker drops a copy that had landed). Its changeset's delta is
+    relative to ``before``, so committing it settles the batch.
+    """
+
+    before: Mapping[str, str]
+    delta: StateDelta
+
+
 @runtime_checkable
 class StatefulSource(ExternalSource, Protocol):
     """A source whose poll can be delivered before its state advances, and checkpointed."""
 
-    async def changes(self) -> Changeset:
-        """Poll and diff against the committed state, without changing it."""
+    async def changes(self, replay: Replay | None = None) -> Changeset:
+        """Poll and diff against the committed state, without changing it (see Replay)."""
         ...
 
     def state(self) -> Mapping[str, str]:
@@ -91,7 +106,7 @@ class StateMapSource:
     def name(self) -> str:
         raise NotImplementedError
 
-    async def changes(self) -> Changeset:
+    async def changes(self, replay: Replay | None = None) -> Changeset:
         raise NotImplementedError
 
     async def poll(self) -> Sequence[ExternalEvent[Any]]:

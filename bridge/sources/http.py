@@ -11,6 +11,7 @@ other status, a transport error or a body over the cap is a poll error.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -24,7 +25,7 @@ from bridge.errors import (
     SourceUnavailableError,
 )
 from bridge.events import Added, ExternalEvent, Modified, Removed
-from bridge.sources.base import Changeset, StateDelta, StateMapSource
+from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "HttpPoller", "HttpResource"]
 
@@ -139,8 +140,10 @@ class HttpPoller(StateMapSource):
         super().restore(state)
         self._last = None
 
-    async def changes(self) -> Changeset:
-        resource = await self._fetch()
+    async def changes(self, replay: Replay | None = None) -> Changeset:
+        resource = await self._fetch(conditional=replay is None)
+        if replay is not None:
+            return self._replayed(resource, replay)
         state = self._state
         present = "digest" in state
         events: list[ExternalEvent[HttpResource]] = []
@@ -161,15 +164,39 @@ class HttpPoller(StateMapSource):
             events.append(Modified(resource))
         return Changeset(events, delta, state, lambda: self._remember(resource))
 
+    def _replayed(self, resource: HttpResource | None, replay: Replay) -> Changeset:
+        """The changes after a recorded intent (see Replay): diffed against the restored state,
+        or the intent's own event again, relative to ``replay.before``, if nothing changed."""
+        assert resource is not None  # an unconditional GET never gets 304
+        state, before = self._state, replay.before
+        stale = set(before) | set(state)
+        if resource.status in _GONE:
+            events: list[ExternalEvent[HttpResource]] = []
+            if "digest" in state:
+                events.append(Removed(self._from_state()))
+            elif "digest" in before:
+                events.append(Removed(self._from_state(before)))
+            return Changeset(events, dict.fromkeys(stale), state, self._forget)
+        new_state = _state_of(resource)
+        delta: StateDelta = {k: v for k, v in new_state.items() if before.get(k) != v}
+        delta.update({k: None for k in stale if k not in new_state})
+        if "digest" not in state:
+            event: ExternalEvent[HttpResource] = Added(resource)
+        elif state["digest"] != resource.digest or "digest" in before:
+            event = Modified(resource)
+        else:
+            event = Added(resource)
+        return Changeset([event], delta, state, lambda: self._remember(resource))
+
     def _remember(self, resource: HttpResource) -> None:
         self._last = resource
 
     def _forget(self) -> None:
         self._last = None
 
-    def _from_state(self) -> HttpResource:
+    def _from_state(self, state: Mapping[str, str] | None = None) -> HttpResource:
         """The last resource as far as the state knows it (after a restore: no body)."""
-        s = self._state
+        s = self._state if state is None else state
         return HttpResource(
             url=self.url,
             status=int(s.get("status", "200")),
@@ -180,10 +207,10 @@ class HttpPoller(StateMapSource):
             digest=s["digest"],
         )
 
-    async def _fetch(self) -> HttpResource | None:
+    async def _fetch(self, *, conditional: bool = True) -> HttpResource | None:
         """GET the URL; None for 304; a resource with an empty body for 404/410."""
         headers = dict(self._headers)
-        if "digest" in self._state:
+        if conditional and "digest" in self._state:
             if etag := self._state.get("etag"):
                 headers["If-None-Match"] = etag
             elif last_modified := self._state.get("last_modified"):
@@ -191,7 +218,7 @@ class HttpPoller(StateMapSource):
         try:
             async with self._http().stream("GET", self.url, headers=headers) as response:
                 status = response.status_code
-                if status == 304 and "digest" in self._state:
+                if status == 304 and conditional and "digest" in self._state:
                     return None
                 if status in _GONE:
                     return HttpResource(self.url, status, b"")

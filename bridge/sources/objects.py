@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Self
 
 from bridge.events import Added, ExternalEvent, Modified, Removed
-from bridge.sources.base import Changeset, StateDelta, StateMapSource
+from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
 from bridge.sources.stores import ObjectStore, StoredObject
 
 __all__ = ["ListingDiff", "ObjectStorePoller", "diff_listing"]
@@ -45,8 +45,8 @@ class ObjectStorePoller(StateMapSource):
         uri = self.store.uri
         return f"{uri}/{self.prefix}" if self.prefix else uri
 
-    async def changes(self) -> Changeset:
-        diff = ListingDiff(self._state)
+    async def changes(self, replay: Replay | None = None) -> Changeset:
+        diff = ListingDiff(self._state) if replay is None else ReplayDiff(self._state, replay)
         async for page in self.store.list(self.prefix):
             diff.feed(page)
         return diff.finish()
@@ -87,6 +87,10 @@ class ListingDiff:
         self._paths.extend([obj.path for obj in page])
 
     def finish(self) -> Changeset:
+        self._removals()
+        return Changeset(self._events, self.delta, self._state)
+
+    def _removals(self) -> None:
         state = self._state
         if self._matched < len(state):
             # A copy of the dict (its table only, no new strings) minus the listed paths: less
@@ -98,7 +102,35 @@ class ListingDiff:
             for path in sorted(unseen):
                 self._events.append(Removed(StoredObject(path, unseen[path])))
                 self.delta[path] = None
-        return Changeset(self._events, self.delta, state)
+
+
+class ReplayDiff(ListingDiff):
+    """A :class:`ListingDiff` that also emits again the events of a recorded intent whose
+    objects have not changed since (see :class:`~bridge.sources.base.Replay`)."""
+
+    __slots__ = ("_replay",)
+
+    def __init__(self, state: dict[str, str], replay: Replay) -> None:
+        super().__init__(state)
+        self._replay = replay
+
+    def feed(self, page: Sequence[StoredObject]) -> None:
+        super().feed(page)
+        intent, before = self._replay.delta, self._replay.before
+        for obj in page:
+            path = obj.path
+            if path in intent and intent[path] == obj.etag and path not in self.delta:
+                self._events.append(Modified(obj) if path in before else Added(obj))
+                self.delta[path] = obj.etag
+
+    def finish(self) -> Changeset:
+        self._removals()
+        listed = set(self._paths)
+        for path, value in sorted(self._replay.delta.items()):
+            if value is None and path not in listed and path in self._replay.before:
+                self._events.append(Removed(StoredObject(path, self._replay.before[path])))
+                self.delta[path] = None
+        return Changeset(self._events, self.delta, self._state)
 
 
 def diff_listing(state: Mapping[str, str], listing: Iterable[Sequence[StoredObject]]) -> Changeset:

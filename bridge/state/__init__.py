@@ -2,11 +2,16 @@
 
 A checkpoint is a source's *revision* (a counter of committed changesets with events, starting
 at a random base when a source's state is first created, so ids from a lost state never repeat), its
-state map, and possibly an *intent*: a batch of events recorded just before it was published
-and not yet committed. Whoever loads a checkpoint with an intent publishes that batch again
-(same ids, so the broker drops copies) and commits it before polling, so a change published by
-a replica that died before its commit is never contradicted by silence (an item added, then
-deleted while no replica led, still gets its ``Removed``).
+state map, and possibly an *intent*: the revision and state delta of a batch recorded just
+before its events were published, and not yet committed. The intent holds no events: their ids
+are a function of source, key, kind, version and revision, all of which it fixes. Whoever loads
+a checkpoint with an intent restores the state *with* the intent's delta and polls once in
+replay mode (:class:`~bridge.sources.base.Replay`): an entry still at the intent's version gets
+the intent's event again (same id, so the broker drops a copy that had landed), an entry that
+moved on is diffed against the intent's version, so a change published by a replica that died
+before its commit is never contradicted by silence (an item added, then deleted while no
+replica led, still gets its ``Removed``). A replayed event is re-encoded from the current poll:
+its ``time`` (and, for an HTTP ``Removed``, the last body) may differ from the lost copy's.
 
 Commits carry only the delta of one batch, so a one-object change in a large bucket writes one
 entry, not the listing. ``MemoryStateStore`` keeps nothing across restarts; ``FileStateStore``
@@ -20,7 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from bridge.cloudevents import CloudEvent
 from bridge.sources.base import StateDelta
 
 __all__ = [
@@ -29,19 +33,19 @@ __all__ = [
     "MemoryStateStore",
     "StateStore",
     "apply_delta",
-    "event_from_record",
-    "event_to_record",
+    "intent_from_record",
+    "intent_to_record",
 ]
 
 
 @dataclass(slots=True)
 class Intent:
-    """A batch about to be published: its events, its delta, the revision it leads to."""
+    """A batch about to be published: its state delta and the revision it leads to."""
 
     revision: int
-    """The source's revision once this batch is committed."""
+    """The revision the batch's event ids derive from: the source's revision once its whole
+    changeset is committed."""
     delta: StateDelta
-    events: list[CloudEvent]
 
 
 @dataclass(slots=True)
@@ -82,13 +86,18 @@ def apply_delta(state: dict[str, str], delta: Mapping[str, str | None]) -> None:
             state[key] = value
 
 
-def event_to_record(event: CloudEvent) -> dict[str, Any]:
-    return {**event.attributes(), "data": event.data}
+def intent_to_record(intent: Intent) -> dict[str, Any]:
+    return {"rev": intent.revision, "delta": intent.delta}
 
 
-def event_from_record(record: Mapping[str, Any]) -> CloudEvent:
-    fields = {k: v for k, v in record.items() if k != "specversion"}
-    return CloudEvent(**fields)
+def intent_from_record(record: Mapping[str, Any]) -> Intent:
+    """An intent from its record (older records also carry ``events``: ignored)."""
+    delta = record["delta"]
+    if not isinstance(delta, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in delta.items()
+    ):
+        raise ValueError("an intent's delta must map strings to strings or null")
+    return Intent(int(record["rev"]), dict(delta))
 
 
 class MemoryStateStore:

@@ -4,19 +4,18 @@
 
 * ``{"v": 1, "rev": N, "delta": {...}}``: a commit (``"snapshot": true``: the delta is the
   whole state; written when the journal is compacted);
-* ``{"v": 1, "intent": {"rev": N, "delta": {...}, "events": [...]}}``: a batch about to be
-  published; the next commit line settles it.
+* ``{"v": 1, "intent": {"rev": N, "delta": {...}}}``: a batch about to be published; the next
+  commit line settles it.
 
-Loading replays the lines. When the journal has grown past the state's size (plus a margin)
-a commit rewrites it as one snapshot, atomically. A torn last line (a crash mid-write) is
-dropped; any other unreadable line is a StateError naming the file and line, and the source
-then starts from an empty state (a full poll resyncs it).
+Loading replays the lines. When the journal holds more delta entries than twice the state's
+size (plus a margin), a commit rewrites it as one snapshot, atomically. A torn last line (a
+crash mid-write) is dropped; any other unreadable line is a StateError naming the file and
+line, and the source then starts from an empty state (a full poll resyncs it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ from bridge.state import (
     Checkpoint,
     Intent,
     apply_delta,
-    event_from_record,
-    event_to_record,
+    intent_from_record,
+    intent_to_record,
 )
+from bridge.state.codec import dumps, loads
 
 __all__ = ["FileStateStore"]
 
@@ -42,7 +42,7 @@ class FileStateStore:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        self._lines: dict[str, int] = {}  # journal lines per source
+        self._written: dict[str, int] = {}  # delta entries in the journal, per source
         self._sizes: dict[str, int] = {}  # state entries at the last load or snapshot
 
     def path(self, source_name: str) -> Path:
@@ -52,15 +52,8 @@ class FileStateStore:
         return await asyncio.to_thread(self._load, source_name)
 
     async def begin(self, source_name: str, intent: Intent) -> None:
-        record = {
-            "v": FORMAT_VERSION,
-            "intent": {
-                "rev": intent.revision,
-                "delta": intent.delta,
-                "events": [event_to_record(e) for e in intent.events],
-            },
-        }
-        await asyncio.to_thread(self._append, source_name, record)
+        record = {"v": FORMAT_VERSION, "intent": intent_to_record(intent)}
+        await asyncio.to_thread(self._append, source_name, record, len(intent.delta))
 
     async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
         await asyncio.to_thread(self._commit, source_name, revision, delta)
@@ -71,7 +64,7 @@ class FileStateStore:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         except OSError as exc:
             raise StateError(f"cannot delete checkpoint {str(path)!r}: {exc}") from exc
-        self._lines.pop(source_name, None)
+        self._written.pop(source_name, None)
         self._sizes.pop(source_name, None)
 
     async def aclose(self) -> None:
@@ -85,68 +78,75 @@ class FileStateStore:
             return None
         except OSError as exc:
             raise StateError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-        checkpoint, torn = self._replay(path, lines)
+        checkpoint, torn, written = self._replay(path, lines)
         if torn:  # rewrite without the torn line, so later appends start on a clean line
             self._rewrite(path, checkpoint)
-            lines = lines[: 1 + (checkpoint.intent is not None)]
-        self._lines[source_name] = len(lines)
+            written = len(checkpoint.state) + len(
+                checkpoint.intent.delta if checkpoint.intent else ()
+            )
+        self._written[source_name] = written
         self._sizes[source_name] = len(checkpoint.state)
         return checkpoint
 
     @staticmethod
-    def _replay(path: Path, lines: list[bytes]) -> tuple[Checkpoint, bool]:
-        """Fold the journal; also says whether the last line was torn (and so ignored)."""
+    def _replay(path: Path, lines: list[bytes]) -> tuple[Checkpoint, bool, int]:
+        """Fold the journal; also says whether the last line was torn (and so ignored) and how
+        many delta entries the journal holds."""
         checkpoint = Checkpoint()
+        written = 0
         for number, line in enumerate(lines, 1):
             try:
-                record: dict[str, Any] = json.loads(line)
+                record: dict[str, Any] = loads(line)
                 if record.get("v") != FORMAT_VERSION:
                     raise ValueError(f"format version {record.get('v')!r}, expected 1")
                 if "intent" in record:
-                    raw = record["intent"]
-                    events = [event_from_record(e) for e in raw["events"]]
-                    checkpoint.intent = Intent(int(raw["rev"]), dict(raw["delta"]), events)
+                    checkpoint.intent = intent_from_record(record["intent"])
+                    written += len(checkpoint.intent.delta)
                     continue
                 if record.get("snapshot"):
                     checkpoint.state = {}
                 apply_delta(checkpoint.state, record["delta"])
+                written += len(record["delta"])
                 checkpoint.revision = int(record["rev"])
                 checkpoint.intent = None
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 if number == len(lines):  # torn write of the last line: it never happened
-                    return checkpoint, True
+                    return checkpoint, True, written
                 raise StateError(
                     f"checkpoint {str(path)!r} line {number} is unreadable ({exc}); "
                     "delete the file to resync the source from a full poll"
                 ) from exc
-        return checkpoint, False
+        return checkpoint, False, written
 
-    def _append(self, source_name: str, record: dict[str, Any]) -> None:
+    def _append(self, source_name: str, record: dict[str, Any], entries: int) -> None:
         path = self.path(source_name)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with path.open("ab") as journal:
-                journal.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+                journal.write(dumps(record) + b"\n")
                 journal.flush()
                 os.fsync(journal.fileno())
         except OSError as exc:
             raise StateError(f"cannot write checkpoint {str(path)!r}: {exc}") from exc
-        self._lines[source_name] = self._lines.get(source_name, 0) + 1
+        self._written[source_name] = self._written.get(source_name, 0) + entries + 1
 
     def _commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
         path = self.path(source_name)
-        if self._lines.get(source_name, 0) > self._sizes.get(source_name, 0) + _COMPACT_MARGIN:
+        written = self._written.get(source_name, 0)
+        if written > 2 * self._sizes.get(source_name, 0) + _COMPACT_MARGIN:
             try:
-                checkpoint, _ = self._replay(path, path.read_bytes().splitlines())
+                checkpoint, _, _ = self._replay(path, path.read_bytes().splitlines())
                 apply_delta(checkpoint.state, delta)
                 checkpoint.revision, checkpoint.intent = revision, None
                 self._rewrite(path, checkpoint)
             except OSError as exc:
                 raise StateError(f"cannot compact checkpoint {str(path)!r}: {exc}") from exc
-            self._lines[source_name] = 1
+            self._written[source_name] = len(checkpoint.state)
             self._sizes[source_name] = len(checkpoint.state)
             return
-        self._append(source_name, {"v": FORMAT_VERSION, "rev": revision, "delta": delta})
+        self._append(
+            source_name, {"v": FORMAT_VERSION, "rev": revision, "delta": delta}, len(delta)
+        )
 
     @staticmethod
     def _rewrite(path: Path, checkpoint: Checkpoint) -> None:
@@ -160,21 +160,11 @@ class FileStateStore:
             }
         ]
         if checkpoint.intent is not None:
-            intent = checkpoint.intent
-            lines.append(
-                {
-                    "v": FORMAT_VERSION,
-                    "intent": {
-                        "rev": intent.revision,
-                        "delta": intent.delta,
-                        "events": [event_to_record(e) for e in intent.events],
-                    },
-                }
-            )
+            lines.append({"v": FORMAT_VERSION, "intent": intent_to_record(checkpoint.intent)})
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as out:
             for line in lines:
-                out.write(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+                out.write(dumps(line) + b"\n")
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
