@@ -203,10 +203,16 @@ class TimedStore:
         finally:
             self.stages.begin += time.perf_counter() - started
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+    async def commit(
+        self,
+        source_name: str,
+        revision: int,
+        delta: StateDelta,
+        next_intent: Intent | None = None,
+    ) -> None:
         started = time.perf_counter()
         try:
-            await self.store.commit(source_name, revision, delta)
+            await self.store.commit(source_name, revision, delta, next_intent)
         finally:
             self.stages.commit += time.perf_counter() - started
 

@@ -21,9 +21,10 @@ import hashlib
 import importlib
 import json
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -75,6 +76,9 @@ class CloudEvent:
     data: Mapping[str, Any]
     datacontenttype: str = DATA_CONTENT_TYPE
     traceparent: str | None = None
+    encoded_data: bytes | None = field(default=None, repr=False, compare=False)
+    """``data`` already encoded as :meth:`data_bytes` would (set by the encoder, which knows
+    its data is plain JSON), so publishing does not encode it again."""
 
     def attributes(self) -> dict[str, str]:
         """The context attributes (everything but ``data``)."""
@@ -93,11 +97,13 @@ class CloudEvent:
         return attrs
 
     def data_bytes(self) -> bytes:
-        return _dumps(self.data)
+        encoded = self.encoded_data
+        return encoded if encoded is not None else _dumps(self.data)
 
     def to_structured(self) -> bytes:
-        """Structured content mode: the whole event as one JSON document."""
-        return _dumps({**self.attributes(), "data": self.data})
+        """Structured content mode: the whole event as one JSON document (sorted keys)."""
+        # "data" sorts before every attribute name: splice the encoded data in front of them.
+        return b'{"data":' + self.data_bytes() + b"," + _dumps(self.attributes())[1:]
 
     def to_binary(self) -> tuple[dict[str, str], bytes]:
         """Binary content mode: ``ce-*`` headers plus ``Content-Type``, and the data as body.
@@ -106,13 +112,30 @@ class CloudEvent:
         character outside printable ASCII, and space, ``"`` and ``%``), so keys with blanks,
         line breaks or non-ASCII text survive header transports; :func:`header_value` decodes.
         """
+        source, type_, dataschema = _fixed_headers(self.source, self.type, self.dataschema)
         headers = {
-            f"ce-{k}": quote(v, safe=_HEADER_SAFE) if _NEEDS_QUOTING.search(v) else v
-            for k, v in self.attributes().items()
-            if k != "datacontenttype"
+            "ce-specversion": SPEC_VERSION,
+            "ce-id": _header(self.id),
+            "ce-source": source,
+            "ce-type": type_,
+            "ce-subject": _header(self.subject),
+            "ce-time": _header(self.time),
+            "ce-dataschema": dataschema,
         }
+        if self.traceparent:
+            headers["ce-traceparent"] = _header(self.traceparent)
         headers["content-type"] = self.datacontenttype
         return headers, self.data_bytes()
+
+
+@lru_cache(maxsize=256)
+def _fixed_headers(source: str, type_: str, dataschema: str) -> tuple[str, str, str]:
+    """The header values that are the same for every event of a source and kind, encoded."""
+    return _header(source), _header(type_), _header(dataschema)
+
+
+def _header(value: str) -> str:
+    return quote(value, safe=_HEADER_SAFE) if _NEEDS_QUOTING.search(value) else value
 
 
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
@@ -139,16 +162,32 @@ class EventEncoder:
         self.source_uri = source_uri
         self.max_inline_body_bytes = max_inline_body_bytes
         self._now = now or (lambda: datetime.now(UTC))
+        self.traceparent: str | None = None
+        """W3C trace context put on the events encoded from now on (the poll that found them,
+        set by the delivery loop when tracing is on); not part of the id."""
 
-    def encode(self, event: ExternalEvent[Any], revision: int) -> CloudEvent:
+    def encode_all(self, events: Iterable[ExternalEvent[Any]], revision: int) -> list[CloudEvent]:
+        """Encode a batch: like :meth:`encode`, with one ``time`` for all (found together)."""
+        time = self._time()
+        return [self.encode(event, revision, time=time) for event in events]
+
+    def _time(self) -> str:
+        return self._now().astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    def encode(
+        self, event: ExternalEvent[Any], revision: int, *, time: str | None = None
+    ) -> CloudEvent:
         """Encode ``event``, part of the changeset that makes the source's ``revision``."""
         resource = event.resource
+        encoded: bytes | None = None
         if isinstance(resource, HttpResource):
             key, version, schema = resource.url, resource.version, "http-resource"
             data = self._http_data(resource)
+            encoded = _plain_dumps(data)
         elif isinstance(resource, StoredObject):
             key, version, schema = resource.path, resource.etag, "stored-object"
             data = _object_data(resource)
+            encoded = _plain_dumps(data)
         else:
             value = _jsonable(resource)
             key = str(getattr(resource, "key", self.source_name))
@@ -163,12 +202,11 @@ class EventEncoder:
             source=self.source_uri,
             type=event_type(event.kind),
             subject=key,
-            time=self._now()
-            .astimezone(UTC)
-            .isoformat(timespec="microseconds")
-            .replace("+00:00", "Z"),
+            time=time or self._time(),
             dataschema=f"{SCHEMA_BASE_URI}v1/{schema}.json",
             data=data,
+            encoded_data=encoded,
+            traceparent=self.traceparent,
         )
 
     def _http_data(self, r: HttpResource) -> dict[str, Any]:
@@ -241,6 +279,18 @@ def _plain(value: Any) -> bool:
     if kind is list:
         return all(_plain(v) for v in value)
     return False
+
+
+def _plain_dumps(value: dict[str, Any]) -> bytes | None:
+    """``_dumps`` of data the encoder built itself (plain by construction: strings, ints of a
+    size, None), without checking; None without orjson or when it refuses (a lone surrogate)."""
+    if _orjson is None:
+        return None
+    try:
+        fast: bytes = _orjson.dumps(value, option=_orjson.OPT_SORT_KEYS)
+    except _orjson.JSONEncodeError:
+        return None
+    return fast
 
 
 def _dumps(value: Any) -> bytes:

@@ -13,7 +13,7 @@ from bridge.events import Added
 from bridge.service.delivery import SourceLoop, SourceSpec
 from bridge.sinks.memory import MemorySink
 from bridge.sources.base import Changeset, Replay, StateDelta
-from bridge.state import MemoryStateStore
+from bridge.state import Intent, MemoryStateStore
 from bridge.state.files import FileStateStore
 from bridge.watching import WatchConfig
 
@@ -79,11 +79,17 @@ async def test_failed_commit_is_retried_without_publishing_again() -> None:
     class FlakyState(MemoryStateStore):
         failures = 1
 
-        async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+        async def commit(
+            self,
+            source_name: str,
+            revision: int,
+            delta: StateDelta,
+            next_intent: Intent | None = None,
+        ) -> None:
             if self.failures:
                 self.failures -= 1
                 raise StateError("redis down")
-            await super().commit(source_name, revision, delta)
+            await super().commit(source_name, revision, delta, next_intent)
 
     store, sink, state = MemoryStore(), MemorySink(), FlakyState()
     loop, poller = make_loop(store, sink, state)
@@ -197,10 +203,16 @@ async def test_batch_published_by_a_replica_that_died_before_committing_is_settl
     the next leader must republish the batch (deduplicated) and then publish Removed."""
 
     class DiesBeforeCommit(FileStateStore):
-        async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+        async def commit(
+            self,
+            source_name: str,
+            revision: int,
+            delta: StateDelta,
+            next_intent: Intent | None = None,
+        ) -> None:
             if delta:  # the empty commit that starts a lineage gets through
                 raise StateError("replica killed")
-            await super().commit(source_name, revision, delta)
+            await super().commit(source_name, revision, delta, next_intent)
 
     store, sink = MemoryStore(), MemorySink()
     await store.put("a", b"1")
@@ -247,10 +259,16 @@ async def test_large_changesets_go_out_in_batches_committed_one_by_one() -> None
 class DiesBeforeCommit(FileStateStore):
     """A replica that publishes, then dies before its commit."""
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+    async def commit(
+        self,
+        source_name: str,
+        revision: int,
+        delta: StateDelta,
+        next_intent: Intent | None = None,
+    ) -> None:
         if delta:  # the empty commit that starts a lineage gets through
             raise StateError("replica killed")
-        await super().commit(source_name, revision, delta)
+        await super().commit(source_name, revision, delta, next_intent)
 
 
 async def _died_after_publishing(
@@ -335,11 +353,17 @@ async def test_replay_split_in_batches_keeps_the_rest_of_the_intent_recorded(
     class DiesAfterFirstBatch(FileStateStore):
         commits = 0
 
-        async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+        async def commit(
+            self,
+            source_name: str,
+            revision: int,
+            delta: StateDelta,
+            next_intent: Intent | None = None,
+        ) -> None:
             self.commits += 1
             if self.commits > 1:
                 raise StateError("replica killed")
-            await super().commit(source_name, revision, delta)
+            await super().commit(source_name, revision, delta, next_intent)
 
     successor.state = DiesAfterFirstBatch(tmp_path)
     assert await successor.step() is not None
@@ -404,3 +428,19 @@ async def test_http_replay_of_an_unsettled_batch(
     assert reloaded is not None
     assert reloaded.intent is None
     assert ("digest" in reloaded.state) == (after is not None)
+
+
+async def test_file_journal_round_trips_intents_and_stays_bounded(tmp_path: Path) -> None:
+    store = FileStateStore(tmp_path)
+    await store.commit("s", 1, {f"k{i}": "v" for i in range(10)})
+    await store.begin("s", Intent(2, {"k0": None}))
+    await store.commit("s", 1, {"k0": None}, next_intent=Intent(2, {"k1": "w"}))
+    loaded = await FileStateStore(tmp_path).load("s")
+    assert loaded is not None
+    assert (loaded.revision, len(loaded.state), loaded.intent) == (1, 9, Intent(2, {"k1": "w"}))
+    for revision in range(2, 3000):  # many small commits of the same key: compacted
+        await store.commit("s", revision, {"k1": str(revision)})
+    loaded = await FileStateStore(tmp_path).load("s")
+    assert loaded is not None
+    assert (loaded.revision, loaded.state["k1"], loaded.intent) == (2999, "2999", None)
+    assert store.path("s").stat().st_size < 40_000  # uncompacted: over 100 KB

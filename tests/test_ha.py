@@ -91,6 +91,23 @@ async def test_commits_are_incremental_and_intents_round_trip(redis_client: aior
     assert len(checkpoint.state) == 2500  # 2500 - 1 removed + the sentinel
     assert checkpoint.state["obj1"] == "changed"
     assert "obj2" not in checkpoint.state
+    assert checkpoint.intent is None
+    await store.begin("src", Intent(3, {"obj3": "next"}))
+    loaded = await store.load("src")
+    assert loaded is not None
+    assert loaded.intent == Intent(3, {"obj3": "next"})
+    await store.commit("src", 2, {"obj3": "next"}, next_intent=Intent(3, {"obj4": None}))
+    loaded = await store.load("src")
+    assert loaded is not None
+    assert (loaded.revision, loaded.state["obj3"], loaded.intent) == (
+        2,
+        "next",
+        Intent(3, {"obj4": None}),
+    )
+    await store.commit("src", 3, {"obj4": None})
+    loaded = await store.load("src")
+    assert loaded is not None
+    assert (loaded.revision, loaded.intent) == (3, None)
 
 
 async def test_foreign_checkpoint_version_is_reported_and_resynced(

@@ -4,9 +4,9 @@
 token (``"<replica>|<fence>"``): a replica whose lease expired — paused, partitioned, slow —
 gets :class:`~bridge.errors.FencedError` and cannot overwrite what the new leader wrote.
 A commit applies one batch's delta (``HSET``/``HDEL`` of the changed entries only), sets the
-revision and drops the intent, atomically. The format version is checked on load: a foreign
-or corrupt checkpoint is reported (StateError) and the caller resyncs from a full poll after
-:meth:`RedisStateStore.reset`.
+revision and drops the intent (or records the next batch's), atomically. The format version
+is checked on load: a foreign or corrupt checkpoint is reported (StateError) and the caller
+resyncs from a full poll after :meth:`RedisStateStore.reset`.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ log = logging.getLogger("bridge.ha")
 _FENCE = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return redis.error_reply('FENCED') end\n"
 _BEGIN = _FENCE + "redis.call('SET', KEYS[2], ARGV[2])\nreturn 1\n"
 # KEYS: lease, state, meta, intent
-# ARGV: token, format, revision, fence, n_set, k1, v1, ..., deleted keys...
+# ARGV: token, format, revision, fence, next intent ('' for none), n_set, k1, v1, ..., deleted keys
 _COMMIT = (
     _FENCE
     + """
-local n_set = tonumber(ARGV[5])
-local i = 6
+local n_set = tonumber(ARGV[6])
+local i = 7
 local batch = {}
 for _ = 1, n_set do
   batch[#batch + 1] = ARGV[i]
@@ -54,7 +54,7 @@ while i <= #ARGV do
 end
 if #gone > 0 then redis.call('HDEL', KEYS[2], unpack(gone)) end
 redis.call('HSET', KEYS[3], 'format', ARGV[2], 'revision', ARGV[3], 'fence', ARGV[4])
-redis.call('DEL', KEYS[4])
+if ARGV[5] == '' then redis.call('DEL', KEYS[4]) else redis.call('SET', KEYS[4], ARGV[5]) end
 return 1
 """
 )
@@ -136,7 +136,13 @@ class RedisStateStore:
         payload = dumps(intent_to_record(intent))
         await self._run(self._begin, lease, [lease.keys.lease, lease.keys.intent], [payload])
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+    async def commit(
+        self,
+        source_name: str,
+        revision: int,
+        delta: StateDelta,
+        next_intent: Intent | None = None,
+    ) -> None:
         lease = self._lease(source_name)
         sets: list[str] = []
         gone: list[str] = []
@@ -146,7 +152,16 @@ class RedisStateStore:
             else:
                 sets += (key, value)
         keys = lease.keys
-        args: list[Any] = [CHECKPOINT_FORMAT, revision, lease.fence, len(sets) // 2, *sets, *gone]
+        intent = dumps(intent_to_record(next_intent)) if next_intent is not None else b""
+        args: list[Any] = [
+            CHECKPOINT_FORMAT,
+            revision,
+            lease.fence,
+            intent,
+            len(sets) // 2,
+            *sets,
+            *gone,
+        ]
         await self._run(self._commit, lease, [keys.lease, keys.state, keys.meta, keys.intent], args)
 
     async def reset(self, source_name: str) -> None:

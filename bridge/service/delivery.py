@@ -23,6 +23,7 @@ from bridge.errors import BridgeError, FencedError, StateError
 from bridge.sinks import Sink
 from bridge.sources.base import Changeset, Replay, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
+from bridge.telemetry.hooks import SourceTelemetry
 from bridge.watching import (
     Clock,
     ExternalSource,
@@ -80,8 +81,11 @@ class SourceLoop:
         clock: Clock | None = None,
         on_published: PublishedCallback | None = None,
         guard: Callable[[], None] | None = None,
+        telemetry: SourceTelemetry | None = None,
     ) -> None:
         self.spec = spec
+        self.telemetry = telemetry or SourceTelemetry(spec.name)
+        """Spans and metrics of each poll and publish (none by default)."""
         self.guard = guard
         """Called before every poll, publish and state write; raises to stop them (a lost
         lease)."""
@@ -205,7 +209,9 @@ class SourceLoop:
             try:
                 if self.guard is not None:  # a lost lease stops polling too, not just writes
                     self.guard()
-                changeset = await self._changes()
+                with self.telemetry.poll(self.encoder) as poll:
+                    changeset = await self._changes()
+                    poll.found(len(changeset.events))
             except Exception as exc:
                 return exc
             self._queue = self._batches(changeset)
@@ -247,7 +253,7 @@ class SourceLoop:
         name = self.spec.name
         if pending.events is None:
             revision = pending.event_revision
-            pending.events = [self.encoder.encode(e, revision) for e in pending.changeset.events]
+            pending.events = self.encoder.encode_all(pending.changeset.events, revision)
         if self.guard is not None:
             self.guard()
         if pending.events and not pending.published:
@@ -256,11 +262,21 @@ class SourceLoop:
                 pending.intent_recorded = True
             if self.guard is not None:
                 self.guard()
-            await self.sink.publish(name, pending.events)
+            with self.telemetry.publish(pending.events):
+                await self.sink.publish(name, pending.events)
             pending.published = True
             await self._notify(pending.events)
         if pending.changeset.delta or pending.commit_revision != self.revision or pending.events:
-            await self.state.commit(name, pending.commit_revision, pending.changeset.delta)
+            # The next batch's intent goes in the same write as this commit.
+            following = self._queue[1] if len(self._queue) > 1 else None
+            next_intent = None
+            if following is not None and not following.intent_recorded:
+                next_intent = following.intent
+            await self.state.commit(
+                name, pending.commit_revision, pending.changeset.delta, next_intent
+            )
+            if following is not None and next_intent is not None:
+                following.intent_recorded = True
 
     async def _changes(self) -> Changeset:
         source = self.spec.source

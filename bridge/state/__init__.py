@@ -67,8 +67,15 @@ class StateStore(Protocol):
         """Record ``intent`` before its events are published (replacing an older one)."""
         ...
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
-        """Apply ``delta``, set ``revision`` and drop the intent, atomically."""
+    async def commit(
+        self,
+        source_name: str,
+        revision: int,
+        delta: StateDelta,
+        next_intent: Intent | None = None,
+    ) -> None:
+        """Apply ``delta``, set ``revision`` and drop the intent, atomically; with
+        ``next_intent``, record it in the same write (the next batch of a changeset)."""
         ...
 
     async def reset(self, source_name: str) -> None:
@@ -115,11 +122,17 @@ class MemoryStateStore:
     async def begin(self, source_name: str, intent: Intent) -> None:
         self.checkpoints.setdefault(source_name, Checkpoint()).intent = intent
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+    async def commit(
+        self,
+        source_name: str,
+        revision: int,
+        delta: StateDelta,
+        next_intent: Intent | None = None,
+    ) -> None:
         checkpoint = self.checkpoints.setdefault(source_name, Checkpoint())
         checkpoint.revision = revision
         apply_delta(checkpoint.state, delta)
-        checkpoint.intent = None
+        checkpoint.intent = next_intent
 
     async def reset(self, source_name: str) -> None:
         self.checkpoints.pop(source_name, None)

@@ -7,6 +7,12 @@
 * ``{"v": 1, "intent": {"rev": N, "delta": {...}}}``: a batch about to be published; the next
   commit line settles it.
 
+An intent line is fsynced before the call returns (its batch is published next); a commit line
+is written but not fsynced on its own: the next intent's fsync makes it durable with it, and a
+commit lost meanwhile (power loss) leaves its intent pending, which the next start settles by a
+replay poll with the same event ids. A commit that records the next batch's intent is one
+write and one fsync.
+
 Loading replays the lines. When the journal holds more delta entries than twice the state's
 size (plus a margin), a commit rewrites it as one snapshot, atomically. A torn last line (a
 crash mid-write) is dropped; any other unreadable line is a StateError naming the file and
@@ -53,10 +59,16 @@ class FileStateStore:
 
     async def begin(self, source_name: str, intent: Intent) -> None:
         record = {"v": FORMAT_VERSION, "intent": intent_to_record(intent)}
-        await asyncio.to_thread(self._append, source_name, record, len(intent.delta))
+        await asyncio.to_thread(self._append, source_name, [record], len(intent.delta), True)
 
-    async def commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
-        await asyncio.to_thread(self._commit, source_name, revision, delta)
+    async def commit(
+        self,
+        source_name: str,
+        revision: int,
+        delta: StateDelta,
+        next_intent: Intent | None = None,
+    ) -> None:
+        await asyncio.to_thread(self._commit, source_name, revision, delta, next_intent)
 
     async def reset(self, source_name: str) -> None:
         path = self.path(source_name)
@@ -118,35 +130,43 @@ class FileStateStore:
                 ) from exc
         return checkpoint, False, written
 
-    def _append(self, source_name: str, record: dict[str, Any], entries: int) -> None:
+    def _append(
+        self, source_name: str, records: list[dict[str, Any]], entries: int, sync: bool
+    ) -> None:
         path = self.path(source_name)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with path.open("ab") as journal:
-                journal.write(dumps(record) + b"\n")
+                journal.write(b"".join(dumps(record) + b"\n" for record in records))
                 journal.flush()
-                os.fsync(journal.fileno())
+                if sync:
+                    os.fsync(journal.fileno())
         except OSError as exc:
             raise StateError(f"cannot write checkpoint {str(path)!r}: {exc}") from exc
-        self._written[source_name] = self._written.get(source_name, 0) + entries + 1
+        self._written[source_name] = self._written.get(source_name, 0) + entries + len(records)
 
-    def _commit(self, source_name: str, revision: int, delta: StateDelta) -> None:
+    def _commit(
+        self, source_name: str, revision: int, delta: StateDelta, next_intent: Intent | None
+    ) -> None:
         path = self.path(source_name)
         written = self._written.get(source_name, 0)
         if written > 2 * self._sizes.get(source_name, 0) + _COMPACT_MARGIN:
             try:
                 checkpoint, _, _ = self._replay(path, path.read_bytes().splitlines())
                 apply_delta(checkpoint.state, delta)
-                checkpoint.revision, checkpoint.intent = revision, None
+                checkpoint.revision, checkpoint.intent = revision, next_intent
                 self._rewrite(path, checkpoint)
             except OSError as exc:
                 raise StateError(f"cannot compact checkpoint {str(path)!r}: {exc}") from exc
             self._written[source_name] = len(checkpoint.state)
             self._sizes[source_name] = len(checkpoint.state)
             return
-        self._append(
-            source_name, {"v": FORMAT_VERSION, "rev": revision, "delta": delta}, len(delta)
-        )
+        records = [{"v": FORMAT_VERSION, "rev": revision, "delta": delta}]
+        entries = len(delta)
+        if next_intent is not None:
+            records.append({"v": FORMAT_VERSION, "intent": intent_to_record(next_intent)})
+            entries += len(next_intent.delta)
+        self._append(source_name, records, entries, sync=next_intent is not None)
 
     @staticmethod
     def _rewrite(path: Path, checkpoint: Checkpoint) -> None:
