@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(full delivery path: {len(loop_ok)} of {len(loop_rows)}); {elapsed:.0f} s"
     )
     if notes:
-        print("\nFileStateStore journals at the end of each case (intents keep every event):")
+        print("\nFileStateStore journals at the end of each case:")
         for note in notes:
             print(f"  {note}")
     return 0
