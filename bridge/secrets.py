@@ -25,7 +25,7 @@ class Secret:
     origin: str
     _value: str = field(repr=False)
     _path: Path | None = field(default=None, repr=False)
-    _mtime_ns: int = field(default=-1, repr=False)
+    _stamp: tuple[int, int, int] = field(default=(-1, -1, -1), repr=False)
 
     @classmethod
     def inline(cls, value: str) -> Secret:
@@ -47,10 +47,13 @@ class Secret:
     def reveal(self) -> str:
         """The value (for a file: its content without trailing newline, re-read on change)."""
         if self._path is not None:
-            mtime_ns = self._path.stat().st_mtime_ns
-            if mtime_ns != self._mtime_ns:
+            # inode, size and mtime: a symlink swap (Kubernetes) changes the inode, a rewrite
+            # within one coarse timestamp tick most likely the size
+            info = self._path.stat()
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if stamp != self._stamp:
                 self._value = self._path.read_text("utf-8").rstrip("\r\n")
-                self._mtime_ns = mtime_ns
+                self._stamp = stamp
         return self._value
 
     def __repr__(self) -> str:

@@ -26,6 +26,7 @@ import contextlib
 import http.server
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -139,10 +140,14 @@ class _Server(http.server.ThreadingHTTPServer):
 class _BackgroundServer:
     """A ``ThreadingHTTPServer`` on a free loopback port, served from a daemon thread."""
 
-    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self, handler: type[http.server.BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
+    ) -> None:
         self._server = _Server((LOOPBACK, 0), handler)
+        if tls is not None:  # HTTPS: the handshake happens in accept(); a failed one is dropped
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.port: int = self._server.server_address[1]
-        self.base_url = f"http://{LOOPBACK}:{self.port}"
+        self.base_url = f"{'https' if tls else 'http'}://{LOOPBACK}:{self.port}"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.02},  # how soon close() returns
@@ -172,9 +177,12 @@ class _BackgroundServer:
 
 
 class HttpTestServer(_BackgroundServer):
-    """``with HttpTestServer() as server: url = server.route("/x", Document(b"..."))``."""
+    """``with HttpTestServer() as server: url = server.route("/x", Document(b"..."))``.
 
-    def __init__(self) -> None:
+    ``tls``: a server-side ``ssl.SSLContext`` makes it an HTTPS server (``base_url`` https://).
+    """
+
+    def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Responder] = {}
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
@@ -213,7 +221,7 @@ class HttpTestServer(_BackgroundServer):
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
-        super().__init__(Handler)
+        super().__init__(Handler, tls)
 
     def route(self, path: str, responder: Responder) -> str:
         """Serve ``path`` with ``responder``; returns the path's absolute URL."""

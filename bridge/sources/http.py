@@ -6,12 +6,23 @@ digest of the body, so a server without validators (or one that changes its ETag
 changing the body) emits ``Modified`` only when the body really changed. The first 2xx emits
 ``Added``; 404/410 after a success emits ``Removed`` (before any success it is nothing). Any
 other status, a transport error or a body over the cap is a poll error.
+
+Credentials (a bearer token, basic auth, header values) may be given as a string, a
+:class:`~bridge.secrets.Secret` or a function: the last two are asked for their value on every
+request, so a token file that is rotated in place (Kubernetes projected service-account tokens)
+is used from the next poll on. Redirects are followed by the poller itself, at most
+``max_redirects`` of them: only to ``http``/``https``, never from ``https`` to ``http``, and to
+any other origin (scheme, host, port) than the watched URL's only with harmless headers (no
+``Authorization``, no ``Cookie``, no custom header), whatever the client's own settings.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from collections.abc import Mapping
+import os
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -25,14 +36,50 @@ from bridge.errors import (
     SourceUnavailableError,
 )
 from bridge.events import Added, ExternalEvent, Modified, Removed
+from bridge.secrets import Secret, redact_url
 from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "DEFAULT_TIMEOUT", "HttpPoller", "HttpResource"]
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_REDIRECTS",
+    "DEFAULT_TIMEOUT",
+    "HttpPoller",
+    "HttpResource",
+    "RedirectError",
+    "SecretValue",
+    "tls_context",
+]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 DEFAULT_MAX_REDIRECTS = 5
 _GONE = frozenset({404, 410})
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_SCHEMES = ("http", "https")
+_FORWARDABLE = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "cache-control",
+        "connection",
+        "host",
+        "if-modified-since",
+        "if-none-match",
+        "pragma",
+        "user-agent",
+    }
+)
+"""The only request headers sent to another origin than the watched URL's after a redirect."""
+
+SecretValue = str | Secret | Callable[[], str]
+"""A credential: a literal, a :class:`Secret` (re-read when its file changes) or a function;
+the last two are asked for the value on every request."""
+
+
+class RedirectError(SourceError):
+    """A redirect was refused: too many, a loop, another scheme, https to http, disabled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,23 +108,58 @@ class HttpResource:
         return f"sha256:{self.digest}"
 
 
+def tls_context(
+    *,
+    verify: bool = True,
+    ca_file: str | os.PathLike[str] | None = None,
+    cert_file: str | os.PathLike[str] | None = None,
+    key_file: str | os.PathLike[str] | None = None,
+) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` for ``httpx.AsyncClient(verify=...)``.
+
+    ``ca_file``: the CA bundle (PEM) that signs the server's certificate, instead of the default
+    (certifi's, or ``$SSL_CERT_FILE``); ``cert_file`` + ``key_file``: a client certificate for
+    mutual TLS; ``verify=False`` skips verifying the server (testing only). Raises ``OSError``
+    or ``ssl.SSLError`` when a file cannot be loaded.
+    """
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file must be given together")
+    if not verify:
+        context = httpx.create_ssl_context(verify=False)
+    elif ca_file is not None:
+        context = ssl.create_default_context(cafile=os.fspath(ca_file))
+    else:
+        context = httpx.create_ssl_context(verify=True)
+    if cert_file is not None and key_file is not None:
+        # An encrypted key is an error, not an interactive password prompt.
+        context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file), password=_no_password)
+    return context
+
+
 class HttpPoller(StateMapSource):
     """Polls a single URL. Configure fluently: ``HttpPoller(url).with_bearer_token(t)``.
 
     Without ``with_client`` the poller makes its own ``httpx.AsyncClient`` (10 s timeouts,
-    5 s to connect, at most 5 redirects) and closes it in ``aclose()``.
+    5 s to connect) and closes it in ``aclose()``. Either way it follows at most
+    ``max_redirects`` redirects (default 5) itself, with the rules in the module's docstring.
     """
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError(f"HttpPoller needs an absolute http:// or https:// URL, not {url!r}")
+        if parts.scheme not in _SCHEMES or not parts.netloc:
+            raise ValueError(
+                f"HttpPoller needs an absolute http:// or https:// URL, not {redact_url(url)!r}"
+            )
         self.url = url
+        self._origin = _origin(httpx.URL(url))
         self._name = url
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, tuple[str, SecretValue]] = {}
+        self._authorization: tuple[str, Callable[[], str]] | None = None
+        self._server_name: str | None = None
         self._client: httpx.AsyncClient | None = None
         self._owns_client = False
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+        self.max_redirects = DEFAULT_MAX_REDIRECTS
         self._state: dict[str, str] = {}
         self._last: HttpResource | None = None
 
@@ -87,17 +169,61 @@ class HttpPoller(StateMapSource):
         self._name = name
         return self
 
-    def with_bearer_token(self, token: str) -> Self:
-        return self.with_header("Authorization", f"Bearer {token}")
+    def with_bearer_token(self, token: SecretValue) -> Self:
+        """Send ``Authorization: Bearer <token>`` (to the watched URL's origin only).
 
-    def with_header(self, name: str, value: str) -> Self:
-        self._headers[name] = value
+        A :class:`Secret` or a function is asked for the token on every request.
+        """
+
+        def header() -> str:
+            return f"Bearer {self._reveal('the bearer token', token)}"
+
+        self._authorization = ("the bearer token", header)
+        return self
+
+    def with_basic_auth(self, username: str, password: SecretValue) -> Self:
+        """Send ``Authorization: Basic`` (to the watched URL's origin only).
+
+        A :class:`Secret` or a function is asked for the password on every request.
+        """
+        if ":" in username:
+            raise ValueError("a basic auth username must not contain ':'")
+
+        def header() -> str:
+            secret = self._reveal("the basic auth password", password)
+            return "Basic " + base64.b64encode(f"{username}:{secret}".encode()).decode("ascii")
+
+        self._authorization = ("the basic auth password", header)
+        return self
+
+    def with_header(self, name: str, value: SecretValue) -> Self:
+        """Send this header on every request to the watched URL's origin.
+
+        After a redirect to another origin only content-negotiation headers (``Accept*``,
+        ``User-Agent``, ``Cache-Control``, ``Pragma``) are sent on. A :class:`Secret` or a
+        function is asked for the value on every request.
+        """
+        self._headers[name] = (f"header {name}", value)
+        return self
+
+    def with_server_name(self, server_name: str) -> Self:
+        """Expect this host name in the server's certificate (and send it as SNI) instead of
+        the URL's host; for the watched URL's origin only."""
+        self._server_name = server_name
+        return self
+
+    def with_max_redirects(self, count: int) -> Self:
+        """Follow at most ``count`` redirects (0: a redirect is an error)."""
+        if count < 0:
+            raise ValueError(f"max_redirects must be >= 0, got {count!r}")
+        self.max_redirects = count
         return self
 
     def with_client(self, client: httpx.AsyncClient, *, owned: bool = False) -> Self:
         """Use this client (custom CA, mTLS, proxies, timeouts).
 
-        The caller closes it, unless ``owned`` hands it to the poller's ``aclose()``.
+        The caller closes it, unless ``owned`` hands it to the poller's ``aclose()``. The
+        client's ``follow_redirects`` is ignored: the poller follows redirects itself.
         """
         self._client, self._owns_client = client, owned
         return self
@@ -128,9 +254,7 @@ class HttpPoller(StateMapSource):
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=DEFAULT_TIMEOUT, follow_redirects=True, max_redirects=DEFAULT_MAX_REDIRECTS
-            )
+            self._client = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=False)
             self._owns_client = True
         return self._client
 
@@ -207,50 +331,184 @@ class HttpPoller(StateMapSource):
             digest=s["digest"],
         )
 
+    @property
+    def _where(self) -> str:
+        """``GET <url>`` for messages, prefixed by the source's name when it has one."""
+        get = f"GET {redact_url(self.url)}"
+        return get if self._name == self.url else f"source {self._name!r}: {get}"
+
+    def _named(self, error: SourceError) -> SourceError:
+        """``error`` with the source's name in front of its message (when it has a name)."""
+        if self._name != self.url:
+            error.args = (f"source {self._name!r}: {error}", *error.args[1:])
+        return error
+
     async def _fetch(self, *, conditional: bool = True) -> HttpResource | None:
         """GET the URL; None for 304; a resource with an empty body for 404/410."""
-        headers = dict(self._headers)
+        validators: dict[str, str] = {}
         if conditional and "digest" in self._state:
             if etag := self._state.get("etag"):
-                headers["If-None-Match"] = etag
+                validators["If-None-Match"] = etag
             elif last_modified := self._state.get("last_modified"):
-                headers["If-Modified-Since"] = last_modified
+                validators["If-Modified-Since"] = last_modified
+        url = httpx.URL(self.url)
+        visited = [url]
         try:
-            async with self._http().stream("GET", self.url, headers=headers) as response:
-                status = response.status_code
-                if status == 304 and conditional and "digest" in self._state:
-                    return None
-                if status in _GONE:
-                    return HttpResource(self.url, status, b"")
-                if not 200 <= status < 300:
-                    raise HttpStatusError(self.url, status)
-                body = await self._read_capped(response)
-                return HttpResource(
-                    url=self.url,
-                    status=status,
-                    body=body,
-                    etag=response.headers.get("etag"),
-                    last_modified=response.headers.get("last-modified"),
-                    content_type=response.headers.get("content-type"),
-                )
+            while True:
+                response = await self._send(url, validators)
+                try:
+                    status = response.status_code
+                    if status in _REDIRECTS and "location" in response.headers:
+                        url = self._follow(url, response, visited)
+                        visited.append(url)
+                        continue
+                    return await self._resource(response, conditional=conditional)
+                finally:
+                    await response.aclose()
         except httpx.TransportError as exc:
-            raise SourceUnavailableError(f"GET {self.url} failed: {_describe(exc)}") from exc
+            raise SourceUnavailableError(f"{self._where} failed: {_describe(exc, url)}") from exc
         except httpx.HTTPError as exc:
-            raise SourceError(f"GET {self.url} failed: {_describe(exc)}") from exc
+            raise SourceError(f"{self._where} failed: {_describe(exc, url)}") from exc
+        except ssl.SSLError as exc:  # httpcore lets a TLS alert read after the handshake through
+            raise SourceUnavailableError(f"{self._where} failed: {_describe(exc, url)}") from exc
+
+    async def _send(self, url: httpx.URL, conditional: dict[str, str]) -> httpx.Response:
+        """One request, no redirects followed; credentials only to the watched origin."""
+        client = self._http()
+        if _origin(url) == self._origin:
+            headers = {
+                name: self._reveal(what, value) for name, (what, value) in self._headers.items()
+            }
+            if self._authorization is not None:
+                headers["Authorization"] = self._authorization[1]()
+            headers.update(conditional)
+            extensions = {"sni_hostname": self._server_name} if self._server_name else None
+            request = client.build_request("GET", url, headers=headers, extensions=extensions)
+            return await client.send(request, stream=True, follow_redirects=False)
+        headers = {
+            name: self._reveal(what, value)
+            for name, (what, value) in self._headers.items()
+            if name.lower() in _FORWARDABLE
+        }
+        headers.update(conditional)
+        request = client.build_request("GET", url, headers=headers)
+        for name in [n for n in request.headers if n.lower() not in _FORWARDABLE]:
+            del request.headers[name]  # the client's own headers (and cookies) stay home too
+        return await client.send(request, stream=True, follow_redirects=False, auth=None)
+
+    def _follow(
+        self, url: httpx.URL, response: httpx.Response, visited: list[httpx.URL]
+    ) -> httpx.URL:
+        """The URL a redirect response points to, if the rules allow following it."""
+        status, location = response.status_code, response.headers["location"]
+        here = redact_url(str(url))
+        try:
+            target = url.join(location)
+        except httpx.InvalidURL as exc:
+            raise RedirectError(
+                f"{self._where}: {here} answered HTTP {status} with an invalid Location: {exc}"
+            ) from exc
+        there = redact_url(str(target))
+        if self.max_redirects == 0:
+            raise RedirectError(
+                f"{self._where}: {here} answered HTTP {status} redirecting to {there}, "
+                "but redirects are disabled (max_redirects: 0)"
+            )
+        if target.scheme not in _SCHEMES:
+            raise RedirectError(
+                f"{self._where}: redirect from {here} to {there} refused: "
+                "only http:// and https:// URLs are followed"
+            )
+        if url.scheme == "https" and target.scheme == "http":
+            raise RedirectError(
+                f"{self._where}: redirect from {here} to {there} refused: "
+                "it would leave https for unencrypted http"
+            )
+        if target in visited:
+            chain = " -> ".join(redact_url(str(u)) for u in [*visited, target])
+            raise RedirectError(f"{self._where}: redirect loop: {chain}")
+        if len(visited) > self.max_redirects:
+            chain = " -> ".join(redact_url(str(u)) for u in [*visited, target])
+            raise RedirectError(
+                f"{self._where}: more than {self.max_redirects} redirects (max_redirects): {chain}"
+            )
+        return target
+
+    async def _resource(
+        self, response: httpx.Response, *, conditional: bool
+    ) -> HttpResource | None:
+        status = response.status_code
+        if status == 304 and conditional and "digest" in self._state:
+            return None
+        if status in _GONE:
+            return HttpResource(self.url, status, b"")
+        if not 200 <= status < 300:
+            raise self._named(HttpStatusError(redact_url(self.url), status))
+        body = await self._read_capped(response)
+        return HttpResource(
+            url=self.url,
+            status=status,
+            body=body,
+            etag=response.headers.get("etag"),
+            last_modified=response.headers.get("last-modified"),
+            content_type=response.headers.get("content-type"),
+        )
+
+    def _reveal(self, what: str, value: SecretValue) -> str:
+        """The current value of a credential; a clear error (never the value) if unusable."""
+        try:
+            if isinstance(value, str):
+                current = value
+            elif isinstance(value, Secret):
+                current = value.reveal()
+            else:
+                current = value()
+        except OSError as exc:
+            raise SourceError(
+                f"{self._where}: cannot read {what} ({_origin_of(value)}): "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from exc
+        except Exception as exc:
+            raise SourceError(
+                f"{self._where}: cannot get {what} ({_origin_of(value)}): {type(exc).__name__}"
+            ) from exc
+        if not current and not isinstance(value, str):  # e.g. a file truncated mid-write
+            raise SourceError(f"{self._where}: {what} ({_origin_of(value)}) is empty")
+        if any(c in current for c in "\r\n\0"):
+            raise SourceError(
+                f"{self._where}: {what} ({_origin_of(value)}) contains a line break or NUL"
+            )
+        return current
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         cap = self.max_body_bytes
+        url = redact_url(self.url)
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise BodyTooLargeError(self.url, cap)
+            raise self._named(BodyTooLargeError(url, cap))
         chunks: list[bytes] = []
         size = 0
         async for chunk in response.aiter_bytes():
             size += len(chunk)
             if size > cap:
-                raise BodyTooLargeError(self.url, cap)
+                raise self._named(BodyTooLargeError(url, cap))
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def _no_password() -> str:
+    raise ValueError("the client key is encrypted: give it unencrypted (PEM, no passphrase)")
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
+    return url.scheme, url.host, port
+
+
+def _origin_of(value: SecretValue) -> str:
+    if isinstance(value, Secret):
+        return value.origin  # inline, env:NAME or file:PATH
+    return "a literal" if isinstance(value, str) else "a function"
 
 
 def _state_of(resource: HttpResource) -> dict[str, str]:
@@ -264,5 +522,21 @@ def _state_of(resource: HttpResource) -> dict[str, str]:
     return state
 
 
-def _describe(exc: httpx.HTTPError) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def _describe(exc: httpx.HTTPError | ssl.SSLError, url: httpx.URL) -> str:
+    """The error, with its root cause when that says more (httpx's ReadError says nothing)."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    root: BaseException = exc
+    for _ in range(10):
+        cause = root.__cause__ or root.__context__
+        if cause is None:
+            break
+        root = cause
+    if root is not exc and str(root) and str(root) not in text:
+        text += f" ({type(root).__name__}: {root})"
+    dropped = isinstance(root, ConnectionResetError | BrokenPipeError)
+    if url.scheme == "https" and (dropped or "CERTIFICATE_REQUIRED" in text):
+        text += (
+            "; if the server requires a client certificate, give one "
+            "(tls.cert_file and tls.key_file, or a client with one)"
+        )
+    return text
