@@ -1,6 +1,7 @@
 """The ``koprs-bridge`` command.
 
-``run [--config FILE]``   run the bridge (no config: the embedded default, see README)
+``run [--config FILE]``   run the bridge (no config: the embedded default, see README);
+                          the config file is re-read when it changes (``--reload-interval``)
 ``check --config FILE``   validate a config file and exit (2 when invalid)
 ``status --config FILE``  which replica leads which source (leader election in Redis)
 ``tail --config FILE | --broker URL [--source NAME ...] [--json] [--from-start]``
@@ -22,8 +23,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bridge.errors import BridgeError, ConfigError
+
+if TYPE_CHECKING:
+    from bridge.service.config import BridgeConfig
 
 __all__ = ["main"]
 
@@ -35,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
+        level=getattr(logging, (args.log_level or "info").upper()),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     try:
@@ -68,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL", "info"),
+        default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL"),
         choices=["debug", "info", "warning", "error"],
+        help="default: $KOPRS_BRIDGE_LOG_LEVEL, else the config's logging.level, else info",
     )
     commands = parser.add_subparsers(dest="command")
     run = commands.add_parser("run", help="run the bridge")
@@ -90,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path(".koprs-bridge"),
         help="embedded default only: where NATS data and state are kept",
+    )
+    run.add_argument(
+        "--reload-interval",
+        type=float,
+        default=os.environ.get("KOPRS_BRIDGE_RELOAD_INTERVAL", "5"),
+        metavar="SECONDS",
+        help="how often the config file is checked for changes, which are applied without a "
+        "restart (default: $KOPRS_BRIDGE_RELOAD_INTERVAL or 5; 0: never)",
     )
     check = commands.add_parser("check", help="validate a config file")
     check.add_argument("--config", type=Path, required=True)
@@ -141,21 +155,28 @@ def _check(path: Path) -> int:
 async def _status(path: Path, *, as_json: bool) -> int:
     import json
 
-    import redis.asyncio as aioredis
     import redis.exceptions
 
+    from bridge.connections import describe_error, redis_client
     from bridge.ha.sharing import election_status
+    from bridge.secrets import redact_url
     from bridge.service.config import load_config
 
     config = load_config(path)
     if config.leader_election is None:
         print(f"{path}: no leader_election configured: one replica leads every source")
         return 0
-    client = aioredis.from_url(config.leader_election.redis_url.reveal(), socket_timeout=5)
+    election = config.leader_election
+    url = election.redis_url.reveal()
+    client = redis_client(
+        url, election.tls, election.auth, socket_timeout=5, socket_connect_timeout=5
+    )
     try:
         status = await election_status(client, [s.name for s in config.sources])
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(f"cannot read the election state from Redis: {exc}") from exc
+        raise BridgeError(
+            f"cannot read the election state from Redis {redact_url(url)}: {describe_error(exc)}"
+        ) from exc
     finally:
         await client.aclose()
     if as_json:
@@ -201,13 +222,28 @@ async def _run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         if args.config is not None:
-            await Bridge(load_config(args.config)).run(stop)
+            if args.reload_interval <= 0:
+                await Bridge(_logging_from(load_config(args.config), args)).run(stop)
+                return 0
+            from bridge.service.reload import ConfigWatcher, run_with_reload
+
+            watcher = ConfigWatcher(args.config, interval_s=args.reload_interval)  # before loading
+            config = _logging_from(load_config(args.config), args)
+            await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+
+
+def _logging_from(config: BridgeConfig, args: argparse.Namespace) -> BridgeConfig:
+    """Apply the config's ``logging`` section (format; level unless ``--log-level``)."""
+    from bridge.telemetry.logs import configure_logging
+
+    configure_logging(config.logging, level=args.log_level)
+    return config
 
 
 async def _run_embedded(inbox: Path, home: Path, stop: asyncio.Event) -> int:

@@ -40,10 +40,12 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
+from bridge.connections import describe_error, redis_client
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
 from bridge.secrets import redact_url
+from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, REDIS_STREAM_PREFIX, validate_source_name
@@ -66,6 +68,10 @@ class TailOptions:
     subject_prefix: str = DEFAULT_SUBJECT_PREFIX
     stream: str | None = None
     """NATS: the JetStream stream; None: the one that captures ``<subject_prefix>.>``."""
+    tls: TlsConfig | None = None
+    """TLS settings of the broker connection (from the config's ``broker.tls``)."""
+    auth: AuthConfig | None = None
+    """Credentials of the broker connection (from the config's ``broker.auth``)."""
 
     @classmethod
     def from_args(
@@ -96,6 +102,8 @@ class TailOptions:
                 from_start=from_start,
                 subject_prefix=subject_prefix or loaded.broker.subject_prefix,
                 stream=loaded.broker.stream,
+                tls=loaded.broker.tls,
+                auth=loaded.broker.auth,
             )
         assert broker is not None
         scheme = urlsplit(broker).scheme
@@ -196,12 +204,14 @@ def format_json(envelope: Envelope, *, initial: bool = False) -> str:
 # -- reading ------------------------------------------------------------------------------------
 
 
-async def _redis_sources(url: str) -> tuple[str, ...]:
+async def _redis_sources(options: TailOptions) -> tuple[str, ...]:
     """The sources whose streams exist now (``koprs:external:<name>`` keys of type stream)."""
-    import redis.asyncio
     import redis.exceptions
 
-    client = redis.asyncio.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    url = options.url
+    client = redis_client(
+        url, options.tls, options.auth, socket_timeout=10, socket_connect_timeout=10
+    )
     try:
         names = []
         async for key in client.scan_iter(match=f"{REDIS_STREAM_PREFIX}*", _type="stream"):
@@ -212,7 +222,9 @@ async def _redis_sources(url: str) -> tuple[str, ...]:
                 names.append(validate_source_name(name))
         return tuple(sorted(names))
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(f"cannot list the streams of {redact_url(url)}: {exc}") from exc
+        raise BridgeError(
+            f"cannot list the streams of {redact_url(url)}: {describe_error(exc)}"
+        ) from exc
     finally:
         await client.aclose()
 
@@ -227,29 +239,48 @@ async def _nothing() -> None:
 async def _open_redis(options: TailOptions) -> tuple[Watch, Closer]:
     from bridge.consumer.redis import watch_redis
 
-    sources = options.sources or await _redis_sources(options.url)
+    sources = options.sources or await _redis_sources(options)
     if not sources:
         raise BridgeError(
             f"no koprs:external:* stream on {redact_url(options.url)} yet: name the sources "
             "with --source (their streams may be created later)"
         )
-    return watch_redis(options.url, sources, list_first=options.from_start, block_s=1.0), _nothing
+    watch = watch_redis(
+        options.url,
+        sources,
+        list_first=options.from_start,
+        block_s=1.0,
+        tls=options.tls,
+        auth=options.auth,
+    )
+    return watch, _nothing
 
 
 async def _open_nats(options: TailOptions) -> tuple[Watch, Closer]:
-    import nats
-    import nats.errors
     import nats.js.errors
 
+    from bridge.connections import connect_nats
     from bridge.consumer.nats import watch_nats
 
     prefix = options.subject_prefix
-    try:
-        nc = await nats.connect(
-            options.url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=10
-        )
-    except (nats.errors.Error, OSError, TimeoutError) as exc:
-        raise BridgeError(f"cannot connect to {redact_url(options.url)}: {exc}") from exc
+
+    said: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        text = describe_error(exc)
+        if text not in said[-1:]:  # a reconnection failing every 0.5 s is said once
+            said.append(text)
+            print(f"koprs-bridge tail: NATS {redact_url(options.url)}: {text}", file=sys.stderr)
+
+    nc = await connect_nats(
+        options.url,
+        options.tls,
+        options.auth,
+        name="koprs-bridge-tail",
+        connect_timeout_s=10,
+        reconnect_wait_s=0.5,
+        error_cb=on_error,
+    )
     try:
         js = nc.jetstream()
         if options.stream is None:

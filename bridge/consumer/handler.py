@@ -47,8 +47,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, Literal, TypeVar, cast
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from bridge.consumer.base import Delivery, Synced, Watch
 from bridge.events import EventKind
+from bridge.telemetry.tracing import INSTRUMENTATION_NAME, process_span
 
 __all__ = [
     "EventHandler",
@@ -142,9 +146,15 @@ async def run_handler(
     *,
     initial_backoff_s: float = 0.5,
     max_backoff_s: float = 30.0,
+    tracer: Tracer | None = None,
 ) -> S:
     """Feed every item of ``watch`` to ``handler`` (see the module docstring); return the final
-    state when the watch ends. The watch is not closed here."""
+    state when the watch ends. The watch is not closed here.
+
+    Each event is handled inside a ``process <source>`` span (OpenTelemetry, ``tracer`` or the
+    global provider's, a no-op unless the application installs an SDK): a child of the event's
+    ``traceparent``, so the trace of the poll that produced it goes on; a failure is recorded
+    on it."""
     if not (0 <= initial_backoff_s <= max_backoff_s):
         raise ValueError(
             f"run_handler: need 0 <= initial_backoff_s ({initial_backoff_s}) <= "
@@ -153,6 +163,7 @@ async def run_handler(
     name = getattr(handler, "__name__", type(handler).__name__)
     state = await handler.init()
     retries = _Retries(initial_backoff_s, max_backoff_s)
+    tracing = _Tracing(tracer, getattr(watch, "messaging_system", None))
     reason: TerminateReason = "normal"
     try:
         async for item in watch:
@@ -162,7 +173,7 @@ async def run_handler(
                 except Exception:
                     log.exception("handler %s failed on the end of the initial list", name)
                 continue
-            state, handled = await _handle(handler, name, item, state, retries)
+            state, handled = await _handle(handler, name, item, state, retries, tracing=tracing)
             if handled:  # the state is kept even if cancelled while acknowledging
                 await item.ack()
     except asyncio.CancelledError:
@@ -199,13 +210,28 @@ class _Retries:
         self.failures.pop(event_id, None)
 
 
+class _Tracing:
+    __slots__ = ("system", "tracer")
+
+    def __init__(self, tracer: Tracer | None, system: str | None) -> None:
+        self.tracer = tracer or trace.get_tracer(INSTRUMENTATION_NAME)  # once, not per event
+        self.system = system
+
+
 async def _handle(
-    handler: EventHandler[S], name: str, delivery: Delivery, state: S, retries: _Retries
+    handler: EventHandler[S],
+    name: str,
+    delivery: Delivery,
+    state: S,
+    retries: _Retries,
+    *,
+    tracing: _Tracing,
 ) -> tuple[S, bool]:
     """(new state, True) once handled; (state, False) after a failure, naked."""
     envelope = delivery.envelope
     try:
-        new_state = await handler.handle_delivery(delivery, state)
+        with process_span(envelope, tracer=tracing.tracer, system=tracing.system):
+            new_state = await handler.handle_delivery(delivery, state)
     except Exception:
         attempt, delay_s = retries.failed(envelope.id)
         log.exception(

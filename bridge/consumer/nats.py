@@ -91,11 +91,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamInfo
 
+from bridge.connections import ConnectError, connect_nats, describe_error
 from bridge.consumer.base import Delivery, Synced, WatchItem
 from bridge.consumer.decoding import Envelope, UnknownEventTypeError, decode_nats
 from bridge.errors import BridgeError, ConfigError, DecodeError
 from bridge.events import Added
 from bridge.secrets import redact_url
+from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sinks.nats import DEFAULT_STREAM
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, validate_source_name
 
@@ -103,10 +105,11 @@ __all__ = ["NatsWatch", "NatsWatchConfig", "watch_nats"]
 
 log = logging.getLogger(__name__)
 
-_RETRYABLE = (nats.errors.Error, OSError, TimeoutError)
+_RETRYABLE = (nats.errors.Error, OSError, TimeoutError, ConnectError)
 _STREAM_NOT_FOUND = 10059
 _CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _FIRST_RETRY_S = 0.05
+_NEEDS_AN_OPERATOR = ("authorization violation", "permissions violation", "TLS")
 T = TypeVar("T")
 ErrorPolicy = Literal["skip", "raise"]
 
@@ -152,6 +155,11 @@ class NatsWatchConfig:
     """Pause between reconnection attempts of a client the watch made itself."""
     retry_max_s: float = 5.0
     """Backoff after errors: from 0.05 s, doubling up to this."""
+    tls: TlsConfig | None = None
+    """TLS of a client the watch makes itself (CA, client certificate); see
+    :mod:`bridge.connections`."""
+    auth: AuthConfig | None = None
+    """Credentials of a client the watch makes itself."""
 
     def __post_init__(self) -> None:
         for name in self.sources:
@@ -252,6 +260,9 @@ class NatsWatch:
     Use as an async context manager, or call :meth:`aclose` when done.
     """
 
+    messaging_system = "nats"
+    """For the spans of :func:`bridge.consumer.run_handler`."""
+
     def __init__(self, url_or_client: str | Client, config: NatsWatchConfig | None = None) -> None:
         self.config = config or NatsWatchConfig()
         if isinstance(url_or_client, str):
@@ -268,6 +279,8 @@ class NatsWatch:
         self._stop: asyncio.Future[None] | None = None
         self._closed = False
         self._waiting_for_stream = False
+        self._server_error: str | None = None
+        """A permissions violation the server reported (it drops the request: a timeout)."""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -377,11 +390,18 @@ class NatsWatch:
 
     async def _new_client(self) -> Client:
         cfg = self.config
-        nc = Client()
         where = self._where
+        logged: list[str] = []
 
         async def on_error(exc: Exception) -> None:
-            log.debug("NATS %s: %s", where, exc)
+            text = describe_error(exc)
+            if text.startswith("permissions violation"):
+                self._server_error = text
+            if text.startswith(_NEEDS_AN_OPERATOR) and text not in logged[-1:]:
+                logged.append(text)  # once per distinct cause, not once per reconnection try
+                log.warning("NATS %s: %s", where, text)
+            else:
+                log.debug("NATS %s: %s", where, text)
 
         async def on_disconnected() -> None:
             if not self._closed:
@@ -390,23 +410,17 @@ class NatsWatch:
         async def on_reconnected() -> None:
             log.info("reconnected to NATS %s", where)
 
-        try:
-            await nc.connect(
-                servers=[s.strip() for s in self._url.split(",") if s.strip()],
-                name="koprs-bridge-watch",
-                connect_timeout=max(1, math.ceil(cfg.request_timeout_s)),
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-            )
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise
-        return nc
+        return await connect_nats(
+            self._url,
+            cfg.tls,
+            cfg.auth,
+            name="koprs-bridge-watch",
+            connect_timeout_s=max(1.0, cfg.request_timeout_s),
+            reconnect_wait_s=cfg.reconnect_wait_s,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        )
 
     # -- consumers --
 
@@ -755,9 +769,11 @@ class NatsWatch:
         if isinstance(exc, nats.js.errors.NotFoundError) and self._waiting_for_stream:
             log.debug("stream %s still missing; next look in %.2f s", self.config.stream, delay)
             return
-        log.warning(
-            "NATS watch on %s: %s; trying again in %.2f s", self._where, _describe(exc), delay
-        )
+        reason = _describe(exc)
+        if isinstance(exc, TimeoutError) and self._server_error is not None:
+            reason = f"{reason}; the server reported: {self._server_error}"
+        self._server_error = None
+        log.warning("NATS watch on %s: %s; trying again in %.2f s", self._where, reason, delay)
 
 
 def _drops_from_the_front(stream: StreamInfo) -> bool:
@@ -767,6 +783,8 @@ def _drops_from_the_front(stream: StreamInfo) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BridgeError):
+        return str(exc)
     if isinstance(exc, nats.js.errors.APIError) and exc.description:
         return f"{exc.description} (code {exc.err_code})"
     text = str(exc)

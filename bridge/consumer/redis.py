@@ -85,11 +85,13 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from bridge.connections import describe_error, redis_client
 from bridge.consumer.base import Delivery, Synced, WatchItem
 from bridge.consumer.decoding import Envelope, decode_redis_entry
 from bridge.errors import ConfigError, DecodeError
 from bridge.events import Added
 from bridge.secrets import redact_url
+from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sinks.redis import items_key
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
 
@@ -158,6 +160,10 @@ class RedisWatchConfig:
     """A pending entry idle for this long is claimed (``XAUTOCLAIM``), this often."""
     retry_max_s: float = 5.0
     """Backoff after Redis errors: from 0.05 s, doubling up to this."""
+    tls: TlsConfig | None = None
+    """TLS of a client the watch makes itself (CA, client certificate)."""
+    auth: AuthConfig | None = None
+    """ACL username/password of a client the watch makes itself."""
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -193,6 +199,8 @@ def watch_redis(
     block_s: float = 5.0,
     claim_idle_s: float = 60.0,
     retry_max_s: float = 5.0,
+    tls: TlsConfig | None = None,
+    auth: AuthConfig | None = None,
 ) -> RedisWatch:
     """A :class:`RedisWatch` of ``sources``; the options are those of :class:`RedisWatchConfig`."""
     config = RedisWatchConfig(
@@ -206,6 +214,8 @@ def watch_redis(
         block_s=block_s,
         claim_idle_s=claim_idle_s,
         retry_max_s=retry_max_s,
+        tls=tls,
+        auth=auth,
     )
     return RedisWatch(url_or_client, config)
 
@@ -224,11 +234,16 @@ class _Retry:
 class RedisWatch:
     """An async iterator of :data:`WatchItem` over Redis streams; see the module docstring."""
 
+    messaging_system = "redis"
+    """For the spans of :func:`bridge.consumer.run_handler`."""
+
     def __init__(self, url_or_client: str | redis.asyncio.Redis, config: RedisWatchConfig) -> None:
         self.config = config
         if isinstance(url_or_client, str):
-            self._client = redis.asyncio.Redis.from_url(
+            self._client = redis_client(
                 url_or_client,
+                config.tls,
+                config.auth,
                 socket_timeout=config.block_s + 10.0,
                 socket_connect_timeout=10.0,
                 # no retries of its own: the watch's loop retries (and notices outages), and
@@ -574,9 +589,8 @@ class RedisWatch:
                 if self._closed:
                     return
                 log.warning(
-                    "Redis %s: %s: %s; trying again in %.2f s",
-                    self._where, type(exc).__name__, exc, delay,
-                )  # fmt: skip
+                    "Redis %s: %s; trying again in %.2f s", self._where, describe_error(exc), delay
+                )
                 self._check_streams = True
             except redis.exceptions.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):

@@ -35,6 +35,7 @@ from bridge.ha.keys import SourceKeys, as_text, replicas_key
 from bridge.ha.leases import Lease, LeaseClient
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec
 from bridge.sinks import Sink
+from bridge.telemetry.service import Telemetry
 
 __all__ = ["Coordinator"]
 
@@ -71,6 +72,7 @@ class Coordinator:
         prefix: str = "koprs:bridge:",
         on_published: PublishedCallback | None = None,
         shutdown_grace_s: float = 5.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
         self.sink = sink
@@ -81,6 +83,7 @@ class Coordinator:
         self.prefix = prefix
         self.on_published = on_published
         self.shutdown_grace_s = shutdown_grace_s
+        self.telemetry = telemetry
         self.leases = LeaseClient(redis, replica, ttl_s=lease_ttl_s, prefix=prefix)
         self.held: dict[str, Lease] = {}
         self.state = RedisStateStore(redis, self.held)
@@ -90,9 +93,15 @@ class Coordinator:
         self.rounds = 0
         self._round_done = asyncio.Condition()
         self._heartbeat = redis.register_script(_HEARTBEAT)
-        start = zlib.crc32(replica.encode()) % max(1, len(self.specs))
+        self._order = self._acquisition_order()
+        self._lock = asyncio.Lock()
+        """Held by a round and by :meth:`update`, so the set of sources never changes mid-round."""
+        self._running = False
+
+    def _acquisition_order(self) -> list[str]:
+        start = zlib.crc32(self.replica.encode()) % max(1, len(self.specs))
         names = sorted(self.specs)
-        self._order = names[start:] + names[:start]
+        return names[start:] + names[:start]
 
     @property
     def share(self) -> int:
@@ -100,22 +109,53 @@ class Coordinator:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Coordinate until ``stop`` is set; then stop every led source and release its lease."""
+        self._running = True
         try:
             while not stop.is_set():
-                try:
-                    await self.round()
-                except (BridgeError, redis.exceptions.RedisError, OSError) as exc:
-                    log.warning("leader election round failed (Redis unreachable?): %s", exc)
+                async with self._lock:
+                    await self._try_round()
                 async with self._round_done:
                     self.rounds += 1
                     self._round_done.notify_all()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.period_s)
         finally:
-            leaving = [self._give_up(self.led.pop(name)) for name in list(self.led)]
-            await asyncio.gather(*leaving, *self._leaving)
+            async with self._lock:
+                self._running = False
+                leaving = [self._give_up(self.led.pop(name)) for name in list(self.led)]
+                await asyncio.gather(*leaving, *self._leaving)
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await asyncio.shield(self.redis.zrem(replicas_key(self.prefix), self.replica))
+
+    async def _try_round(self) -> None:
+        try:
+            await self.round()
+        except (BridgeError, redis.exceptions.RedisError, OSError) as exc:
+            log.warning("leader election round failed (Redis unreachable?): %s", exc)
+
+    async def update(self, specs: Sequence[SourceSpec]) -> None:
+        """Replace the set of sources competed for (a config reload), matched by name.
+
+        A source that is gone, or whose spec is another object (changed), stops being led if
+        it was: its loop stops (a publish in flight finishes, within ``shutdown_grace_s``) and
+        its lease is released. When this returns, no loop of a replaced spec runs any more.
+        Then, if :meth:`run` is running, a round takes new (and changed) sources at once,
+        within this replica's share. Specs that are the same objects are left alone.
+        """
+        new = {spec.name: spec for spec in specs}
+        async with self._lock:
+            leaving = [
+                self._give_up(self.led.pop(name))
+                for name in list(self.led)
+                if new.get(name) is not self.specs.get(name)
+            ]
+            for name in sorted(self.specs.keys() - new.keys()):
+                log.info("source %r removed from the config: no longer competing for it", name)
+            await asyncio.gather(*leaving, *self._leaving)
+            self.specs = new
+            self._order = self._acquisition_order()
+            if self._running:
+                await self._try_round()
 
     async def wait_for_rounds(self, rounds: int) -> None:
         async with self._round_done:
@@ -158,8 +198,14 @@ class Coordinator:
     def _lead(self, spec: SourceSpec, lease: Lease) -> None:
         self.held[spec.name] = lease
         loop = SourceLoop(
-            spec, self.sink, self.state, on_published=self.on_published, guard=lease.check
+            spec,
+            self.sink,
+            self.state,
+            on_published=self.on_published,
+            guard=lease.check,
+            telemetry=self.telemetry.source(spec.name) if self.telemetry else None,
         )
+        loop.telemetry.set_lease_held(True)
         task = asyncio.create_task(self._run_led(lease, loop), name=f"lead:{spec.name}")
         self.led[spec.name] = _Led(lease, loop, task)
 
@@ -180,6 +226,7 @@ class Coordinator:
             # cancellation can be swallowed (asyncio.wait_for, used by redis-py), and a keeper
             # that survives it would renew the lease of a source nobody leads.
             lease.lost.set()
+            loop.telemetry.set_lease_held(False)
             loop.stop()
             for task in (runner, keeper, lost):
                 task.cancel()

@@ -86,6 +86,10 @@ class MemorySink:
     async def aclose(self) -> None:
         self.connected = False
 
+    async def ping(self) -> bool:
+        """Connected (for readiness)."""
+        return self.connected
+
     # -- for tests --
 
     def fail_next(self, calls: int = 1, *, landed: int = 0, message: str = "injected") -> None:

@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import math
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -54,8 +55,10 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from bridge.cloudevents import CloudEvent
+from bridge.connections import ConnectError, connect_nats, describe_error
 from bridge.errors import ConfigError, PublishError
 from bridge.secrets import redact_url
+from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, nats_subject, validate_source_name
 
 __all__ = [
@@ -129,6 +132,12 @@ class NatsSinkConfig:
     reconnect_wait_s: float = 1.0
     """Pause between reconnection attempts after the connection was lost. The client never
     gives up reconnecting; publishes fail meanwhile."""
+
+    tls: TlsConfig | None = None
+    """CA, client certificate (mTLS); given (or a ``tls://`` URL), TLS is required."""
+
+    auth: AuthConfig | None = None
+    """User/password, token, nkey seed file or ``.creds`` file (see :mod:`bridge.connections`)."""
 
     def __post_init__(self) -> None:
         if self.content_mode not in ("binary", "structured"):
@@ -247,6 +256,9 @@ class NatsSink:
         self._connected = asyncio.Event()
         self._stream_ready = False
         self._lock = asyncio.Lock()
+        self._server_error: str | None = None
+        """The last error the server reported asynchronously (a permissions violation...)."""
+        self._logged_error: str | None = None
         if self.config.content_mode == "binary":
             self._encode = _encode_binary
         else:
@@ -268,39 +280,50 @@ class NatsSink:
 
     async def _open(self) -> None:
         cfg = self.config
-        nc = Client()
+        holder: list[Client] = []
 
         async def on_disconnected() -> None:
             self._connected.clear()
-            if nc is self._nc:  # not while closing
+            if holder and holder[0] is self._nc:  # not while closing
                 log.warning("disconnected from NATS %s; reconnecting", self.description)
 
         async def on_reconnected() -> None:
             self._connected.set()
+            self._logged_error = None
             for batch in self._batches.values():
                 batch.on_reconnect()
             log.info("reconnected to NATS %s", self.description)
 
         async def on_error(exc: Exception) -> None:
-            log.debug("NATS %s: %s", self.description, _describe(exc))
+            text = describe_error(exc)
+            self._server_error = text
+            if text != self._logged_error and _worth_a_warning(exc, text):
+                # once per distinct cause: a reconnection failing every second logs once
+                self._logged_error = text
+                log.warning("NATS %s: %s", self.description, text)
+            else:
+                log.debug("NATS %s: %s", self.description, text)
 
         try:
-            await asyncio.wait_for(
-                nc.connect(
-                    servers=cfg.servers,
-                    name="koprs-bridge",
-                    connect_timeout=math.ceil(cfg.connect_timeout_s),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnected,
-                    reconnected_cb=on_reconnected,
-                    # subjects are built from validated parts (bridge.subjects)
-                    skip_subject_validation=True,
-                ),
-                timeout=cfg.connect_timeout_s,
+            nc = await connect_nats(
+                cfg.url,
+                cfg.tls,
+                cfg.auth,
+                name="koprs-bridge",
+                connect_timeout_s=cfg.connect_timeout_s,
+                reconnect_wait_s=cfg.reconnect_wait_s,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                # subjects are built from validated parts (bridge.subjects)
+                skip_subject_validation=True,
             )
+        except ConnectError as exc:
+            raise PublishError(
+                f"cannot connect to NATS {self.description}: {describe_error(exc.__cause__)}"
+            ) from exc.__cause__
+        holder.append(nc)
+        try:
             inbox = nc.new_inbox()
             await nc.subscribe(f"{inbox}.>", cb=self._on_ack)
         except (*_NATS_ERRORS, ValueError) as exc:
@@ -317,6 +340,7 @@ class NatsSink:
     async def _ensure_stream(self) -> None:
         assert self._js is not None
         cfg = self.config
+        self._server_error = None
         try:
             try:
                 info = await self._js.stream_info(cfg.stream)
@@ -340,9 +364,17 @@ class NatsSink:
             ) from exc
         except _NATS_ERRORS as exc:
             raise PublishError(
-                f"NATS {self.description}: stream check failed: {_describe(exc)}"
+                f"NATS {self.description}: stream check failed: "
+                f"{self._with_server_error(_describe(exc))}"
             ) from exc
         self._stream_ready = True
+
+    def _with_server_error(self, text: str) -> str:
+        """``text``, plus what the server reported meanwhile (a permissions violation makes
+        the server drop a request silently: the client only sees a timeout)."""
+        if self._server_error is None:
+            return text
+        return f"{text}; the server reported: {self._server_error}"
 
     async def _ready(self) -> Client:
         if self._nc is None or self._nc.is_closed or not self._stream_ready:
@@ -363,6 +395,7 @@ class NatsSink:
             return
         validate_source_name(source_name)
         nc = await self._ready()
+        self._server_error = None
         total = len(events)
         for start in range(0, total, _WINDOW):
             window = events[start : start + _WINDOW]
@@ -375,7 +408,7 @@ class NatsSink:
             except _NATS_ERRORS as exc:
                 timed_out = isinstance(exc, asyncio.TimeoutError)
                 failed = batch.remaining + batch.errors if timed_out else len(window)
-                reason = (
+                reason = self._with_server_error(
                     f"no acknowledgement within {self.config.ack_timeout_s} s"
                     if timed_out
                     else f"sending failed: {_describe(exc)}"
@@ -473,6 +506,17 @@ class NatsSink:
             with contextlib.suppress(*_NATS_ERRORS):
                 await asyncio.wait_for(nc.close(), self.config.connect_timeout_s)
 
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server answers now (a PING round trip), for readiness; never raises."""
+        nc = self._nc
+        if nc is None or not nc.is_connected or not self._connected.is_set():
+            return False
+        try:
+            await asyncio.wait_for(nc.flush(timeout=math.ceil(timeout_s)), timeout_s)
+        except (*_NATS_ERRORS, ValueError):
+            return False
+        return True
+
 
 def _ack_error(msg: Msg) -> str | None:
     """The error a JetStream reply reports, or None for a positive acknowledgement."""
@@ -523,6 +567,13 @@ def _stream_changes(current: StreamConfig, cfg: NatsSinkConfig) -> dict[str, obj
     if (current.num_replicas or 1) != cfg.replicas:
         changes["num_replicas"] = cfg.replicas
     return changes
+
+
+def _worth_a_warning(exc: BaseException, text: str) -> bool:
+    """Errors that need an operator (credentials, permissions, TLS), not just patience."""
+    return isinstance(exc, nats.errors.AuthorizationError | ssl.SSLError) or text.startswith(
+        ("authorization violation", "permissions violation", "TLS", "the server does not offer")
+    )
 
 
 def _describe(exc: BaseException | None) -> str:

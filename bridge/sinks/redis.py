@@ -80,8 +80,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bridge.cloudevents import CloudEvent
+from bridge.connections import describe_error, redis_client
 from bridge.errors import ConfigError, PublishError
 from bridge.secrets import redact_url
+from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
 
 __all__ = [
@@ -176,6 +178,12 @@ class RedisSinkConfig:
     connect_timeout_s: float = 5.0
     """Bound on opening a connection."""
 
+    tls: TlsConfig | None = None
+    """CA, client certificate (mTLS); given (or a ``rediss://`` URL), TLS is used."""
+
+    auth: AuthConfig | None = None
+    """ACL ``username`` and ``password`` (override credentials in the URL)."""
+
     def __post_init__(self) -> None:
         if self.content_mode not in ("binary", "structured"):
             raise ConfigError(
@@ -232,8 +240,10 @@ class RedisSink:
     async def connect(self) -> None:
         if self._client is None:
             cfg = self.config
-            self._client = redis.asyncio.Redis.from_url(
+            self._client = redis_client(
                 cfg.url,
+                cfg.tls,
+                cfg.auth,
                 socket_timeout=cfg.timeout_s,
                 socket_connect_timeout=cfg.connect_timeout_s,
                 # one immediate retry: a pooled connection may be dead after a server restart
@@ -414,6 +424,16 @@ class RedisSink:
         if client is not None:
             await client.aclose()
 
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server answers now (``PING``), for readiness; never raises."""
+        if self._client is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                return bool(await self._client.ping())
+        except (redis.exceptions.RedisError, OSError, TimeoutError):
+            return False
+
 
 class _Parts:
     """The parts of a batch, each packed when needed, or ahead with :meth:`prepare`."""
@@ -533,7 +553,4 @@ def _structured_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_error(exc)

@@ -1,0 +1,487 @@
+"""Connections to NATS and Redis, made in one place: TLS, credentials, and clear errors.
+
+Every NATS and Redis connection of koprs-bridge (the sinks, the leader election's Redis client,
+``koprs-bridge status``, the consumers and ``koprs-bridge tail``) is made here, from a URL plus
+an optional :class:`~bridge.service.config.TlsConfig` and
+:class:`~bridge.service.config.AuthConfig`:
+
+* :func:`ssl_context`: an :class:`ssl.SSLContext` from a ``TlsConfig`` (custom CA, client
+  certificate for mutual TLS, ``verify: false``). It is built again when one of its files
+  changes, so rotated certificates are picked up by the next connection.
+* :func:`nats_options` / :func:`connect_nats`: the keyword arguments of ``nats.connect`` and a
+  connect that fails fast. TLS is *required* when the URL is ``tls://`` or a ``tls`` section is
+  given: a server that does not offer TLS is refused before any credential is sent (nats-py
+  alone would fall back to plaintext). Passwords and tokens are passed as callables that read
+  the :class:`~bridge.secrets.Secret` again on every (re)connection, so a rotated ``{file:}``
+  secret is used at the next attempt; nkey seed and ``.creds`` files are read by nats-py at
+  each connection too.
+* :func:`redis_client`: a ``redis.asyncio.Redis``; TLS for ``rediss://`` or a ``tls`` section,
+  ACL ``username``/``password`` from the ``AuthConfig`` (else from the URL), read again for
+  every new connection.
+* :func:`describe_error`: the cause of a failed connection or command in words: "authorization
+  violation", "TLS required by server", "certificate verify failed: ...", "WRONGPASS",
+  "NOAUTH", "NOPERM", with a hint at the setting to fix. Messages name servers by
+  :func:`~bridge.secrets.redact_url` only: no password, token or key ever appears in them.
+
+A NATS connect makes one attempt per server: on the first failure of every server (or after
+``connect_timeout_s``) :func:`connect_nats` gives up with a :class:`ConnectError`, so the
+caller's own backoff decides when to try again and each try logs one warning (nats-py's own
+initial connect would retry silently forever).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats.errors
+import redis.asyncio
+import redis.exceptions
+from nats.aio.client import Client as NatsClient
+from redis.asyncio.connection import Connection, ConnectionPool, parse_url
+from redis.credentials import CredentialProvider
+
+from bridge.errors import BridgeError, ConfigError
+from bridge.secrets import Secret, redact_url
+from bridge.service.config import AuthConfig, TlsConfig
+
+__all__ = [
+    "ConnectError",
+    "connect_nats",
+    "describe_error",
+    "nats_options",
+    "nats_servers",
+    "nats_tls_required",
+    "redis_client",
+    "redis_tls_required",
+    "ssl_context",
+]
+
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+Callback = Callable[[], Awaitable[None]]
+
+
+def _not_the_tls_eof_notice(record: logging.LogRecord) -> bool:
+    # nats-py upgrades a plain asyncio stream to TLS, whose protocol then tells asyncio that
+    # it keeps the transport open at EOF; asyncio logs a warning for that at every TLS close
+    return record.msg != "returning true from eof_received() has no effect when using ssl"
+
+
+logging.getLogger("asyncio").addFilter(_not_the_tls_eof_notice)
+
+
+class ConnectError(BridgeError):
+    """A connection could not be made. The message names the server (its password hidden) and
+    the cause; the original exception is ``__cause__``."""
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+_contexts: dict[TlsConfig, tuple[tuple[int, ...], ssl.SSLContext]] = {}
+
+
+def _stamp(tls: TlsConfig) -> tuple[int, ...]:
+    stamp = []
+    for path in (tls.ca_file, tls.cert_file, tls.key_file):
+        try:
+            stamp.append(os.stat(path).st_mtime_ns if path is not None else 0)
+        except OSError:
+            stamp.append(-1)
+    return tuple(stamp)
+
+
+def ssl_context(tls: TlsConfig | None = None) -> ssl.SSLContext:
+    """The client-side SSL context ``tls`` describes (None: system CAs, verification on).
+
+    Cached per config and built again when one of its files changed (certificate rotation).
+    Unreadable or invalid files are a :class:`~bridge.errors.ConfigError` naming the file.
+    """
+    tls = tls or TlsConfig()
+    stamp = _stamp(tls)
+    cached = _contexts.get(tls)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    context = _build_context(tls)
+    _contexts[tls] = (stamp, context)
+    return context
+
+
+def _build_context(tls: TlsConfig) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"tls.ca_file {str(tls.ca_file)!r}: cannot load it: {_ssl_text(exc)}"
+        ) from None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"tls.cert_file {str(tls.cert_file)!r} / key_file {str(tls.key_file)!r}: "
+                f"cannot load the client certificate: {_ssl_text(exc)}"
+            ) from None
+    if not tls.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _ssl_text(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+# -- NATS ---------------------------------------------------------------------------------------
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of a comma-separated NATS URL list."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def nats_tls_required(url: str, tls: TlsConfig | None) -> bool:
+    """Whether TLS must be used: a ``tls://`` URL or a ``tls`` section."""
+    return tls is not None or any(s.lower().startswith("tls://") for s in nats_servers(url))
+
+
+def nats_options(
+    url: str, tls: TlsConfig | None = None, auth: AuthConfig | None = None
+) -> dict[str, Any]:
+    """Keyword arguments of ``nats.connect`` (``Client.connect``) for TLS and credentials.
+
+    ``servers`` always; ``tls`` (an SSL context) and ``tls_hostname`` when TLS is used; one of
+    ``user``/``password``, ``token``, ``nkeys_seed`` or ``user_credentials`` from ``auth``
+    (credentials in the URL work as nats-py handles them). Secrets are callables that read the
+    secret at each connection.
+    """
+    options: dict[str, Any] = {"servers": nats_servers(url)}
+    # nats:// upgrades to TLS when the server requires it: our context (CA, client certificate)
+    # serves that case too; _NatsClient decides whether TLS is mandatory
+    options["tls"] = ssl_context(tls)
+    if tls is not None and tls.server_name:
+        options["tls_hostname"] = tls.server_name
+    if auth is not None:
+        if auth.password is not None:
+            options["user"] = auth.username or ""
+            options["password"] = _reader(auth.password)
+        elif auth.token is not None:
+            options["token"] = _reader(auth.token)
+        elif auth.nkey_seed_file is not None:
+            options["nkeys_seed"] = str(auth.nkey_seed_file)
+        elif auth.creds_file is not None:
+            options["user_credentials"] = str(auth.creds_file)
+    return options
+
+
+def _reader(secret: Secret) -> Callable[[], str]:
+    def read() -> str:
+        return secret.reveal()
+
+    return read
+
+
+class _TlsNotOffered(nats.errors.SecureConnWantedError):
+    def __str__(self) -> str:
+        return "nats: TLS is required by the client configuration but the server does not offer it"
+
+
+class _ClientCertificateRequired(nats.errors.SecureConnFailedError):
+    def __str__(self) -> str:
+        return (
+            "the server requires a client certificate (TLS verify): set tls.cert_file and "
+            "tls.key_file"
+        )
+
+
+class _NatsClient(NatsClient):
+    """nats-py's client, refusing a plaintext connection when TLS is required, and saying so
+    when the server requires a client certificate and none is configured (the server would
+    just drop the connection after the handshake)."""
+
+    require_tls = False
+    has_client_certificate = False
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        # called with the server's first INFO, before the TLS upgrade and before CONNECT
+        if initial_connection:
+            if self.require_tls and not info.get("tls_required"):
+                if not info.get("tls_available"):
+                    raise _TlsNotOffered
+                info["tls_required"] = True  # the server allows TLS: upgrade
+            if info.get("tls_verify") and not self.has_client_certificate:
+                raise _ClientCertificateRequired
+        await super()._process_info(info, initial_connection)
+
+
+async def connect_nats(
+    url: str,
+    tls: TlsConfig | None = None,
+    auth: AuthConfig | None = None,
+    *,
+    name: str = "koprs-bridge",
+    connect_timeout_s: float = 5.0,
+    reconnect_wait_s: float = 1.0,
+    error_cb: ErrorCallback | None = None,
+    disconnected_cb: Callback | None = None,
+    reconnected_cb: Callback | None = None,
+    closed_cb: Callback | None = None,
+    **options: Any,
+) -> NatsClient:
+    """A connected NATS client that reconnects forever once connected.
+
+    Raises :class:`ConnectError` when every server failed once (refused the connection or the
+    credentials, failed the TLS handshake...) or nothing answered within ``connect_timeout_s``;
+    nothing is left running then. ``error_cb`` gets the errors after the first connection
+    (reconnection failures, permission violations); ``options`` go to ``Client.connect``.
+    """
+    where = redact_url(url)
+    try:
+        connect_options = nats_options(url, tls, auth)
+    except ConfigError as exc:
+        raise ConnectError(f"cannot connect to NATS {where}: {exc}") from exc
+    servers = max(1, len(connect_options["servers"]))
+    nc = _NatsClient()
+    nc.require_tls = nats_tls_required(url, tls)
+    nc.has_client_certificate = tls is not None and tls.cert_file is not None
+    failures: list[BaseException] = []
+    failed = asyncio.Event()
+    connecting = True
+
+    async def on_error(exc: Exception) -> None:
+        if connecting:
+            failures.append(exc)
+            if len(failures) >= servers:
+                failed.set()
+        elif error_cb is not None:
+            await error_cb(exc)
+
+    connect = asyncio.ensure_future(
+        nc.connect(
+            **connect_options,
+            name=name,
+            connect_timeout=max(1, round(connect_timeout_s)),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
+            error_cb=on_error,
+            disconnected_cb=disconnected_cb,
+            reconnected_cb=reconnected_cb,
+            closed_cb=closed_cb,
+            **options,
+        )
+    )
+    gave_up = asyncio.ensure_future(failed.wait())
+    cause: BaseException | None = None
+    try:
+        done, _ = await asyncio.wait(
+            {connect, gave_up}, timeout=connect_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if connect in done and connect.exception() is None:
+            connecting = False
+            return nc
+        if failures:  # what the server said, rather than an error of nats-py's clean-up
+            cause = next(
+                (f for f in failures if not isinstance(f, BrokenPipeError | ConnectionResetError)),
+                failures[-1],
+            )
+        elif connect in done:
+            cause = connect.exception()
+        else:
+            cause = TimeoutError(f"no answer within {connect_timeout_s:g} s")
+    finally:
+        gave_up.cancel()
+        if connecting:  # failed, or cancelled: leave nothing behind
+            connect.cancel()
+            await asyncio.gather(connect, gave_up, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await nc.close()
+    raise ConnectError(f"cannot connect to NATS {where}: {describe_error(cause)}") from cause
+
+
+# -- Redis --------------------------------------------------------------------------------------
+
+
+try:  # no CLIENT SETINFO on connect: one command less for the ACL, and Redis < 7.2 lacks it
+    import redis.driver_info
+
+    _NO_CLIENT_INFO: dict[str, Any] = {"driver_info": None}
+except ImportError:  # pragma: no cover - older redis-py
+    _NO_CLIENT_INFO = {"lib_name": None, "lib_version": None}
+
+
+def redis_tls_required(url: str, tls: TlsConfig | None) -> bool:
+    """Whether TLS is used: a ``rediss://`` URL or a ``tls`` section."""
+    return tls is not None or urlsplit(url).scheme.lower() == "rediss"
+
+
+class _Credentials(CredentialProvider):
+    """ACL user and password, the password read again for every new connection."""
+
+    def __init__(self, username: str | None, password: Secret | str) -> None:
+        self.username = username
+        self.password = password
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = self.password if isinstance(self.password, str) else self.password.reveal()
+        return (self.username, password) if self.username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
+class TlsConnection(Connection):
+    """A Redis TCP connection over TLS with a context from :func:`ssl_context`."""
+
+    def __init__(self, *, tls_config: TlsConfig | None = None, **kwargs: Any) -> None:
+        self.tls_config = tls_config
+        super().__init__(**kwargs)
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        arguments = dict(super()._connection_arguments())
+        arguments["ssl"] = ssl_context(self.tls_config)
+        if self.tls_config is not None and self.tls_config.server_name:
+            arguments["server_hostname"] = self.tls_config.server_name
+        return arguments
+
+
+def redis_client(
+    url: str, tls: TlsConfig | None = None, auth: AuthConfig | None = None, **options: Any
+) -> redis.asyncio.Redis:
+    """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
+
+    ``options`` are those of ``Redis.from_url`` (timeouts, ``retry``...). ``auth`` overrides
+    credentials in the URL. Nothing connects before the first command.
+    """
+    try:
+        kwargs: dict[str, Any] = {**_NO_CLIENT_INFO, **options, **parse_url(url)}
+    except ValueError as exc:
+        raise ConfigError(f"Redis URL {redact_url(url)!r}: {exc}") from None
+    username = kwargs.pop("username", None)
+    password = kwargs.pop("password", None)
+    if auth is not None and auth.password is not None:
+        username, password = auth.username, auth.password
+    elif auth is not None and auth.username:
+        username = auth.username
+    if password is not None:
+        kwargs["credential_provider"] = _Credentials(username, password)
+    elif username:
+        kwargs["username"] = username  # ACL user without password ("nopass")
+    if kwargs.get("connection_class") is not None and "path" in kwargs:
+        if tls is not None:
+            raise ConfigError(f"Redis URL {redact_url(url)!r}: no TLS over a unix socket")
+    elif redis_tls_required(url, tls):
+        kwargs["connection_class"] = TlsConnection
+        kwargs["tls_config"] = tls
+    return redis.asyncio.Redis.from_pool(ConnectionPool(**kwargs))
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+_HANDSHAKE_HINTS = {
+    "CERTIFICATE_REQUIRED": "the server requires a client certificate: set tls.cert_file and "
+    "tls.key_file",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate: set "
+    "tls.cert_file and tls.key_file",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server rejected the client certificate",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate's CA",
+    "WRONG_VERSION_NUMBER": "the server does not speak TLS on this port",
+    "RECORD_LAYER_FAILURE": "the server does not speak TLS on this port",
+    "PACKET_LENGTH_TOO_LONG": "the server does not speak TLS on this port",
+    "UNEXPECTED_EOF_WHILE_READING": "the server closed the connection during the handshake",
+}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def describe_error(exc: BaseException | None) -> str:
+    """The cause of a failed connection or command, in words, with a hint where one helps.
+
+    Never contains a secret: server error texts do not echo credentials, and URLs are not
+    part of what this returns.
+    """
+    if exc is None:
+        return "unknown error"
+    chain = _chain(exc)
+    for link in chain:
+        if isinstance(link, ssl.SSLCertVerificationError):
+            return (
+                f"TLS: certificate verify failed: {link.verify_message or link.reason} (the "
+                "server's certificate is not signed by a trusted CA or does not match the host: "
+                "set tls.ca_file, or tls.server_name)"
+            )
+    for link in chain:
+        if isinstance(link, ssl.SSLError):
+            reason = link.reason or str(link)
+            hint = _HANDSHAKE_HINTS.get(str(reason))
+            return f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")
+    text = str(exc).strip()
+    lowered = text.lower()
+    if isinstance(exc, ConnectError | ConfigError):
+        return text
+    if isinstance(exc, _ClientCertificateRequired):
+        return str(exc)
+    if isinstance(exc, _TlsNotOffered):
+        return (
+            "the server does not offer TLS, but the client requires it (a tls:// URL or a tls "
+            "section)"
+        )
+    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in lowered:
+        return (
+            "authorization violation: the server refused the credentials (wrong or missing "
+            "user/password, token, nkey or creds)"
+        )
+    if "authentication expired" in lowered or "user authentication revoked" in lowered:
+        return f"authorization violation: {text.removeprefix('nats: ').strip(chr(39))}"
+    if "tls required" in lowered or "secure connection - tls required" in lowered:
+        return "TLS required by server (use a tls:// or rediss:// URL, or a tls section)"
+    if "permissions violation" in lowered:
+        return f"permissions violation: {text.removeprefix('nats: ').strip(chr(39))}"
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        if "wrongpass" in lowered or "invalid username-password" in lowered:
+            return (
+                "WRONGPASS: invalid username-password pair or user is disabled (check auth "
+                "username/password)"
+            )
+        if (
+            "noauth" in lowered
+            or "authentication required" in lowered
+            or "already authenticated" in lowered  # HELLO without AUTH
+        ):
+            return "NOAUTH: the server requires authentication (set auth.password)"
+        if "no password is set" in lowered or "without any password configured" in lowered:
+            return "AUTH refused: the server has no password set (remove auth.password)"
+        return f"authentication failed: {text}"
+    if isinstance(exc, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
+        return (
+            f"NOPERM: {text.removeprefix('NOPERM ')} (the ACL user lacks this right; see "
+            "deploy/security/redis-acl.conf)"
+        )
+    if isinstance(exc, redis.exceptions.ConnectionError) and (
+        "closed by server" in lowered or "reset by peer" in lowered
+    ):
+        return (
+            f"{text} (the server dropped the connection: if it is TLS-only, use rediss:// or "
+            "a tls section)"
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not text:
+        return "timed out"
+    if isinstance(exc, FileNotFoundError | PermissionError) and exc.filename:
+        return f"cannot read {str(exc.filename)!r}: {exc.strerror}"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

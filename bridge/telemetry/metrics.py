@@ -1,0 +1,131 @@
+"""Prometheus metrics of one bridge, in a registry of its own (``Metrics.registry``).
+
+Labels carry source names and event kinds only: never a URL, a bucket or a credential.
+
+| metric | type | labels |
+|---|---|---|
+| ``koprs_bridge_polls_total`` | counter | source |
+| ``koprs_bridge_poll_errors_total`` | counter | source |
+| ``koprs_bridge_poll_consecutive_failures`` | gauge | source |
+| ``koprs_bridge_poll_duration_seconds`` | histogram | source |
+| ``koprs_bridge_last_successful_poll_timestamp_seconds`` | gauge | source |
+| ``koprs_bridge_events_published_total`` | counter | source, kind |
+| ``koprs_bridge_publish_errors_total`` | counter | source |
+| ``koprs_bridge_publish_duration_seconds`` | histogram | source |
+| ``koprs_bridge_lease_held`` | gauge | source |
+| ``koprs_bridge_broker_connected`` | gauge | |
+| ``koprs_bridge_leader_election_connected`` | gauge | |
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics", "SourceMetrics"]
+
+NAMESPACE = "koprs_bridge"
+KINDS = ("added", "modified", "removed")
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Every metric of one bridge; :meth:`source` binds the children of one source."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        reg = self.registry
+        ns = NAMESPACE
+        self.polls = Counter(
+            "polls", "Polls of a source, failed ones included.", ["source"], namespace=ns,
+            registry=reg,
+        )  # fmt: skip
+        self.poll_errors = Counter(
+            "poll_errors", "Polls of a source that failed.", ["source"], namespace=ns,
+            registry=reg,
+        )  # fmt: skip
+        self.poll_consecutive_failures = Gauge(
+            "poll_consecutive_failures",
+            "Polls of a source that failed in a row (0 after a success).",
+            ["source"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.poll_duration = Histogram(
+            "poll_duration_seconds", "How long polls of a source took.", ["source"],
+            namespace=ns, registry=reg, buckets=_BUCKETS,
+        )  # fmt: skip
+        self.last_success = Gauge(
+            "last_successful_poll_timestamp_seconds",
+            "Unix time of the last successful poll of a source.",
+            ["source"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.events_published = Counter(
+            "events_published",
+            "Events the broker acknowledged, per source and kind (a batch published again "
+            "after a failure counts again; the broker dropped the duplicates).",
+            ["source", "kind"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.publish_errors = Counter(
+            "publish_errors", "Batches of a source whose publish failed.", ["source"],
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.publish_duration = Histogram(
+            "publish_duration_seconds",
+            "From sending a batch to the broker's last acknowledgement (acknowledged batches).",
+            ["source"], namespace=ns, registry=reg, buckets=_BUCKETS,
+        )  # fmt: skip
+        self.lease_held = Gauge(
+            "lease_held", "1 while this replica holds the lease of a source (leads it).",
+            ["source"], namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.broker_connected = Gauge(
+            "broker_connected", "1 while the broker is connected.", namespace=ns, registry=reg
+        )
+        self.leader_election_connected = Gauge(
+            "leader_election_connected",
+            "1 while the leader election's Redis answers (absent without leader election).",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self._sources: dict[str, SourceMetrics] = {}
+
+    def source(self, name: str) -> SourceMetrics:
+        """The bound metrics of source ``name`` (created, at zero, on first use)."""
+        bound = self._sources.get(name)
+        if bound is None:
+            bound = self._sources[name] = SourceMetrics(self, name)
+        return bound
+
+    def render(self) -> bytes:
+        """The text exposition format (``text/plain; version=0.0.4``)."""
+        return generate_latest(self.registry)
+
+
+class SourceMetrics:
+    """The children of one source, bound once (a label lookup per update costs more)."""
+
+    __slots__ = (
+        "consecutive_failures",
+        "events",
+        "last_success",
+        "lease_held",
+        "poll_duration",
+        "poll_errors",
+        "polls",
+        "publish_duration",
+        "publish_errors",
+        "source",
+    )
+
+    def __init__(self, metrics: Metrics, source: str) -> None:
+        self.source = source
+        self.polls = metrics.polls.labels(source)
+        self.poll_errors = metrics.poll_errors.labels(source)
+        self.consecutive_failures = metrics.poll_consecutive_failures.labels(source)
+        self.poll_duration = metrics.poll_duration.labels(source)
+        self.last_success = metrics.last_success.labels(source)
+        self.events = {kind: metrics.events_published.labels(source, kind) for kind in KINDS}
+        self.publish_errors = metrics.publish_errors.labels(source)
+        self.publish_duration = metrics.publish_duration.labels(source)
+        self.lease_held = metrics.lease_held
+        """Labelled only with leader election (:meth:`set_lease_held`), absent otherwise."""
+
+    def set_lease_held(self, held: bool) -> None:
+        self.lease_held.labels(self.source).set(1 if held else 0)
