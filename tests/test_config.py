@@ -151,6 +151,71 @@ INVALID = [
         "access_key_id and secret_access_key must be given together",
     ),
     (
+        "broker: {url: nats://x}\nsources: [{name: a, interval: 1, s3: {bucket: bkt, "
+        "session_token: t}}]",
+        "sources[0].s3: session_token needs access_key_id and secret_access_key",
+    ),
+    (
+        "broker: {url: nats://x}\nsources: [{name: a, interval: 1, s3: {bucket: bkt, "
+        "role_arn: 'arn:aws:iam::1:role/r'}}]",
+        "sources[0].s3: role_arn and web_identity_token_file must be given together",
+    ),
+    (
+        "broker: {url: nats://x, auth: {token: t, creds_file: /nonexistent.creds}}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "broker.auth.creds_file: file '/nonexistent.creds' does not exist",
+    ),
+    (
+        "broker: {url: nats://x, auth: {username: u, password: p, token: t}}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "broker.auth: give one authentication method, not username/password and token",
+    ),
+    (
+        "broker: {url: redis://x, auth: {token: t}}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "broker.auth: unknown key(s) token (allowed: password, username)",
+    ),
+    (
+        "broker: {url: nats://x, tls: {cert_file: /etc/hostname}}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "broker.tls: cert_file and key_file must be given together",
+    ),
+    (
+        "broker: {url: nats://x}\nleader_election: {redis_url: 'redis://r', tls: {verify: maybe}}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "leader_election.tls.verify: must be true or false, not 'maybe'",
+    ),
+    (
+        "broker: {url: nats://x}\nsources: [{name: a, interval: 1, http: {url: 'http://x', "
+        "bearer_token: t, basic_auth: {username: u, password: p}}}]",
+        "sources[0].http: give bearer_token or basic_auth, not both",
+    ),
+    (
+        "broker: {url: nats://x}\nsources: [{name: a, interval: 1, http: {url: 'http://x', "
+        "basic_auth: {username: 'a:b', password: p}}}]",
+        "sources[0].http.basic_auth.username: must not contain ':'",
+    ),
+    (
+        "broker: {url: nats://x}\nserver: {port: 70000}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "server.port: must be a TCP port (0-65535), not 70000",
+    ),
+    (
+        "broker: {url: nats://x}\ntracing: {exporter: jaeger}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "tracing.exporter: must be 'none', 'console' or 'otlp', not 'jaeger'",
+    ),
+    (
+        "broker: {url: nats://x}\ntracing: {sample_ratio: 2}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "tracing.sample_ratio: must be from 0 to 1, not 2",
+    ),
+    (
+        "broker: {url: nats://x}\nlogging: {format: xml}\n"
+        "sources: [{name: a, interval: 1, local: {path: /}}]",
+        "logging.format: must be 'text' or 'json', not 'xml'",
+    ),
+    (
         "broker: {url: nats://x}\nsources: [{name: a, interval: 1, http: {url: 'http://x', "
         "bearer_token: {env: KOPRS_TEST_UNSET_VARIABLE}}}]",
         "bearer_token: environment variable KOPRS_TEST_UNSET_VARIABLE is not set",
@@ -246,3 +311,64 @@ def test_check_command_exit_codes(tmp_path: Path) -> None:
     assert failed.returncode == 2
     assert "sources[0].name" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_operations_and_security_sections_load(tmp_path: Path) -> None:
+    ca, cert, key, creds = (tmp_path / n for n in ("ca.pem", "c.pem", "k.pem", "u.creds"))
+    for f in (ca, cert, key, creds):
+        f.write_text("x")
+    config = parse_config(
+        {
+            "broker": {
+                "url": "tls://127.0.0.1:4222",
+                "tls": {"ca_file": str(ca), "cert_file": str(cert), "key_file": str(key)},
+                "auth": {"creds_file": str(creds)},
+            },
+            "leader_election": {
+                "redis_url": "rediss://127.0.0.1:6380",
+                "tls": {"ca_file": str(ca), "server_name": "redis.local"},
+                "auth": {"username": "bridge", "password": "pw"},
+            },
+            "server": {"host": "127.0.0.1", "port": 0, "metrics": False},
+            "tracing": {
+                "exporter": "otlp",
+                "endpoint": "http://127.0.0.1:4318",
+                "sample_ratio": 0.5,
+            },
+            "logging": {"format": "json", "level": "debug"},
+            "sources": [
+                {
+                    "name": "a",
+                    "interval": "1s",
+                    "http": {
+                        "url": "https://127.0.0.1/x",
+                        "basic_auth": {"username": "u", "password": "p"},
+                        "tls": {"ca_file": str(ca)},
+                        "max_redirects": 0,
+                    },
+                }
+            ],
+        }
+    )
+    assert config.broker.tls is not None
+    assert config.broker.tls.cert_file == cert
+    assert config.broker.auth is not None
+    assert config.broker.auth.creds_file == creds
+    election = config.leader_election
+    assert election is not None
+    assert election.tls is not None
+    assert election.tls.server_name == "redis.local"
+    assert election.auth is not None
+    assert election.auth.password is not None
+    assert election.auth.password.reveal() == "pw"
+    assert "pw" not in repr(config)
+    assert config.server is not None
+    assert (config.server.port, config.server.metrics) == (0, False)
+    assert (config.tracing.exporter, config.tracing.sample_ratio) == ("otlp", 0.5)
+    assert (config.logging.format, config.logging.level) == ("json", "DEBUG")
+    http = config.sources[0].http
+    assert http is not None
+    assert http.basic_auth is not None
+    assert http.basic_auth.username == "u"
+    assert "'p'" not in repr(http)
+    assert http.max_redirects == 0

@@ -852,6 +852,8 @@ class _Reader:
                 fields[key] = self.secret(doc[key])
         if ("access_key_id" in fields) != ("secret_access_key" in fields):
             self.fail("access_key_id and secret_access_key must be given together")
+        if "session_token" in fields and "access_key_id" not in fields:
+            self.fail("session_token needs access_key_id and secret_access_key")
         return S3SourceConfig(**fields)
 
     def local_source(self, raw: Any) -> LocalSourceConfig:
