@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,14 +17,26 @@ __all__ = ["Secret", "redact_url"]
 REDACTED = "***"
 
 
-@dataclass(eq=False)
 class Secret:
-    """A secret value and where it comes from (``inline``, ``env:NAME`` or ``file:PATH``)."""
+    """A secret value and where it comes from (``inline``, ``env:NAME`` or ``file:PATH``).
 
-    origin: str
-    _value: str = field(repr=False)
-    _path: Path | None = field(default=None, repr=False)
-    _stamp: tuple[int, int, int] = field(default=(-1, -1, -1), repr=False)
+    Deliberately not a dataclass: ``dataclasses.asdict`` (a config dump) would copy the value
+    out; it copies a ``Secret`` as a whole, which then shows as ``Secret(...)``.
+    """
+
+    __slots__ = ("_path", "_stamp", "_value", "origin")
+
+    def __init__(
+        self,
+        origin: str,
+        _value: str,
+        _path: Path | None = None,
+        _stamp: tuple[int, int, int] = (-1, -1, -1),
+    ) -> None:
+        self.origin = origin
+        self._value = _value
+        self._path = _path
+        self._stamp = _stamp
 
     @classmethod
     def inline(cls, value: str) -> Secret:

@@ -21,7 +21,8 @@ default) there is no tracer at all: no SDK, no span objects, no ``traceparent``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -34,6 +35,7 @@ from bridge.errors import ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
     from bridge.consumer.decoding import Envelope
     from bridge.service.config import TracingConfig
@@ -90,12 +92,19 @@ def otlp_traces_endpoint(endpoint: str) -> str:
 class Tracing:
     """The bridge's tracer, or none at all (``tracer is None``) when tracing is off."""
 
-    def __init__(self, provider: trace.TracerProvider | None = None, *, owned: bool = False):
+    def __init__(
+        self,
+        provider: trace.TracerProvider | None = None,
+        *,
+        owned: bool = False,
+        exporter: SpanExporter | None = None,
+    ) -> None:
         self.provider = provider
         self.tracer: Tracer | None = (
             None if provider is None else provider.get_tracer(INSTRUMENTATION_NAME)
         )
         self._owned = owned
+        self._exporter = exporter
 
     @classmethod
     def from_config(cls, config: TracingConfig) -> Tracing:
@@ -103,28 +112,46 @@ class Tracing:
         global one is left alone) exporting in batches to the console or over OTLP/HTTP."""
         if config.exporter == "none":
             return cls()
-        return cls(build_provider(config), owned=True)
+        provider, exporter = build_provider(config)
+        return cls(provider, owned=True, exporter=exporter)
 
     @property
     def enabled(self) -> bool:
         return self.tracer is not None
 
-    def shutdown(self) -> None:
-        """Flush and stop the provider if this object created it (blocking: call in a thread)."""
-        if self._owned and self.provider is not None:
-            shutdown = getattr(self.provider, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+    def shutdown(self, timeout_s: float = 2.0) -> None:
+        """Flush (for up to ``timeout_s``) and stop the provider if this object created it;
+        an unreachable collector does not hold the shutdown up longer (its retries are cut
+        short). Blocking: call it in a thread."""
+        if not self._owned or self.provider is None:
+            return
+        shutdown = getattr(self.provider, "shutdown", None)
+        if shutdown is None:
+            return
+        # The provider's shutdown exports what is left, retrying as long as the exporter's
+        # own timeout allows: stopping the exporter after ``timeout_s`` cuts that short.
+        timer = None
+        if self._exporter is not None:
+            timer = threading.Timer(timeout_s, self._exporter.shutdown)
+            timer.daemon = True
+            timer.start()
+        try:
+            shutdown()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
-def build_provider(config: TracingConfig) -> SdkTracerProvider:
+def build_provider(config: TracingConfig) -> tuple[SdkTracerProvider, SpanExporter]:
+    """An SDK provider exporting in batches, and its exporter."""
     try:
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
         from opentelemetry.sdk.trace.export import (
             BatchSpanProcessor,
             ConsoleSpanExporter,
             SpanExporter,
+            SpanExportResult,
         )
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
@@ -145,12 +172,33 @@ def build_provider(config: TracingConfig) -> SdkTracerProvider:
             ) from exc
         endpoint = otlp_traces_endpoint(config.endpoint) if config.endpoint else None
         exporter = OTLPSpanExporter(endpoint=endpoint)
+
+    class StoppableExporter(SpanExporter):
+        """The exporter, with a ``shutdown`` that may be called twice (by a timer, then by
+        the span processor)."""
+
+        def __init__(self, inner: SpanExporter) -> None:
+            self.inner = inner
+            self._stopped = threading.Event()
+
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return self.inner.export(spans)
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return self.inner.force_flush(timeout_millis)
+
+        def shutdown(self) -> None:
+            if not self._stopped.is_set():
+                self._stopped.set()
+                self.inner.shutdown()
+
+    exporter = StoppableExporter(exporter)
     provider = TracerProvider(
         resource=Resource.create({"service.name": config.service_name}),
         sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
     )
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    return provider, exporter
 
 
 @contextlib.contextmanager
