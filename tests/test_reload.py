@@ -399,6 +399,9 @@ async def test_removed_source_finishes_its_publish_in_flight(tmp_path: Path) -> 
         assert list(checkpoint.state) == ["a.txt"]
         assert gone.revision == checkpoint.revision
         assert set(bridge.loops) == {"keep"}
+        scrape = bridge.telemetry.metrics.render().decode()
+        assert 'source="keep"' in scrape
+        assert 'source="gone"' not in scrape  # its series went with it
     finally:
         sink.unblock()
         stop.set()

@@ -296,6 +296,8 @@ class Bridge:
                 )
             for spec in retired:
                 await _aclose(spec.source)
+            for name in plan.removed:
+                self.telemetry.metrics.forget(name)
             self.specs = specs
             self.config = replace(self.config, sources=config.sources)
             if self.coordinator is None and self._phase == "running":

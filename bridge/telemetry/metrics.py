@@ -19,6 +19,8 @@ Labels carry source names and event kinds only: never a URL, a bucket or a crede
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics", "SourceMetrics"]
@@ -92,6 +94,25 @@ class Metrics:
         if bound is None:
             bound = self._sources[name] = SourceMetrics(self, name)
         return bound
+
+    def forget(self, name: str) -> None:
+        """Drop every series of source ``name`` (removed from the config by a reload)."""
+        self._sources.pop(name, None)
+        for family in (
+            self.polls,
+            self.poll_errors,
+            self.poll_consecutive_failures,
+            self.poll_duration,
+            self.last_success,
+            self.publish_errors,
+            self.publish_duration,
+            self.lease_held,
+        ):
+            with contextlib.suppress(KeyError):
+                family.remove(name)
+        for kind in KINDS:
+            with contextlib.suppress(KeyError):
+                self.events_published.remove(name, kind)
 
     def render(self) -> bytes:
         """The text exposition format (``text/plain; version=0.0.4``)."""
