@@ -87,12 +87,16 @@ _contexts: dict[TlsConfig, tuple[tuple[int, ...], ssl.SSLContext]] = {}
 
 
 def _stamp(tls: TlsConfig) -> tuple[int, ...]:
-    stamp = []
+    """Inode, size and mtime of each file: a symlink swap (Kubernetes) changes the inode, a
+    rewrite within one coarse timestamp tick most likely the size."""
+    stamp: list[int] = []
     for path in (tls.ca_file, tls.cert_file, tls.key_file):
         try:
-            stamp.append(os.stat(path).st_mtime_ns if path is not None else 0)
+            info = os.stat(path) if path is not None else None
         except OSError:
-            stamp.append(-1)
+            stamp += (-1, -1, -1)
+            continue
+        stamp += (info.st_ino, info.st_size, info.st_mtime_ns) if info else (0, 0, 0)
     return tuple(stamp)
 
 
@@ -159,10 +163,11 @@ def nats_options(
 ) -> dict[str, Any]:
     """Keyword arguments of ``nats.connect`` (``Client.connect``) for TLS and credentials.
 
-    ``servers`` always; ``tls`` (an SSL context) and ``tls_hostname`` when TLS is used; one of
-    ``user``/``password``, ``token``, ``nkeys_seed`` or ``user_credentials`` from ``auth``
-    (credentials in the URL work as nats-py handles them). Secrets are callables that read the
-    secret at each connection.
+    ``servers``; ``tls``, the SSL context of ``tls`` (used when the URL is ``tls://``, when
+    the server requires TLS, or, through :func:`connect_nats`, whenever ``tls`` is given);
+    ``tls_hostname`` from ``tls.server_name``; one of ``user``/``password``, ``token``,
+    ``nkeys_seed`` or ``user_credentials`` from ``auth`` (credentials in the URL work as nats-py
+    handles them). Secrets are callables that read the secret at each connection.
     """
     options: dict[str, Any] = {"servers": nats_servers(url)}
     # nats:// upgrades to TLS when the server requires it: our context (CA, client certificate)
