@@ -37,7 +37,7 @@ import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import nats.errors
@@ -55,6 +55,7 @@ __all__ = [
     "ConnectError",
     "connect_nats",
     "describe_error",
+    "keep_cancellation",
     "nats_options",
     "nats_servers",
     "nats_tls_required",
@@ -63,6 +64,7 @@ __all__ = [
     "ssl_context",
 ]
 
+T = TypeVar("T")
 ErrorCallback = Callable[[Exception], Awaitable[None]]
 Callback = Callable[[], Awaitable[None]]
 
@@ -322,6 +324,21 @@ try:  # no CLIENT SETINFO on connect: one command less for the ACL, and Redis < 
     _NO_CLIENT_INFO: dict[str, Any] = {"driver_info": None}
 except ImportError:  # pragma: no cover - older redis-py
     _NO_CLIENT_INFO = {"lib_name": None, "lib_version": None}
+
+
+async def keep_cancellation(awaitable: Awaitable[T]) -> T:
+    """Await a redis-py call without losing a cancellation.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every write when a
+    ``socket_timeout`` is set) returns the result and drops a cancellation that arrives as the
+    write completes: the caller would go on as if never cancelled, and a task stopped with one
+    ``cancel()`` would run until cancelled again. This raises that cancellation."""
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    result = await awaitable
+    if task is not None and task.cancelling() > before:
+        raise asyncio.CancelledError
+    return result
 
 
 def redis_tls_required(url: str, tls: TlsConfig | None) -> bool:

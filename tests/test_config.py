@@ -196,6 +196,10 @@ INVALID = [
         "sources[0].http.basic_auth.username: must not contain ':'",
     ),
     (
+        "broker: {url: nats://x}\nsources: [{name: a, interval: 1, http: {url: 'http://u:hunter2@h/x'}}]",
+        "sources[0].http.url: must not carry credentials ('http://u:***@h/x')",
+    ),
+    (
         "broker: {url: nats://x}\nserver: {port: 70000}\n"
         "sources: [{name: a, interval: 1, local: {path: /}}]",
         "server.port: must be a TCP port (0-65535), not 70000",

@@ -600,3 +600,33 @@ async def test_closing_ends_a_blocked_iteration(
 def test_invalid_configuration(sources: list[str], options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         watch_redis("redis://127.0.0.1:1/0", sources, **options)
+
+
+async def test_one_cancel_stops_a_handler_right_after_it_handled(
+    sink: RedisSink, redis_url: str
+) -> None:
+    """redis-py's writes run under asyncio.wait_for, which on Python 3.11 can drop a
+    cancellation that arrives as the write completes: one cancel() must still stop the task."""
+    from bridge.consumer import event_handler, run_handler
+
+    await sink.publish("files", events(["a"]))
+    for attempt in range(3):
+        handled = asyncio.Event()
+
+        async def handle(
+            kind: Any, resource: Any, state: None, handled: asyncio.Event = handled
+        ) -> None:
+            handled.set()
+
+        watch = watch_redis(redis_url, ("files",), group=f"cancel-{attempt}")
+        task = asyncio.create_task(run_handler(event_handler(None)(handle), watch))
+        try:
+            await handled.wait()
+            task.cancel()  # lands while the watch creates its group (XGROUP CREATE)
+            done, _ = await asyncio.wait([task], timeout=10)
+            assert done, "the task ignored its cancellation"
+            assert task.cancelled()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await watch.aclose()

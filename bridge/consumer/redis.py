@@ -85,7 +85,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from bridge.connections import describe_error, redis_client
+from bridge.connections import describe_error, keep_cancellation, redis_client
 from bridge.consumer.base import Delivery, Synced, WatchItem
 from bridge.consumer.decoding import Envelope, decode_redis_entry
 from bridge.errors import ConfigError, DecodeError
@@ -337,7 +337,7 @@ class RedisWatch:
             keys = (stream, items_key(self._sources[stream], self.config.stream_prefix))
             args = (self.group or "", "1" if list_items else "0")
             pipe.execute_command("EVAL", SNAPSHOT_SCRIPT, 2, *keys, *args)
-        replies = await pipe.execute()
+        replies = await keep_cancellation(pipe.execute())
         result = {}
         for stream, (last, has_group, flat) in zip(self._sources, replies, strict=True):
             items = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
@@ -349,7 +349,7 @@ class RedisWatch:
         pipe = self._client.pipeline(transaction=False)
         for stream, _key, entry_id in batch:
             pipe.execute_command("XRANGE", stream, entry_id, entry_id)
-        replies = await pipe.execute()
+        replies = await keep_cancellation(pipe.execute())
         for (stream, key, entry_id), found in zip(batch, replies, strict=True):
             self._listing.popleft()
             if not found:
@@ -574,7 +574,8 @@ class RedisWatch:
             )  # fmt: skip
 
     async def _command(self, *args: Any) -> Any:
-        return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+        command = self._client.execute_command(*args)  # type: ignore[no-untyped-call]
+        return await keep_cancellation(command)
 
     # -- errors --
 

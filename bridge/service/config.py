@@ -740,6 +740,11 @@ class _Reader:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 self.fail(f"must be an absolute http:// or https:// URL, not {url!r}")
+            if "@" in parts.netloc:
+                self.fail(
+                    f"must not carry credentials ({redact_url(url)!r}): it appears in every "
+                    "event and log line; use basic_auth or bearer_token"
+                )
         fields: dict[str, Any] = {"url": url}
         if "headers" in doc:
             with self.at("headers"):
