@@ -34,6 +34,9 @@ __all__ = [
 
 log = logging.getLogger("bridge.watch")
 
+_MAX_DOUBLINGS = 64
+"""Consecutive failures past this no longer double the wait (it is at the ceiling anyway)."""
+
 
 @runtime_checkable
 class ExternalSource(Protocol):
@@ -117,7 +120,11 @@ class Schedule:
         interval = self.config.interval
         if not ok:
             self.failures += 1
-            return min(interval * 2.0**self.failures, self.config.max_backoff)
+            # The ceiling is reached long before; 2.0**1024 would raise OverflowError (after
+            # 1024 failures in a row: 17 minutes of a source polled every second with a 1 s
+            # ceiling).
+            doublings = min(self.failures, _MAX_DOUBLINGS)
+            return min(interval * 2.0**doublings, self.config.max_backoff)
         if self.failures:
             self.failures = 0
             self._anchor, self._tick = now, 0

@@ -63,6 +63,8 @@ class Exchange:
     headers: Mapping[str, str]
     """Header names in lower case."""
     status: int = 0
+    connection: int = 0
+    """The client's port: requests with the same value came over one connection."""
 
 
 @dataclass
@@ -194,7 +196,10 @@ class HttpTestServer(_BackgroundServer):
 
             def do_GET(self) -> None:
                 exchange = Exchange(
-                    self.command, self.path, {k.lower(): v for k, v in self.headers.items()}
+                    self.command,
+                    self.path,
+                    {k.lower(): v for k, v in self.headers.items()},
+                    connection=self.client_address[1],
                 )
                 with owner._lock:
                     owner.exchanges.append(exchange)

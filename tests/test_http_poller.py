@@ -101,6 +101,25 @@ async def test_unchanged_with_etag_sends_if_none_match_and_304_is_no_event(
         assert conditional.status == 304
 
 
+async def test_polls_answered_without_a_body_keep_their_connection(
+    server: HttpTestServer,
+) -> None:
+    """A 304 or 404 that nobody reads to its end would close its connection: the next poll
+    would connect again (a TCP and maybe a TLS handshake per poll)."""
+    doc = Document(b"one", etag='"v1"')
+    url = server.route("/c", doc)
+    async with HttpPoller(url) as poller:
+        assert len(await poller.poll()) == 1
+        for _ in range(3):
+            assert await poller.poll() == []  # 304
+        doc.status = 404
+        assert len(await poller.poll()) == 1  # Removed
+        assert await poller.poll() == []  # 404 again
+    requests = server.requests_to("/c")
+    assert [r.status for r in requests] == [200, 304, 304, 304, 404, 404]
+    assert len({r.connection for r in requests}) == 1
+
+
 async def test_changed_content_is_modified_once(server: HttpTestServer) -> None:
     doc = Document(b"one", etag='"v1"')
     url = server.route("/c", doc)

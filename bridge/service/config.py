@@ -12,6 +12,7 @@ is read as a YAML scalar. Secrets (tokens, keys, URLs with passwords) may be giv
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Collection, Iterator, Mapping
@@ -145,6 +146,7 @@ class HttpSourceConfig:
     basic_auth: BasicAuthConfig | None = None
     max_body_bytes: int = 16 * 1024 * 1024
     timeout_s: float = 10.0
+    """The longest one poll's request may take, from connecting to the body's last byte."""
     verify_tls: bool | str = True
     """False to skip verification, or the path of a CA bundle."""
     tls: TlsConfig | None = None
@@ -248,6 +250,10 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         text = Path(path).read_text("utf-8")
     except OSError as exc:
         raise ConfigError(f"{origin}: cannot read the config file: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{origin}: not a text file in UTF-8 (byte {exc.start}: {exc.reason})"
+        ) from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -295,7 +301,14 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: str) -> dict
                     f"in {origin} is not a mapping"
                 )
             if last:
-                node[index] = yaml.safe_load(env[name]) if env[name] else ""
+                try:
+                    node[index] = yaml.safe_load(env[name]) if env[name] else ""
+                except yaml.YAMLError as exc:
+                    problem = getattr(exc, "problem", None) or exc
+                    raise ConfigError(
+                        f"environment variable {name}: its value is not a valid YAML scalar "
+                        f"or document: {problem}"
+                    ) from exc
             else:
                 if isinstance(node, dict) and index not in node:
                     node[index] = {}
@@ -388,6 +401,8 @@ class _Reader:
             self.fail(f"must be a duration (seconds, or like 500ms, 30s, 5m, 1h), not {value!r}")
         if not seconds >= 0 or (positive and seconds == 0):  # NaN fails the first test
             self.fail(f"must be {'> 0' if positive else '>= 0'}, got {value!r}")
+        if math.isinf(seconds):
+            self.fail(f"must be finite, got {value!r}")
         return seconds
 
     def size(self, value: Any) -> int:

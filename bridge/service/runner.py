@@ -68,6 +68,7 @@ def build_source(config: SourceConfig) -> SourceSpec:
         )
         poller = HttpPoller(http.url).with_name(config.name).with_client(client, owned=True)
         poller.with_max_body_bytes(http.max_body_bytes).with_max_redirects(http.max_redirects)
+        poller.with_deadline(http.timeout_s)
         for header, value in http.headers.items():
             poller.with_header(header, value)  # Secrets: read again for every request
         if http.bearer_token is not None:
