@@ -40,6 +40,8 @@ async def test_lease_is_exclusive_fenced_renewable_and_released(
     lease = await a.acquire("src")
     assert lease is not None
     assert await b.acquire("src") is None  # losing the race is a normal outcome
+    assert b.free_in_s is not None
+    assert 0 < b.free_in_s <= 5  # when the holder's lease runs out, unless renewed
     assert await a.renew(lease)
     assert lease.valid()
     await a.release(lease)
@@ -215,3 +217,41 @@ async def test_status_command_shows_who_leads_what(
     status = json.loads(out)
     assert status["replicas"] == ["r1"]
     assert {n: s["holder"] for n, s in status["sources"].items()} == {"alpha": "r1", "beta": "r1"}
+
+
+async def test_a_replica_short_of_its_share_comes_back_as_a_held_lease_expires(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Failover within the TTL: the next round is due when the lease it could not take runs
+    out, not a whole election period later."""
+    from bridge import MemoryStore, ObjectStorePoller
+    from bridge.ha.sharing import Coordinator
+    from bridge.service.delivery import SourceSpec
+    from bridge.sinks.memory import MemorySink
+    from bridge.watching import WatchConfig
+
+    holder = await LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX).acquire("src")
+    assert holder is not None
+    spec = SourceSpec(
+        name="src",
+        source=ObjectStorePoller(MemoryStore()).with_name("src"),
+        watch=WatchConfig(1),
+        source_uri="memory://t",
+    )
+    coordinator = Coordinator(
+        [spec], MemorySink(), redis_client, replica="b", lease_ttl_s=5, renew_every_s=4,
+        prefix=PREFIX,
+    )  # fmt: skip
+    await redis_client.pexpire(holder.keys.lease, 1000)  # its holder died 4 s ago
+    await coordinator.round()
+    assert coordinator.led == {}
+    assert coordinator._retry_in_s is not None
+    assert 0 < coordinator._retry_in_s <= 1.0  # when that lease runs out, not in 4 s
+    await redis_client.delete(holder.keys.lease)  # it ran out
+    await coordinator.round()
+    assert set(coordinator.led) == {"src"}
+    assert coordinator._retry_in_s is None
+    stop = asyncio.Event()
+    stop.set()
+    await coordinator.run(stop)  # stops the led source and releases its lease
+    assert coordinator.led == {}

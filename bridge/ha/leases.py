@@ -1,7 +1,8 @@
 """Per-source leases in Redis, with a fencing token per acquisition.
 
 * acquire: one script — if the lease key is free, ``INCR`` the fence counter and ``SET`` the
-  lease to ``"<replica>|<fence>"`` with ``PX ttl``. Losing the race is a normal outcome (None).
+  lease to ``"<replica>|<fence>"`` with ``PX ttl``. Losing the race is a normal outcome (None);
+  the client then knows when the holder's lease expires (:attr:`LeaseClient.free_in_s`).
 * renew: compare-and-extend — ``PEXPIRE`` only if the key still holds our token.
 * release: compare-and-delete, under ``asyncio.shield`` so cancellation still gives it back.
 
@@ -30,8 +31,13 @@ __all__ = ["Lease", "LeaseClient"]
 
 log = logging.getLogger("bridge.ha")
 
+# Returns the fence (>= 1), or -1 - the holder's remaining milliseconds.
 _ACQUIRE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local left = redis.call('PTTL', KEYS[1])
+if left ~= -2 then
+  if left < 0 then left = tonumber(ARGV[2]) end
+  return -1 - left
+end
 local fence = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence, 'PX', ARGV[2])
 return fence
@@ -94,6 +100,9 @@ class LeaseClient:
         self.prefix = prefix
         self.margin_s = min(1.0, ttl_s / 10) if margin_s is None else margin_s
         self._acquire = redis.register_script(_ACQUIRE)
+        self.free_in_s: float | None = None
+        """After an :meth:`acquire` that found the lease held: how long until it expires,
+        unless its holder renews it (None after a successful one)."""
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
@@ -110,9 +119,16 @@ class LeaseClient:
             )
         except redis.exceptions.RedisError as exc:
             raise StateError(f"cannot acquire the lease on source {source!r}: {exc}") from exc
-        if fence is None:
-            log.debug("lease on source %r is held by another replica", source)
+        fence = int(fence)
+        if fence < 0:
+            self.free_in_s = (-1 - fence) / 1000
+            log.debug(
+                "lease on source %r is held by another replica (%.3f s left)",
+                source,
+                self.free_in_s,
+            )
             return None
+        self.free_in_s = None
         lease = Lease(keys, self.replica, int(fence), self.ttl_s)
         lease.deadline = started + self.ttl_s - self.margin_s
         log.info("acquired the lease on source %r (fence %d)", source, lease.fence)

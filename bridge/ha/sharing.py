@@ -8,7 +8,9 @@ Every ``period`` (a third of the lease TTL by default) a replica:
 3. gives up leases above its share (the source's loop is stopped, then the lease released),
    so a replica that just joined finds free sources;
 4. tries to acquire free sources (``SET NX``) until it holds its share, starting at a point
-   that depends on its id so replicas do not all race for the same source.
+   that depends on its id so replicas do not all race for the same source. When it is below
+   its share and a lease it tried is held, its next round comes as that lease expires rather
+   than a full period later: a dead leader's sources are taken over within the TTL.
 
 A held source runs in a task that also renews the lease; when the lease is lost (renewal
 refused, Redis unreachable past the TTL, a fenced write refused) the source's loop is
@@ -97,6 +99,8 @@ class Coordinator:
         self._lock = asyncio.Lock()
         """Held by a round and by :meth:`update`, so the set of sources never changes mid-round."""
         self._running = False
+        self._retry_in_s: float | None = None
+        """When the next round should come early (a held lease it wants expires by then)."""
 
     def _acquisition_order(self) -> list[str]:
         start = zlib.crc32(self.replica.encode()) % max(1, len(self.specs))
@@ -117,8 +121,11 @@ class Coordinator:
                 async with self._round_done:
                     self.rounds += 1
                     self._round_done.notify_all()
+                wait_s = self.period_s
+                if self._retry_in_s is not None:  # +10 ms: Redis has expired the key by then
+                    wait_s = min(wait_s, self._retry_in_s + 0.01)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.period_s)
+                    await asyncio.wait_for(stop.wait(), wait_s)
         finally:
             async with self._lock:
                 self._running = False
@@ -186,6 +193,7 @@ class Coordinator:
                 task = asyncio.create_task(self._give_up(self.led.pop(name)))
                 self._leaving.add(task)
                 task.add_done_callback(self._leaving.discard)
+        self._retry_in_s = None
         for name in self._order:
             if len(self.led) >= share:
                 break
@@ -194,6 +202,9 @@ class Coordinator:
             lease = await self.leases.acquire(name)
             if lease is not None:
                 self._lead(self.specs[name], lease)
+            elif (free_in := self.leases.free_in_s) is not None:
+                soonest = self._retry_in_s
+                self._retry_in_s = free_in if soonest is None else min(free_in, soonest)
 
     def _lead(self, spec: SourceSpec, lease: Lease) -> None:
         self.held[spec.name] = lease
