@@ -203,7 +203,7 @@ class Coordinator:
             if lease is not None:
                 self._lead(self.specs[name], lease)
             elif (free_in := self.leases.free_in_s) is not None:
-                soonest = self._retry_in_s
+                soonest: float | None = self._retry_in_s
                 self._retry_in_s = free_in if soonest is None else min(free_in, soonest)
 
     def _lead(self, spec: SourceSpec, lease: Lease) -> None:
