@@ -18,10 +18,8 @@ an optional :class:`~bridge.service.config.TlsConfig` and
 * :func:`redis_client`: a ``redis.asyncio.Redis``; TLS for ``rediss://`` or a ``tls`` section,
   ACL ``username``/``password`` from the ``AuthConfig`` (else from the URL), read again for
   every new connection.
-* :func:`describe_error`: the cause of a failed connection or command in words: "authorization
-  violation", "TLS required by server", "certificate verify failed: ...", "WRONGPASS",
-  "NOAUTH", "NOPERM", with a hint at the setting to fix. Messages name servers by
-  :func:`~bridge.secrets.redact_url` only: no password, token or key ever appears in them.
+* :func:`describe_error` (:mod:`bridge.connection_errors`): the cause of a failed connection or
+  command in words, with a hint at the setting to fix; no secret ever appears in it.
 
 A NATS connect makes one attempt per server: on the first failure of every server (or after
 ``connect_timeout_s``) :func:`connect_nats` gives up with a :class:`ConnectError`, so the
@@ -40,14 +38,18 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import nats.errors
 import redis.asyncio
-import redis.exceptions
 from nats.aio.client import Client as NatsClient
 from redis.asyncio.connection import Connection, ConnectionPool, parse_url
 from redis.credentials import CredentialProvider
 
-from bridge.errors import BridgeError, ConfigError
+from bridge.connection_errors import (
+    ClientCertificateRequired,
+    ConnectError,
+    TlsNotOffered,
+    describe_error,
+)
+from bridge.errors import ConfigError
 from bridge.secrets import Secret, redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 
@@ -76,11 +78,6 @@ def _not_the_tls_eof_notice(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("asyncio").addFilter(_not_the_tls_eof_notice)
-
-
-class ConnectError(BridgeError):
-    """A connection could not be made. The message names the server (its password hidden) and
-    the cause; the original exception is ``__cause__``."""
 
 
 # -- TLS ----------------------------------------------------------------------------------------
@@ -197,19 +194,6 @@ def _reader(secret: Secret) -> Callable[[], str]:
     return read
 
 
-class _TlsNotOffered(nats.errors.SecureConnWantedError):
-    def __str__(self) -> str:
-        return "nats: TLS is required by the client configuration but the server does not offer it"
-
-
-class _ClientCertificateRequired(nats.errors.SecureConnFailedError):
-    def __str__(self) -> str:
-        return (
-            "the server requires a client certificate (TLS verify): set tls.cert_file and "
-            "tls.key_file"
-        )
-
-
 class _NatsClient(NatsClient):
     """nats-py's client, refusing a plaintext connection when TLS is required, and saying so
     when the server requires a client certificate and none is configured (the server would
@@ -223,10 +207,10 @@ class _NatsClient(NatsClient):
         if initial_connection:
             if self.require_tls and not info.get("tls_required"):
                 if not info.get("tls_available"):
-                    raise _TlsNotOffered
+                    raise TlsNotOffered
                 info["tls_required"] = True  # the server allows TLS: upgrade
             if info.get("tls_verify") and not self.has_client_certificate:
-                raise _ClientCertificateRequired
+                raise ClientCertificateRequired
         await super()._process_info(info, initial_connection)
 
 
@@ -405,105 +389,3 @@ def redis_client(
         kwargs["connection_class"] = TlsConnection
         kwargs["tls_config"] = tls
     return redis.asyncio.Redis.from_pool(ConnectionPool(**kwargs))
-
-
-# -- errors -------------------------------------------------------------------------------------
-
-_HANDSHAKE_HINTS = {
-    "CERTIFICATE_REQUIRED": "the server requires a client certificate: set tls.cert_file and "
-    "tls.key_file",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate: set "
-    "tls.cert_file and tls.key_file",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the server rejected the client certificate",
-    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust the client certificate's CA",
-    "WRONG_VERSION_NUMBER": "the server does not speak TLS on this port",
-    "RECORD_LAYER_FAILURE": "the server does not speak TLS on this port",
-    "PACKET_LENGTH_TOO_LONG": "the server does not speak TLS on this port",
-    "UNEXPECTED_EOF_WHILE_READING": "the server closed the connection during the handshake",
-}
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 10:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
-def describe_error(exc: BaseException | None) -> str:
-    """The cause of a failed connection or command, in words, with a hint where one helps.
-
-    Never contains a secret: server error texts do not echo credentials, and URLs are not
-    part of what this returns.
-    """
-    if exc is None:
-        return "unknown error"
-    chain = _chain(exc)
-    for link in chain:
-        if isinstance(link, ssl.SSLCertVerificationError):
-            return (
-                f"TLS: certificate verify failed: {link.verify_message or link.reason} (the "
-                "server's certificate is not signed by a trusted CA or does not match the host: "
-                "set tls.ca_file, or tls.server_name)"
-            )
-    for link in chain:
-        if isinstance(link, ssl.SSLError):
-            reason = link.reason or str(link)
-            hint = _HANDSHAKE_HINTS.get(str(reason))
-            return f"TLS handshake failed: {reason}" + (f" ({hint})" if hint else "")
-    text = str(exc).strip()
-    lowered = text.lower()
-    if isinstance(exc, ConnectError | ConfigError):
-        return text
-    if isinstance(exc, _ClientCertificateRequired):
-        return str(exc)
-    if isinstance(exc, _TlsNotOffered):
-        return (
-            "the server does not offer TLS, but the client requires it (a tls:// URL or a tls "
-            "section)"
-        )
-    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in lowered:
-        return (
-            "authorization violation: the server refused the credentials (wrong or missing "
-            "user/password, token, nkey or creds)"
-        )
-    if "authentication expired" in lowered or "user authentication revoked" in lowered:
-        return f"authorization violation: {text.removeprefix('nats: ').strip(chr(39))}"
-    if "tls required" in lowered or "secure connection - tls required" in lowered:
-        return "TLS required by server (use a tls:// or rediss:// URL, or a tls section)"
-    if "permissions violation" in lowered:
-        return f"permissions violation: {text.removeprefix('nats: ').strip(chr(39))}"
-    if isinstance(exc, redis.exceptions.AuthenticationError):
-        if "wrongpass" in lowered or "invalid username-password" in lowered:
-            return (
-                "WRONGPASS: invalid username-password pair or user is disabled (check auth "
-                "username/password)"
-            )
-        if (
-            "noauth" in lowered
-            or "authentication required" in lowered
-            or "already authenticated" in lowered  # HELLO without AUTH
-        ):
-            return "NOAUTH: the server requires authentication (set auth.password)"
-        if "no password is set" in lowered or "without any password configured" in lowered:
-            return "AUTH refused: the server has no password set (remove auth.password)"
-        return f"authentication failed: {text}"
-    if isinstance(exc, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
-        return (
-            f"NOPERM: {text.removeprefix('NOPERM ')} (the ACL user lacks this right; see "
-            "deploy/security/redis-acl.conf)"
-        )
-    if isinstance(exc, redis.exceptions.ConnectionError) and (
-        "closed by server" in lowered or "reset by peer" in lowered
-    ):
-        return (
-            f"{text} (the server dropped the connection: if it is TLS-only, use rediss:// or "
-            "a tls section)"
-        )
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not text:
-        return "timed out"
-    if isinstance(exc, FileNotFoundError | PermissionError) and exc.filename:
-        return f"cannot read {str(exc.filename)!r}: {exc.strerror}"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

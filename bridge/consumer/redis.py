@@ -77,8 +77,8 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Literal, Self
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Literal
 
 import redis.asyncio
 import redis.exceptions
@@ -86,14 +86,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bridge.connections import describe_error, keep_cancellation, redis_client
-from bridge.consumer.base import Delivery, Synced, WatchItem
-from bridge.consumer.decoding import Envelope, decode_redis_entry
-from bridge.errors import ConfigError, DecodeError
+from bridge.consumer.base import Synced
+from bridge.consumer.redis_config import RedisWatchConfig
+from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
 from bridge.secrets import redact_url
 from bridge.service.config import AuthConfig, TlsConfig
-from bridge.sinks.redis import items_key
-from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
+from bridge.sinks.redis_config import items_key
+from bridge.subjects import REDIS_STREAM_PREFIX
 
 __all__ = ["SNAPSHOT_SCRIPT", "RedisWatch", "RedisWatchConfig", "watch_redis"]
 
@@ -127,63 +127,6 @@ return {last, has_group, items}
 
 _LIST_BATCH = 256
 """Entries of the list fetched in one pipelined round trip."""
-_RETRYABLE = (
-    redis.exceptions.ConnectionError,  # also BusyLoadingError
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    OSError,  # also TimeoutError
-)
-_Id = tuple[int, int]
-
-
-@dataclasses.dataclass(kw_only=True, frozen=True)
-class RedisWatchConfig:
-    """What :class:`RedisWatch` reads and how (see the module docstring)."""
-
-    sources: tuple[str, ...]
-    """Source names: the streams ``<stream_prefix><name>``."""
-    group: str | None = None
-    """Consumer group: durable position, shared work. None: no group, nothing durable."""
-    consumer: str | None = None
-    """This process's name in the group; default ``<hostname>-<pid>``."""
-    list_first: bool = True
-    """List the current items before the live changes (for streams without the group)."""
-    stream_prefix: str = REDIS_STREAM_PREFIX
-    """As the sink's ``stream_prefix``."""
-    on_decode_error: Literal["skip", "raise"] = "skip"
-    """``skip``: log, acknowledge and go on; ``raise``: raise the DecodeError from the iteration."""
-    batch_size: int = 100
-    """Most entries per stream in one read."""
-    block_s: float = 5.0
-    """Longest wait of one blocking read (the watch checks its timers in between)."""
-    claim_idle_s: float = 60.0
-    """A pending entry idle for this long is claimed (``XAUTOCLAIM``), this often."""
-    retry_max_s: float = 5.0
-    """Backoff after Redis errors: from 0.05 s, doubling up to this."""
-    tls: TlsConfig | None = None
-    """TLS of a client the watch makes itself (CA, client certificate)."""
-    auth: AuthConfig | None = None
-    """ACL username/password of a client the watch makes itself."""
-
-    def __post_init__(self) -> None:
-        if not self.sources:
-            raise ConfigError("redis watch: sources must name at least one source")
-        for name in self.sources:
-            try:
-                validate_source_name(name)
-            except ValueError as exc:
-                raise ConfigError(f"redis watch: {exc}") from None
-        if self.on_decode_error not in ("skip", "raise"):
-            raise ConfigError(
-                f"redis watch: on_decode_error must be 'skip' or 'raise', "
-                f"not {self.on_decode_error!r}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError(f"redis watch: batch_size must be >= 1, got {self.batch_size!r}")
-        for name in ("block_s", "claim_idle_s", "retry_max_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 0):
-                raise ConfigError(f"redis watch: {name} must be >= 0 seconds, got {value!r}")
 
 
 def watch_redis(
@@ -220,27 +163,15 @@ def watch_redis(
     return RedisWatch(url_or_client, config)
 
 
-@dataclasses.dataclass(order=True)
-class _Retry:
-    due: float
-    seq: int
-    stream: str = dataclasses.field(compare=False)
-    entry_id: str = dataclasses.field(compare=False)
-    delivery: Delivery = dataclasses.field(compare=False)
-    claim_idle_ms: int | None = dataclasses.field(compare=False)
-    """None: yield ``delivery`` again; else ``XCLAIM`` the entry with this min-idle-time."""
-
-
-class RedisWatch:
+class RedisWatch(RedisEntries):
     """An async iterator of :data:`WatchItem` over Redis streams; see the module docstring."""
 
     messaging_system = "redis"
     """For the spans of :func:`bridge.consumer.run_handler`."""
 
     def __init__(self, url_or_client: str | redis.asyncio.Redis, config: RedisWatchConfig) -> None:
-        self.config = config
         if isinstance(url_or_client, str):
-            self._client = redis_client(
+            client = redis_client(
                 url_or_client,
                 config.tls,
                 config.auth,
@@ -250,16 +181,13 @@ class RedisWatch:
                 # a blocking read retried after aclose() would outlive the watch
                 retry=Retry(NoBackoff(), 0),
             )
+            super().__init__(config, client)
             self._owns_client = True
             self._where = redact_url(url_or_client)
         else:
-            self._client, self._owns_client, self._where = url_or_client, False, "Redis"
-        self.group = config.group
+            super().__init__(config, url_or_client)
+            self._owns_client, self._where = False, "Redis"
         self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
-        self._sources = {redis_stream_key(s, config.stream_prefix): s for s in config.sources}
-        self._cursor = dict.fromkeys(self._sources, "0-0")
-        """Per stream: the last entry id read (or listed up to)."""
-        self._ready: deque[WatchItem | DecodeError] = deque()
         self._listing: deque[tuple[str, str, str]] = deque()
         """(stream, item key, entry id) still to fetch for the list."""
         self._to_create: dict[str, str] = {}
@@ -268,26 +196,15 @@ class RedisWatch:
         """Per stream: where the next read of this consumer's pending entries starts."""
         self._claim_from = dict.fromkeys(self._sources, "0-0")
         self._next_claim = 0.0
-        self._retries: list[_Retry] = []
-        self._seq = 0
-        self._started = self._synced = self._closed = False
+        self._started = self._synced = False
         self._check_streams = False
         """Set after a Redis error or an idle read: look for streams (or groups) the server
         lost."""
 
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        await self.aclose()
-
-    async def __anext__(self) -> WatchItem:
+    async def _fill(self) -> None:
         while not self._ready:
             if self._closed:
-                raise StopAsyncIteration
+                return
             if not self._started:
                 await self._retrying(self._start)
             elif self._listing:
@@ -299,16 +216,9 @@ class RedisWatch:
                     self._ready.append(Synced(tuple(self._sources.values())))
             else:
                 await self._retrying(self._read_live)
-        item = self._ready.popleft()
-        if isinstance(item, DecodeError):
-            raise item
-        return item
 
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._ready.clear()
+    async def _release(self) -> None:
+        """Close the client the watch made."""
         if self._owns_client:
             await self._client.aclose()
 
@@ -340,8 +250,8 @@ class RedisWatch:
         replies = await keep_cancellation(pipe.execute())
         result = {}
         for stream, (last, has_group, flat) in zip(self._sources, replies, strict=True):
-            items = {_text(k): _text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-            result[stream] = (_text(last), bool(has_group), items)
+            items = {text(k): text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
+            result[stream] = (text(last), bool(has_group), items)
         return result
 
     async def _fetch_list(self) -> None:
@@ -431,7 +341,7 @@ class RedisWatch:
             if not entries:
                 del self._own_pending[stream]
                 continue
-            self._own_pending[stream] = _text(entries[-1][0])
+            self._own_pending[stream] = text(entries[-1][0])
             await self._accept(stream, entries)
 
     async def _autoclaim(self) -> None:
@@ -441,11 +351,11 @@ class RedisWatch:
                 "XAUTOCLAIM", stream, self.group, self.consumer, idle_ms,
                 self._claim_from[stream], "COUNT", self.config.batch_size,
             )  # fmt: skip
-            self._claim_from[stream] = _text(reply[0])
+            self._claim_from[stream] = text(reply[0])
             if len(reply) > 2 and reply[2]:
                 log.warning(
                     "%d pending entries of %s were trimmed before being acknowledged: %s",
-                    len(reply[2]), stream, ", ".join(_text(i) for i in reply[2]),
+                    len(reply[2]), stream, ", ".join(text(i) for i in reply[2]),
                 )  # fmt: skip
             if reply[1]:
                 log.info("claimed %d idle pending entries of %s", len(reply[1]), stream)
@@ -477,14 +387,14 @@ class RedisWatch:
         lost = {
             stream: last
             for stream, (last, has_group, _items) in snapshots.items()
-            if _parse_id(last) < _parse_id(self._cursor[stream])
+            if parse_id(last) < parse_id(self._cursor[stream])
             or (self.group is not None and not has_group)
         }
         for stream, last in lost.items():
             log.warning(
                 "%s on %s: %s; %s", stream, self._where,
                 f"group {self.group!r} is missing"
-                if _parse_id(last) >= _parse_id(self._cursor[stream])
+                if parse_id(last) >= parse_id(self._cursor[stream])
                 else f"it ends at {last}, before {self._cursor[stream]} already read",
                 "listing again" if self.config.list_first else "reading it from its start",
             )  # fmt: skip
@@ -493,89 +403,11 @@ class RedisWatch:
             self._retries.clear()  # stale: the list brings every item's latest event
             return
         for stream, last in lost.items():
-            if _parse_id(last) < _parse_id(self._cursor[stream]):
+            if parse_id(last) < parse_id(self._cursor[stream]):
                 self._cursor[stream] = "0-0"
             if self.group is not None:
                 await self._create_group(stream, self._cursor[stream])
                 self._claim_from[stream] = "0-0"
-
-    # -- entries --
-
-    async def _accept(self, stream_key: Any, entries: Sequence[Any]) -> None:
-        """Queue deliveries of ``entries`` (``(id, fields)`` pairs) of one stream, all before
-        the first ``await`` (a cancelled read loses none), then acknowledge the skipped ones."""
-        if not entries:
-            return
-        stream = _text(stream_key)
-        skipped: list[str] = []
-        for raw_id, fields in entries:
-            entry_id = _text(raw_id)
-            if not fields:  # a pending entry trimmed or deleted meanwhile: nothing to deliver
-                log.warning("entry %s of %s was trimmed before being handled", entry_id, stream)
-                skipped.append(entry_id)
-                continue
-            envelope = self._decode(stream, entry_id, fields)
-            if envelope is not None:
-                self._ready.append(self._delivery(stream, entry_id, envelope))
-            elif self.config.on_decode_error == "skip":
-                skipped.append(entry_id)
-        last = max((_text(entry[0]) for entry in entries), key=_parse_id)
-        if _parse_id(last) > _parse_id(self._cursor[stream]):
-            self._cursor[stream] = last
-        await self._ack(stream, *skipped)
-
-    def _decode(self, stream: str, entry_id: str, fields: Any) -> Envelope | None:
-        try:
-            return decode_redis_entry(stream, fields, stream_prefix=self.config.stream_prefix)
-        except DecodeError as exc:
-            if self.config.on_decode_error == "raise":
-                error = type(exc)(f"entry {entry_id} of {stream}: {exc}")
-                error.__cause__ = exc
-                self._ready.append(error)
-            else:
-                log.warning("skipping entry %s of %s: %s", entry_id, stream, exc)
-            return None
-
-    def _delivery(
-        self, stream: str, entry_id: str, envelope: Envelope, *, initial: bool = False
-    ) -> Delivery:
-        durable = self.group is not None and not initial
-
-        async def ack() -> None:
-            if durable:
-                await self._ack(stream, entry_id)
-
-        async def nak(delay_s: float) -> None:
-            self._seq += 1
-            delay_s = max(0.0, delay_s)
-            again = dataclasses.replace(delivery, initial=False) if initial else delivery
-            # the entry has been idle since its delivery, so at least delay_s by then, unless
-            # another consumer claimed it meanwhile (- 1: the server counts whole ms)
-            idle_ms = max(0, int(delay_s * 1000) - 1) if durable else None
-            due = asyncio.get_running_loop().time() + delay_s
-            heapq.heappush(self._retries, _Retry(due, self._seq, stream, entry_id, again, idle_ms))
-
-        delivery = Delivery(envelope, initial=initial, _ack=ack, _nak=nak)
-        return delivery
-
-    async def _ack(self, stream: str, *entry_ids: str) -> None:
-        """``XACK``; a failure is logged, not raised: the entry stays pending (at least once)."""
-        if self.group is None or self._closed or not entry_ids:  # closed: stays pending
-            return
-        try:
-            try:
-                await self._command("XACK", stream, self.group, *entry_ids)
-            except _RETRYABLE:  # a pooled connection may have died: once more, at once
-                await self._command("XACK", stream, self.group, *entry_ids)
-        except (redis.exceptions.RedisError, *_RETRYABLE) as exc:
-            log.warning(
-                "could not acknowledge entries %s of %s (delivered again later): %s",
-                ", ".join(entry_ids), stream, exc,
-            )  # fmt: skip
-
-    async def _command(self, *args: Any) -> Any:
-        command = self._client.execute_command(*args)  # type: ignore[no-untyped-call]
-        return await keep_cancellation(command)
 
     # -- errors --
 
@@ -586,7 +418,7 @@ class RedisWatch:
             try:
                 await step()
                 return
-            except _RETRYABLE as exc:
+            except RETRYABLE as exc:
                 if self._closed:
                     return
                 log.warning(
@@ -607,17 +439,8 @@ def _per_stream(reply: Any) -> list[tuple[str, list[Any]]]:
     if not reply:
         return []
     pairs = reply.items() if isinstance(reply, dict) else reply
-    return [(_text(stream), list(entries or [])) for stream, entries in pairs]
+    return [(text(stream), list(entries or [])) for stream, entries in pairs]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _parse_id(entry_id: str) -> _Id:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _by_id(listed: tuple[str, str, str]) -> _Id:
-    return _parse_id(listed[2])
+def _by_id(listed: tuple[str, str, str]) -> EntryId:
+    return parse_id(listed[2])

@@ -27,10 +27,7 @@ added, and differing limits are updated to the configured ones. What the server 
 (changing replicas on a single server, a subject owned by another stream, a mirror...) is a
 :class:`PublishError` that says what to change.
 
-Retention: by default nothing expires by age or size and each item keeps its last
-``max_msgs_per_subject`` messages, so the stream always holds the current state of every item
-(the last message of a removed item is its ``Removed`` event). ``max_age_s`` and ``max_bytes``
-bound the stream further, at the price of forgetting items that did not change for long.
+Options, the stream's definition and retention: :mod:`bridge.sinks.nats_config`.
 """
 
 from __future__ import annotations
@@ -43,8 +40,6 @@ import logging
 import math
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import nats
 import nats.errors
@@ -52,14 +47,19 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from bridge.cloudevents import CloudEvent
 from bridge.connections import ConnectError, connect_nats, describe_error
-from bridge.errors import ConfigError, PublishError
+from bridge.errors import PublishError
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
-from bridge.subjects import DEFAULT_SUBJECT_PREFIX, nats_subject, validate_source_name
+from bridge.sinks.nats_config import (
+    DEFAULT_STREAM,
+    ContentMode,
+    NatsSinkConfig,
+    stream_changes,
+    subject_filter_covers,
+)
+from bridge.subjects import nats_subject, validate_source_name
 
 __all__ = [
     "DEFAULT_STREAM",
@@ -73,139 +73,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STREAM = "KOPRS_EXTERNAL"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 MSG_ID_HEADER = "Nats-Msg-Id"
 _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
-_FORBIDDEN_IN_TOKEN = frozenset(".*> \t\r\n")
 _WINDOW = 4096
 """Most messages one publish() has in flight; a larger batch waits for acks in between."""
 _MAX_RESENDS = 2
 _NO_STREAM = "no stream captures the subject (no responders)"
-
-ContentMode = Literal["binary", "structured"]
-
-
-@dataclass(kw_only=True, frozen=True)
-class NatsSinkConfig:
-    """Where and how :class:`NatsSink` publishes."""
-
-    url: str = "nats://127.0.0.1:4222"
-    """Server URL; several are separated by commas. May carry credentials (``user:pass@`` or a
-    token): they are never logged, :attr:`NatsSink.description` replaces them with ``***``."""
-
-    stream: str = DEFAULT_STREAM
-    """JetStream stream name; created when missing."""
-
-    subject_prefix: str = DEFAULT_SUBJECT_PREFIX
-    """Events go to ``<subject_prefix>.<source-name>.<item-token>``; the stream covers
-    ``<subject_prefix>.>``."""
-
-    content_mode: ContentMode = "binary"
-    """``binary`` (``ce-*`` headers, data as body) or ``structured`` (one JSON document)."""
-
-    duplicate_window_s: float = 120.0
-    """How long JetStream remembers a ``Nats-Msg-Id`` to drop a republished copy. A crashed
-    publish must be retried within this window to stay free of duplicates."""
-
-    max_age_s: float | None = None
-    """Drop messages older than this; ``None`` (default) keeps them, so the latest message of
-    every item stays available. Must not be below ``duplicate_window_s``."""
-
-    max_bytes: int | None = None
-    """Size limit of the whole stream (oldest messages go first); ``None``: unlimited."""
-
-    max_msgs_per_subject: int | None = 16
-    """Messages kept per item (subject); older ones are dropped. ``None``: unlimited. The
-    default keeps a short history per item while bounding the stream by the number of items."""
-
-    replicas: int = 1
-    """Stream replicas (1 on a single server; 3 on a cluster for fault tolerance)."""
-
-    ack_timeout_s: float = 5.0
-    """How long to wait for the acknowledgements of a batch after its last message was sent,
-    and for a lost connection to come back before a publish fails."""
-
-    connect_timeout_s: float = 5.0
-    """Bound on the first connection (and on each stream-management request)."""
-
-    reconnect_wait_s: float = 1.0
-    """Pause between reconnection attempts after the connection was lost. The client never
-    gives up reconnecting; publishes fail meanwhile."""
-
-    tls: TlsConfig | None = None
-    """CA, client certificate (mTLS); given (or a ``tls://`` URL), TLS is required."""
-
-    auth: AuthConfig | None = None
-    """User/password, token, nkey seed file or ``.creds`` file (see :mod:`bridge.connections`)."""
-
-    def __post_init__(self) -> None:
-        if self.content_mode not in ("binary", "structured"):
-            raise ConfigError(
-                f"nats sink: content_mode must be 'binary' or 'structured', not "
-                f"{self.content_mode!r}"
-            )
-        if not self.stream or any(c in _FORBIDDEN_IN_TOKEN for c in self.stream):
-            raise ConfigError(
-                f"nats sink: stream {self.stream!r} must be non-empty, without '.', '*', '>' "
-                "or whitespace"
-            )
-        tokens = self.subject_prefix.split(".")
-        if not all(tokens) or any(c in _FORBIDDEN_IN_TOKEN - {"."} for c in self.subject_prefix):
-            raise ConfigError(
-                f"nats sink: subject_prefix {self.subject_prefix!r} must be dot-separated "
-                "non-empty tokens without '*', '>' or whitespace"
-            )
-        for name in ("duplicate_window_s", "ack_timeout_s", "connect_timeout_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"nats sink: {name} must be > 0 seconds, got {value!r}")
-        if not self.reconnect_wait_s >= 0:
-            raise ConfigError(
-                f"nats sink: reconnect_wait_s must be >= 0, not {self.reconnect_wait_s!r}"
-            )
-        if self.max_age_s is not None and self.max_age_s < self.duplicate_window_s:
-            raise ConfigError(
-                f"nats sink: max_age_s ({self.max_age_s}) must be >= duplicate_window_s "
-                f"({self.duplicate_window_s}) or None"
-            )
-        for name in ("max_bytes", "max_msgs_per_subject"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"nats sink: {name} must be >= 1 or None, got {value!r}")
-        if self.replicas < 1:
-            raise ConfigError(f"nats sink: replicas must be >= 1, got {self.replicas!r}")
-
-    @property
-    def servers(self) -> list[str]:
-        return [part.strip() for part in self.url.split(",") if part.strip()]
-
-    def stream_config(self) -> StreamConfig:
-        """The stream this sink creates (see the module docstring)."""
-        return StreamConfig(
-            name=self.stream,
-            description="koprs-bridge CloudEvents (one subject per item)",
-            subjects=[f"{self.subject_prefix}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            num_replicas=self.replicas,
-            duplicate_window=self.duplicate_window_s,
-            max_age=self.max_age_s or 0.0,
-            max_bytes=self.max_bytes or -1,
-            max_msgs_per_subject=self.max_msgs_per_subject or -1,
-        )
-
-
-def subject_filter_covers(pattern: str, prefix: str) -> bool:
-    """Whether every subject under ``<prefix>.>`` matches the stream subject ``pattern``."""
-    wanted = prefix.split(".")
-    for i, token in enumerate(pattern.split(".")):
-        if token == ">":
-            return i <= len(wanted)
-        if i >= len(wanted) or (token != "*" and token != wanted[i]):
-            return False
-    return False
 
 
 class _Batch:
@@ -350,7 +224,7 @@ class NatsSink:
                 self._stream_ready = True
                 return
             current = info.config
-            changes = _stream_changes(current, cfg)
+            changes = stream_changes(current, cfg)
             if changes:
                 await self._js.update_stream(current.evolve(**changes))
                 log.info(
@@ -547,26 +421,6 @@ def _encode_structured(event: CloudEvent) -> tuple[dict[str, str], bytes]:
         {MSG_ID_HEADER: event.id, "content-type": STRUCTURED_CONTENT_TYPE},
         event.to_structured(),
     )
-
-
-def _stream_changes(current: StreamConfig, cfg: NatsSinkConfig) -> dict[str, object]:
-    """What to update on an existing stream so that it matches ``cfg``."""
-    changes: dict[str, object] = {}
-    subjects = list(current.subjects or [])
-    if not any(subject_filter_covers(s, cfg.subject_prefix) for s in subjects):
-        changes["subjects"] = [*subjects, f"{cfg.subject_prefix}.>"]
-    if not math.isclose(current.duplicate_window or 0.0, cfg.duplicate_window_s):
-        changes["duplicate_window"] = cfg.duplicate_window_s
-    wanted = cfg.stream_config()
-    if not math.isclose(current.max_age or 0.0, wanted.max_age or 0.0):
-        changes["max_age"] = wanted.max_age
-    for name in ("max_bytes", "max_msgs_per_subject"):
-        have = getattr(current, name)
-        if (have if have is not None and have > 0 else -1) != getattr(wanted, name):
-            changes[name] = getattr(wanted, name)
-    if (current.num_replicas or 1) != cfg.replicas:
-        changes["num_replicas"] = cfg.replicas
-    return changes
 
 
 def _worth_a_warning(exc: BaseException, text: str) -> bool:

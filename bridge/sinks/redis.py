@@ -61,6 +61,9 @@ lagging replica) is lost here too.
 
 A Redis error (refused connection, timeout, an unexpected reply) is a :class:`PublishError`
 naming the server, its password hidden.
+
+Options and key names: :mod:`bridge.sinks.redis_config`; the packing:
+:mod:`bridge.sinks.redis_packing`.
 """
 
 from __future__ import annotations
@@ -69,9 +72,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
-from urllib.parse import urlsplit
 
 import redis.asyncio
 import redis.exceptions
@@ -81,10 +81,18 @@ from redis.backoff import NoBackoff
 
 from bridge.cloudevents import CloudEvent
 from bridge.connections import describe_error, redis_client
-from bridge.errors import ConfigError, PublishError
+from bridge.errors import PublishError
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
-from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key, validate_source_name
+from bridge.sinks.redis_config import ContentMode, RedisSinkConfig, items_key, marker_key
+from bridge.sinks.redis_packing import (
+    Packed,
+    Parts,
+    binary_fields,
+    bulk,
+    command,
+    structured_fields,
+)
+from bridge.subjects import redis_stream_key, validate_source_name
 
 __all__ = [
     "BYTES_PER_TRANSACTION",
@@ -100,7 +108,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ContentMode = Literal["binary", "structured"]
 EVENTS_PER_TRANSACTION = 1000
 """Most events in one transaction (one part of a batch): bounds how long one ``EXEC`` holds
 the server. The bridge's batches are no larger by default."""
@@ -109,8 +116,6 @@ BYTES_PER_TRANSACTION = 1 << 20
 server's memory until ``EXEC`` (one over ``client-query-buffer-limit`` would be refused), very
 large ones are slower, and several parts let the next be encoded while the server works."""
 _REMOVED_TYPE_SUFFIX = ".removed.v1"
-_Packed = tuple[CloudEvent, list[bytes], int]
-"""An event, its packed entry fields and how many arguments they are."""
 _ATTEMPTS = 3
 """Tries of one transaction: again after a dead pooled connection or a concurrent change."""
 
@@ -149,75 +154,6 @@ return #KEYS
 """
 
 
-@dataclass(kw_only=True, frozen=True)
-class RedisSinkConfig:
-    """Where and how :class:`RedisSink` publishes."""
-
-    url: str = "redis://127.0.0.1:6379/0"
-    """``redis://`` or ``rediss://`` URL; may carry a password, which is never logged:
-    :attr:`RedisSink.description` shows it as ``***``."""
-
-    stream_prefix: str = REDIS_STREAM_PREFIX
-    """Prefix of every key: the stream of source ``S`` is ``<stream_prefix>S``. No braces
-    (the other keys use the stream key as Redis Cluster hash tag)."""
-
-    maxlen: int = 100_000
-    """Approximate length bound of each stream (``XADD MAXLEN ~``); oldest entries go first."""
-
-    dedup_window_s: float = 86_400.0
-    """How long an event id is remembered to drop a republished copy (one small key per
-    event). A failed publish must be retried within this window to stay free of duplicates."""
-
-    content_mode: ContentMode = "binary"
-    """``binary``: attributes as ``ce-*`` fields plus ``data``; ``structured``: one ``event``
-    field with the whole event as JSON."""
-
-    timeout_s: float = 5.0
-    """Bound on one publish (all its round trips and one reconnection)."""
-
-    connect_timeout_s: float = 5.0
-    """Bound on opening a connection."""
-
-    tls: TlsConfig | None = None
-    """CA, client certificate (mTLS); given (or a ``rediss://`` URL), TLS is used."""
-
-    auth: AuthConfig | None = None
-    """ACL ``username`` and ``password`` (override credentials in the URL)."""
-
-    def __post_init__(self) -> None:
-        if self.content_mode not in ("binary", "structured"):
-            raise ConfigError(
-                f"redis sink: content_mode must be 'binary' or 'structured', not "
-                f"{self.content_mode!r}"
-            )
-        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"redis sink: url must start with redis://, rediss:// or unix://, "
-                f"not {redact_url(self.url)!r}"
-            )
-        if "{" in self.stream_prefix or "}" in self.stream_prefix:
-            raise ConfigError(
-                f"redis sink: stream_prefix {self.stream_prefix!r} may not contain '{{' or '}}' "
-                "(the stream key is the Redis Cluster hash tag of the sink's other keys)"
-            )
-        if self.maxlen < 1:
-            raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
-        for name in ("dedup_window_s", "timeout_s", "connect_timeout_s"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"redis sink: {name} must be > 0 seconds, got {value!r}")
-
-
-def items_key(source_name: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
-    """The hash of a source's current items: ``{koprs:external:<source-name>}:items``."""
-    return f"{{{redis_stream_key(source_name, prefix)}}}:items"
-
-
-def marker_key(source_name: str, event_id: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
-    """The dedup marker of an event id: ``{koprs:external:<source-name>}:ids:<event-id>``."""
-    return f"{{{redis_stream_key(source_name, prefix)}}}:ids:{event_id}"
-
-
 class RedisSink:
     """Publishes to Redis Streams; see the module docstring. ``publish()`` connects if needed."""
 
@@ -225,9 +161,9 @@ class RedisSink:
         self.config = config or RedisSinkConfig()
         self._client: redis.asyncio.Redis | None = None
         self._fields: Callable[[CloudEvent, list[bytes]], tuple[int, int]] = (
-            _binary_fields if self.config.content_mode == "binary" else _structured_fields
+            binary_fields if self.config.content_mode == "binary" else structured_fields
         )
-        self._maxlen = _bulk(str(self.config.maxlen).encode())
+        self._maxlen = bulk(str(self.config.maxlen).encode())
         self._window = str(math.ceil(self.config.dedup_window_s)).encode()
 
     @property
@@ -266,7 +202,7 @@ class RedisSink:
         stream = redis_stream_key(source_name, self.config.stream_prefix).encode()
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                parts = _Parts(self._pack, events)
+                parts = Parts(self._pack, events)
                 while part := parts.next():
                     await self._publish_part(stream, part, parts.prepare)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
@@ -275,9 +211,9 @@ class RedisSink:
                 f"acknowledged: {_describe(exc)}"
             ) from exc
 
-    def _pack(self, events: Sequence[CloudEvent], start: int) -> list[_Packed]:
+    def _pack(self, events: Sequence[CloudEvent], start: int) -> list[Packed]:
         """The fields of the events from ``start`` on, packed, as many as one part takes."""
-        part: list[_Packed] = []
+        part: list[Packed] = []
         size = 0
         fields = self._fields
         for event in events[start : start + EVENTS_PER_TRANSACTION]:
@@ -290,7 +226,7 @@ class RedisSink:
         return part
 
     async def _publish_part(
-        self, stream: bytes, events: Sequence[_Packed], meanwhile: Callable[[], None]
+        self, stream: bytes, events: Sequence[Packed], meanwhile: Callable[[], None]
     ) -> None:
         """One transaction, tried again (from the start: it is idempotent) after a dead pooled
         connection or a concurrent change of the watched keys. ``meanwhile`` is called while
@@ -318,7 +254,7 @@ class RedisSink:
         self,
         conn: AbstractConnection,
         stream: bytes,
-        events: Sequence[_Packed],
+        events: Sequence[Packed],
         meanwhile: Callable[[], None],
     ) -> None:
         hashtag = b"{" + stream + b"}"
@@ -326,15 +262,15 @@ class RedisSink:
         marker_prefix = hashtag + b":ids:"
 
         # round trip 1: watch, then read the markers and what the transaction needs
-        candidates: dict[str, _Packed] = {}
+        candidates: dict[str, Packed] = {}
         for packed in events:
             candidates.setdefault(packed[0].id, packed)  # an id twice in one part: added once
         markers = [marker_prefix + event_id.encode() for event_id in candidates]
         await conn.send_packed_command(
             [
-                _command(b"WATCH", stream, items),
-                _command(b"EXISTS", *markers),
-                _command(b"EVAL", _READ_SCRIPT, b"2", stream, items),
+                command(b"WATCH", stream, items),
+                command(b"EXISTS", *markers),
+                command(b"EVAL", _READ_SCRIPT, b"2", stream, items),
             ]
         )
         answers = [await _reply(conn) for _ in range(3)]
@@ -348,7 +284,7 @@ class RedisSink:
         elif existing == len(markers):  # a batch published again whole
             new = []
         else:  # partly published before: which ones (one more round trip, still watched)
-            await conn.send_packed_command(_command(b"MGET", *markers))
+            await conn.send_packed_command(command(b"MGET", *markers))
             found = await _reply(conn)
             if not isinstance(found, list) or len(found) != len(markers):
                 raise redis.exceptions.ResponseError(f"unexpected MGET reply {found!r:.200}")
@@ -358,23 +294,23 @@ class RedisSink:
                 if value is None
             ]
         if not new:
-            await conn.send_packed_command(_command(b"UNWATCH"))
+            await conn.send_packed_command(command(b"UNWATCH"))
             if isinstance(reply := await _reply(conn), Exception):
                 raise reply
             return
 
         # round trip 2: the transaction, as a list of byte strings (payloads referenced, not copied)
         entry_ids = _next_ids(last, now_ms, len(new))
-        head = _bulk(b"XADD") + _bulk(stream) + _bulk(b"MAXLEN") + _bulk(b"~") + self._maxlen
-        chunks = [_command(b"MULTI")]
+        head = bulk(b"XADD") + bulk(stream) + bulk(b"MAXLEN") + bulk(b"~") + self._maxlen
+        chunks = [command(b"MULTI")]
         state: dict[str, bytes | None] = {}
         for ((event, fields, count), _marker), entry_id in zip(new, entry_ids, strict=True):
-            chunks.append(b"*%d\r\n%b%b" % (count + 6, head, _bulk(entry_id)))
+            chunks.append(b"*%d\r\n%b%b" % (count + 6, head, bulk(entry_id)))
             chunks += fields
             removed = event.type.endswith(_REMOVED_TYPE_SUFFIX)
             state[event.subject] = None if removed else entry_id
         commands = [
-            _command(
+            command(
                 b"EVAL",
                 _MARKER_SCRIPT,
                 str(len(new)).encode(),
@@ -391,12 +327,12 @@ class RedisSink:
         ]
         gone = [key.encode() for key, entry in state.items() if entry is None]
         if present:
-            commands.append(_command(b"HSET", items, *present))
+            commands.append(command(b"HSET", items, *present))
         if gone:
-            commands.append(_command(b"HDEL", items, *gone))
+            commands.append(command(b"HDEL", items, *gone))
         # replies: MULTI's, one per queued command (XADDs, EVAL, HSET/HDEL), then EXEC's
         replies = 1 + len(new) + len(commands)
-        await conn.send_packed_command([*chunks, *commands, _command(b"EXEC")])
+        await conn.send_packed_command([*chunks, *commands, command(b"EXEC")])
         meanwhile()
         queued = [await _reply(conn) for _ in range(replies)]
         try:
@@ -433,51 +369,6 @@ class RedisSink:
                 return bool(await self._client.ping())
         except (redis.exceptions.RedisError, OSError, TimeoutError):
             return False
-
-
-class _Parts:
-    """The parts of a batch, each packed when needed, or ahead with :meth:`prepare`."""
-
-    def __init__(
-        self,
-        pack: Callable[[Sequence[CloudEvent], int], list[_Packed]],
-        events: Sequence[CloudEvent],
-    ) -> None:
-        self._pack = pack
-        self._events = events
-        self._start = 0
-        self._ready: list[_Packed] | None = None
-        self._error: Exception | None = None
-
-    def prepare(self) -> None:
-        """Pack the next part now, if not done yet (the CPU is idle while the server works).
-        An error (an event that cannot be encoded) is raised by :meth:`next`, not here."""
-        if self._ready is None and self._error is None and self._start < len(self._events):
-            try:
-                self._ready = self._pack(self._events, self._start)
-            except Exception as exc:
-                self._error = exc
-                return
-            self._start += len(self._ready)
-
-    def next(self) -> list[_Packed]:
-        """The next part; empty at the end."""
-        self.prepare()
-        if self._error is not None:
-            raise self._error
-        part, self._ready = self._ready or [], None
-        return part
-
-
-# -- RESP: commands are packed here, not by redis-py, because this is the hot path --
-
-
-def _bulk(arg: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(arg), arg)
-
-
-def _command(*args: bytes) -> bytes:
-    return b"".join([b"*%d\r\n" % len(args), *[b"$%d\r\n%b\r\n" % (len(a), a) for a in args]])
 
 
 # Replies are read without a timeout of their own (it costs more than parsing a short reply):
@@ -521,35 +412,6 @@ def _next_ids(last: tuple[int, int], now_ms: int, count: int) -> list[bytes]:
     if seq + count - 1 > _MAX_SEQ:
         ms, seq = ms + 1, 0
     return [b"%d-%d" % (ms, seq + i) for i in range(count)]
-
-
-_FIELD_NAMES: dict[str, bytes] = {}
-"""Packed field names (a handful, the same for every event)."""
-_DATA_FIELD = _bulk(b"data")
-_EVENT_FIELD = _bulk(b"event")
-
-
-def _binary_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
-    """Append the packed field names and values of ``event`` to ``out``; return how many
-    arguments that is and (about) how many bytes."""
-    headers, body = event.to_binary()
-    names = _FIELD_NAMES
-    size = len(body)
-    for name, value in headers.items():
-        packed = names.get(name)
-        if packed is None:
-            packed = names[name] = _bulk(name.encode())
-        raw = value.encode()
-        size += len(raw)
-        out += (packed, b"$%d\r\n%b\r\n" % (len(raw), raw))
-    out += (_DATA_FIELD, b"$%d\r\n" % len(body), body, b"\r\n")
-    return 2 * len(headers) + 2, size
-
-
-def _structured_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
-    document = event.to_structured()
-    out += (_EVENT_FIELD, b"$%d\r\n" % len(document), document, b"\r\n")
-    return 2, len(document)
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,13 +7,7 @@ changing the body) emits ``Modified`` only when the body really changed. The fir
 ``Added``; 404/410 after a success emits ``Removed`` (before any success it is nothing). Any
 other status, a transport error or a body over the cap is a poll error.
 
-Credentials (a bearer token, basic auth, header values) may be given as a string, a
-:class:`~bridge.secrets.Secret` or a function: the last two are asked for their value on every
-request, so a token file that is rotated in place (Kubernetes projected service-account tokens)
-is used from the next poll on. Redirects are followed by the poller itself, at most
-``max_redirects`` of them: only to ``http``/``https``, never from ``https`` to ``http``, and to
-any other origin (scheme, host, port) than the watched URL's only with harmless headers (no
-``Authorization``, no ``Cookie``, no custom header), whatever the client's own settings.
+Credentials, redirects and TLS: :mod:`bridge.sources.http_auth`.
 """
 
 from __future__ import annotations
@@ -21,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +32,16 @@ from bridge.errors import (
 from bridge.events import Added, ExternalEvent, Modified, Removed
 from bridge.secrets import Secret, redact_url
 from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
+from bridge.sources.http_auth import (
+    FORWARDABLE,
+    SCHEMES,
+    RedirectError,
+    SecretValue,
+    follow_redirect,
+    origin,
+    origin_of,
+    tls_context,
+)
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -62,31 +65,6 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _DRAIN_LIMIT = 64 * 1024
 """Bodies of responses whose content is not used are read up to this size to keep the
 connection; a larger one closes it."""
-_SCHEMES = ("http", "https")
-_FORWARDABLE = frozenset(
-    {
-        "accept",
-        "accept-charset",
-        "accept-encoding",
-        "accept-language",
-        "cache-control",
-        "connection",
-        "host",
-        "if-modified-since",
-        "if-none-match",
-        "pragma",
-        "user-agent",
-    }
-)
-"""The only request headers sent to another origin than the watched URL's after a redirect."""
-
-SecretValue = str | Secret | Callable[[], str]
-"""A credential: a literal, a :class:`Secret` (re-read when its file changes) or a function;
-the last two are asked for the value on every request."""
-
-
-class RedirectError(SourceError):
-    """A redirect was refused: too many, a loop, another scheme, https to http, disabled."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,79 +93,23 @@ class HttpResource:
         return f"sha256:{self.digest}"
 
 
-def tls_context(
-    *,
-    verify: bool = True,
-    ca_file: str | os.PathLike[str] | None = None,
-    cert_file: str | os.PathLike[str] | None = None,
-    key_file: str | os.PathLike[str] | None = None,
-) -> ssl.SSLContext:
-    """An ``ssl.SSLContext`` for ``httpx.AsyncClient(verify=...)``.
-
-    ``ca_file``: the CA bundle (PEM) that signs the server's certificate, instead of the default
-    (certifi's, or ``$SSL_CERT_FILE``); ``cert_file`` + ``key_file``: a client certificate for
-    mutual TLS; ``verify=False`` skips verifying the server (testing only). Raises ``OSError``
-    or ``ssl.SSLError`` when a file cannot be loaded.
-
-    Contexts are shared: the same arguments (and files unchanged since) give the same context,
-    so a thousand sources do not load a thousand copies of the CA bundle (~0.8 MB and 20 ms
-    each).
-    """
-    if (cert_file is None) != (key_file is None):
-        raise ValueError("cert_file and key_file must be given together")
-    files = tuple(None if f is None else os.fspath(f) for f in (ca_file, cert_file, key_file))
-    key = (verify, files, tuple(_file_stamp(f) for f in files))
-    context = _TLS_CONTEXTS.get(key)
-    if context is None:
-        context = _new_tls_context(verify, *files)
-        if len(_TLS_CONTEXTS) >= _TLS_CONTEXTS_KEPT:
-            del _TLS_CONTEXTS[next(iter(_TLS_CONTEXTS))]
-        _TLS_CONTEXTS[key] = context
-    return context
-
-
-_TLS_CONTEXTS: dict[tuple[Any, ...], ssl.SSLContext] = {}
-_TLS_CONTEXTS_KEPT = 64
-
-
-def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
-    info = os.stat(path)
-    return info.st_ino, info.st_size, info.st_mtime_ns
-
-
-def _new_tls_context(
-    verify: bool, ca_file: str | None, cert_file: str | None, key_file: str | None
-) -> ssl.SSLContext:
-    if not verify:
-        context = httpx.create_ssl_context(verify=False)
-    elif ca_file is not None:
-        context = ssl.create_default_context(cafile=os.fspath(ca_file))
-    else:
-        context = httpx.create_ssl_context(verify=True)
-    if cert_file is not None and key_file is not None:
-        # An encrypted key is an error, not an interactive password prompt.
-        context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file), password=_no_password)
-    return context
-
-
 class HttpPoller(StateMapSource):
     """Polls a single URL. Configure fluently: ``HttpPoller(url).with_bearer_token(t)``.
 
     Without ``with_client`` the poller makes its own ``httpx.AsyncClient`` (10 s timeouts,
     5 s to connect) and closes it in ``aclose()``. Either way it follows at most
-    ``max_redirects`` redirects (default 5) itself, with the rules in the module's docstring.
+    ``max_redirects`` redirects (default 5) itself, with the rules of
+    :mod:`bridge.sources.http_auth`.
     """
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in _SCHEMES or not parts.netloc:
+        if parts.scheme not in SCHEMES or not parts.netloc:
             raise ValueError(
                 f"HttpPoller needs an absolute http:// or https:// URL, not {redact_url(url)!r}"
             )
         self.url = url
-        self._origin = _origin(httpx.URL(url))
+        self._origin = origin(httpx.URL(url))
         self._name = url
         self._headers: dict[str, tuple[str, SecretValue]] = {}
         self._authorization: tuple[str, Callable[[], str]] | None = None
@@ -419,7 +341,13 @@ class HttpPoller(StateMapSource):
                     status = response.status_code
                     if status in _REDIRECTS and "location" in response.headers:
                         await _drain(response)
-                        url = self._follow(url, response, visited)
+                        url = follow_redirect(
+                            url,
+                            response,
+                            visited,
+                            max_redirects=self.max_redirects,
+                            where=self._where,
+                        )
                         visited.append(url)
                         continue
                     return await self._resource(response, conditional=conditional)
@@ -435,7 +363,7 @@ class HttpPoller(StateMapSource):
     async def _send(self, url: httpx.URL, conditional: dict[str, str]) -> httpx.Response:
         """One request, no redirects followed; credentials only to the watched origin."""
         client = self._http()
-        if _origin(url) == self._origin:
+        if origin(url) == self._origin:
             headers = {
                 name: self._reveal(what, value) for name, (what, value) in self._headers.items()
             }
@@ -448,51 +376,13 @@ class HttpPoller(StateMapSource):
         headers = {
             name: self._reveal(what, value)
             for name, (what, value) in self._headers.items()
-            if name.lower() in _FORWARDABLE
+            if name.lower() in FORWARDABLE
         }
         headers.update(conditional)
         request = client.build_request("GET", url, headers=headers)
-        for name in [n for n in request.headers if n.lower() not in _FORWARDABLE]:
+        for name in [n for n in request.headers if n.lower() not in FORWARDABLE]:
             del request.headers[name]  # the client's own headers (and cookies) stay home too
         return await client.send(request, stream=True, follow_redirects=False, auth=None)
-
-    def _follow(
-        self, url: httpx.URL, response: httpx.Response, visited: list[httpx.URL]
-    ) -> httpx.URL:
-        """The URL a redirect response points to, if the rules allow following it."""
-        status, location = response.status_code, response.headers["location"]
-        here = redact_url(str(url))
-        try:
-            target = url.join(location)
-        except httpx.InvalidURL as exc:
-            raise RedirectError(
-                f"{self._where}: {here} answered HTTP {status} with an invalid Location: {exc}"
-            ) from exc
-        there = redact_url(str(target))
-        if self.max_redirects == 0:
-            raise RedirectError(
-                f"{self._where}: {here} answered HTTP {status} redirecting to {there}, "
-                "but redirects are disabled (max_redirects: 0)"
-            )
-        if target.scheme not in _SCHEMES:
-            raise RedirectError(
-                f"{self._where}: redirect from {here} to {there} refused: "
-                "only http:// and https:// URLs are followed"
-            )
-        if url.scheme == "https" and target.scheme == "http":
-            raise RedirectError(
-                f"{self._where}: redirect from {here} to {there} refused: "
-                "it would leave https for unencrypted http"
-            )
-        if target in visited:
-            chain = " -> ".join(redact_url(str(u)) for u in [*visited, target])
-            raise RedirectError(f"{self._where}: redirect loop: {chain}")
-        if len(visited) > self.max_redirects:
-            chain = " -> ".join(redact_url(str(u)) for u in [*visited, target])
-            raise RedirectError(
-                f"{self._where}: more than {self.max_redirects} redirects (max_redirects): {chain}"
-            )
-        return target
 
     async def _resource(
         self, response: httpx.Response, *, conditional: bool
@@ -527,18 +417,18 @@ class HttpPoller(StateMapSource):
                 current = value()
         except OSError as exc:
             raise SourceError(
-                f"{self._where}: cannot read {what} ({_origin_of(value)}): "
+                f"{self._where}: cannot read {what} ({origin_of(value)}): "
                 f"{exc.strerror or type(exc).__name__}"
             ) from exc
         except Exception as exc:
             raise SourceError(
-                f"{self._where}: cannot get {what} ({_origin_of(value)}): {type(exc).__name__}"
+                f"{self._where}: cannot get {what} ({origin_of(value)}): {type(exc).__name__}"
             ) from exc
         if not current and not isinstance(value, str):  # e.g. a file truncated mid-write
-            raise SourceError(f"{self._where}: {what} ({_origin_of(value)}) is empty")
+            raise SourceError(f"{self._where}: {what} ({origin_of(value)}) is empty")
         if any(c in current for c in "\r\n\0"):
             raise SourceError(
-                f"{self._where}: {what} ({_origin_of(value)}) contains a line break or NUL"
+                f"{self._where}: {what} ({origin_of(value)}) contains a line break or NUL"
             )
         return current
 
@@ -566,21 +456,6 @@ async def _drain(response: httpx.Response) -> None:
         size += len(chunk)
         if size > _DRAIN_LIMIT:
             return
-
-
-def _no_password() -> str:
-    raise ValueError("the client key is encrypted: give it unencrypted (PEM, no passphrase)")
-
-
-def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
-    port = url.port if url.port is not None else {"http": 80, "https": 443}.get(url.scheme)
-    return url.scheme, url.host, port
-
-
-def _origin_of(value: SecretValue) -> str:
-    if isinstance(value, Secret):
-        return value.origin  # inline, env:NAME or file:PATH
-    return "a literal" if isinstance(value, str) else "a function"
 
 
 def _state_of(resource: HttpResource) -> dict[str, str]:

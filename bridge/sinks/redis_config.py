@@ -1,0 +1,86 @@
+"""The options of :class:`~bridge.sinks.redis.RedisSink` and the names of its keys."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import urlsplit
+
+from bridge.errors import ConfigError
+from bridge.secrets import redact_url
+from bridge.service.config import AuthConfig, TlsConfig
+from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
+
+__all__ = ["ContentMode", "RedisSinkConfig", "items_key", "marker_key"]
+
+ContentMode = Literal["binary", "structured"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class RedisSinkConfig:
+    """Where and how :class:`~bridge.sinks.redis.RedisSink` publishes."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """``redis://`` or ``rediss://`` URL; may carry a password, which is never logged:
+    :attr:`RedisSink.description` shows it as ``***``."""
+
+    stream_prefix: str = REDIS_STREAM_PREFIX
+    """Prefix of every key: the stream of source ``S`` is ``<stream_prefix>S``. No braces
+    (the other keys use the stream key as Redis Cluster hash tag)."""
+
+    maxlen: int = 100_000
+    """Approximate length bound of each stream (``XADD MAXLEN ~``); oldest entries go first."""
+
+    dedup_window_s: float = 86_400.0
+    """How long an event id is remembered to drop a republished copy (one small key per
+    event). A failed publish must be retried within this window to stay free of duplicates."""
+
+    content_mode: ContentMode = "binary"
+    """``binary``: attributes as ``ce-*`` fields plus ``data``; ``structured``: one ``event``
+    field with the whole event as JSON."""
+
+    timeout_s: float = 5.0
+    """Bound on one publish (all its round trips and one reconnection)."""
+
+    connect_timeout_s: float = 5.0
+    """Bound on opening a connection."""
+
+    tls: TlsConfig | None = None
+    """CA, client certificate (mTLS); given (or a ``rediss://`` URL), TLS is used."""
+
+    auth: AuthConfig | None = None
+    """ACL ``username`` and ``password`` (override credentials in the URL)."""
+
+    def __post_init__(self) -> None:
+        if self.content_mode not in ("binary", "structured"):
+            raise ConfigError(
+                f"redis sink: content_mode must be 'binary' or 'structured', not "
+                f"{self.content_mode!r}"
+            )
+        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                f"redis sink: url must start with redis://, rediss:// or unix://, "
+                f"not {redact_url(self.url)!r}"
+            )
+        if "{" in self.stream_prefix or "}" in self.stream_prefix:
+            raise ConfigError(
+                f"redis sink: stream_prefix {self.stream_prefix!r} may not contain '{{' or '}}' "
+                "(the stream key is the Redis Cluster hash tag of the sink's other keys)"
+            )
+        if self.maxlen < 1:
+            raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
+        for name in ("dedup_window_s", "timeout_s", "connect_timeout_s"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"redis sink: {name} must be > 0 seconds, got {value!r}")
+
+
+def items_key(source_name: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
+    """The hash of a source's current items: ``{koprs:external:<source-name>}:items``."""
+    return f"{{{redis_stream_key(source_name, prefix)}}}:items"
+
+
+def marker_key(source_name: str, event_id: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
+    """The dedup marker of an event id: ``{koprs:external:<source-name>}:ids:<event-id>``."""
+    return f"{{{redis_stream_key(source_name, prefix)}}}:ids:{event_id}"
