@@ -15,14 +15,9 @@ import ssl
 import nats.errors
 import redis.exceptions
 
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import ConfigError, ConnectError
 
 __all__ = ["ClientCertificateRequired", "ConnectError", "TlsNotOffered", "describe_error"]
-
-
-class ConnectError(BridgeError):
-    """A connection could not be made. The message names the server (its password hidden) and
-    the cause; the original exception is ``__cause__``."""
 
 
 class TlsNotOffered(nats.errors.SecureConnWantedError):

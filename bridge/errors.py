@@ -8,11 +8,14 @@
     │   ├── SourceUnavailableError          transport failure: connect, timeout, DNS, TLS
     │   ├── HttpStatusError                 an HTTP status that is neither a change nor a removal
     │   ├── BodyTooLargeError               a response body over the configured cap
+    │   ├── RedirectError                   a redirect the rules refuse (loop, https->http, ...)
     │   └── StoreError                      an object store refused a listing (missing bucket, ...)
+    ├── ConnectError                        a broker or Redis connection could not be made
     ├── PublishError                        a broker did not acknowledge a publish
     ├── StateError                          a checkpoint could not be read or written
     │   └── FencedError                     a commit was refused: another replica holds the lease
     └── DecodeError (also ValueError)       a broker message is not a koprs CloudEvent we understand
+        └── UnknownEventTypeError           a type or schema version this version does not know
 
 Third-party exceptions are converted where they cross into the project (``raise ... from exc``),
 so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``.
@@ -24,6 +27,7 @@ __all__ = [
     "BodyTooLargeError",
     "BridgeError",
     "ConfigError",
+    "ConnectError",
     "DecodeError",
     "FencedError",
     "HttpStatusError",
@@ -90,3 +94,8 @@ class FencedError(StateError):
 
 class DecodeError(BridgeError, ValueError):
     """A broker message is not a koprs CloudEvent this version understands."""
+
+
+class ConnectError(BridgeError):
+    """A connection could not be made. The message names the server (its password hidden) and
+    the cause; the original exception is ``__cause__``."""
