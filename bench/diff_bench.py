@@ -12,6 +12,10 @@ itself. Listings are built as ``S3Store.list`` yields them: pages of 1000 ``Stor
 content, as a new S3 response would be, so the diff pays for hashing the keys and for comparing
 distinct strings, and the state's strings are never shared with a later listing.
 
+The tracked state is what ``ObjectStorePoller`` keeps: a ``PackedState`` (the keys in a sorted
+list, the ETags as 16-byte digests in one ``bytearray``), committed from the first poll's
+changeset; the diff merges each listing with it.
+
 Each measurement runs in its own child process (started by this script) so that RSS figures
 start from a clean heap and tracemalloc does not slow the CPU timings.
 """
@@ -44,6 +48,7 @@ if str(_ROOT) not in sys.path:  # the package is used from the checkout, not ins
 
 from bridge.events import Added, Modified, Removed  # noqa: E402
 from bridge.sources.objects import diff_listing  # noqa: E402
+from bridge.sources.packed import PackedState  # noqa: E402
 from bridge.sources.stores import StoredObject  # noqa: E402
 
 PAGE_SIZE = 1000
@@ -126,7 +131,8 @@ def build_listing(records: Iterable[Record]) -> Listing:
 
 
 def reference(state: dict[str, str], pages: Sequence[Sequence[StoredObject]]) -> int:
-    """The least any diff must do: walk the listing, one ``dict.get`` and compare per object."""
+    """The least a diff against a dict must do: walk the listing, one ``dict.get`` and compare
+    per object (the state before ``PackedState``: a ``dict`` path -> ETag)."""
     get = state.get
     changed = 0
     for page in pages:
@@ -191,17 +197,18 @@ def phase_cpu(n: int, repeat: int) -> Result:
     pages = build_listing(corpus.records())
     gc.collect()
     start = time.process_time()
-    state: dict[str, str] = {}
+    state = PackedState()
     changeset = diff_listing(state, pages)  # the first poll: everything is Added
     changeset.commit()
     initial = time.process_time() - start
     del pages, changeset
+    plain = dict(state.items())  # for the reference loop
     runs: dict[str, list[float]] = {"reference": [], "nochange": [], "changed": []}
     for _ in range(repeat):
         pages = build_listing(corpus.records())
         gc.collect()
         start = time.process_time()
-        changed = reference(state, pages)
+        changed = reference(plain, pages)
         runs["reference"].append(time.process_time() - start)
         if changed:
             raise AssertionError("reference: the fresh listing should match the state")
@@ -223,7 +230,28 @@ def phase_cpu(n: int, repeat: int) -> Result:
         runs["changed"].append(time.process_time() - start)
         check_changes(corpus, changeset.events, changeset.delta)
         del pages, changeset  # not committed: every run diffs against the same state
-    return {"initial": initial, **runs}
+
+    # Committing the 1% changeset (a merge of ~1% inserts, deletes and updates), into a copy.
+    copy = PackedState(state)
+    changeset = diff_listing(copy, build_listing(corpus.changed_records()))
+    gc.collect()
+    start = time.process_time()
+    changeset.commit()
+    commit_changed = time.process_time() - start
+    if (
+        len(copy)
+        != len(state) + corpus.expected_changes()["added"] - corpus.expected_changes()["removed"]
+    ):
+        raise AssertionError("the 1% commit left the wrong number of entries")
+    del copy, changeset
+    # Restoring from a checkpoint (a dict path -> ETag, as the state stores load it).
+    gc.collect()
+    start = time.process_time()
+    restored = PackedState(plain)
+    restore = time.process_time() - start
+    if restored != state:
+        raise AssertionError("restore changed the state")
+    return {"initial": initial, "commit_changed": commit_changed, "restore": restore, **runs}
 
 
 def phase_tracemalloc(n: int) -> Result:
@@ -232,16 +260,18 @@ def phase_tracemalloc(n: int) -> Result:
     tracemalloc.start()  # only what is allocated from here on is counted
     pages = build_listing(corpus.records())
     listing_bytes = tracemalloc.get_traced_memory()[0]
-    state: dict[str, str] = {}
+    etag_strs = sum(sys.getsizeof(obj.etag) for page in pages for obj in page)
+    state = PackedState()
     changeset = diff_listing(state, pages)
     changeset.commit()
     del pages, changeset
     gc.collect()
     retained = tracemalloc.get_traced_memory()[0]
-    structure = sys.getsizeof(state)
-    keys = [sys.getsizeof(k) for k in state]
-    etags = [sys.getsizeof(v) for v in state.values()]
-    shared = sum(sys.getrefcount(k) > 3 for k in state)  # dict + loop variable + argument
+    key_list = sys.getsizeof(state.key_list)
+    digests = sys.getsizeof(state.digests)
+    unpacked = sys.getsizeof(state.unpacked)
+    keys = [sys.getsizeof(k) for k in state.key_list]
+    shared = sum(sys.getrefcount(k) > 3 for k in state.key_list)  # list + loop var + argument
 
     def diff_peak(records: Iterator[Record]) -> tuple[int, int]:
         pages = build_listing(records)
@@ -259,13 +289,16 @@ def phase_tracemalloc(n: int) -> Result:
     return {
         "listing": listing_bytes,
         "retained": retained,
-        "structure": structure,
+        "structure": key_list + digests + unpacked,
+        "key_list": key_list,
+        "digests": digests,
+        "unpacked": unpacked,
+        "unpacked_entries": len(state.unpacked),
         "key_bytes": sum(keys),
-        "etag_bytes": sum(etags),
         "key_alloc": sum(map(rounded, keys)),
-        "etag_alloc": sum(map(rounded, etags)),
-        "key_len": len(next(iter(state))),
-        "etag_len": len(next(iter(state.values()))),
+        "key_len": len(state.key_list[0]),
+        "etag_str_bytes": etag_strs,
+        "etag_len": len(state.etag_at(0)),
         "shared_keys": shared,
         "nochange_peak": nochange_peak,
         "nochange_kept": nochange_kept,
@@ -282,7 +315,7 @@ def phase_rss(n: int) -> Result:
     pages = build_listing(corpus.records())
     gc.collect()
     rss1 = rss_bytes()
-    state: dict[str, str] = {}
+    state = PackedState()
     changeset = diff_listing(state, pages)
     changeset.commit()
     del pages, changeset
@@ -351,7 +384,7 @@ def report(n: int, repeat: int) -> int:
     print(f"\nCPU time (time.process_time), {repeat} runs, a fresh listing per run, gc enabled")
     print(f"  {'':44} {'best':>9} {'median':>9} {'ns/object':>10} {'/ reference':>12}")
     rows = [
-        ("reference: plain dict.get loop", "reference"),
+        ("reference: plain dict.get loop (a dict state)", "reference"),
         ("no-change diff, diff_listing(state, pages)", "nochange"),
         ("1% changes diff (info)", "changed"),
     ]
@@ -360,38 +393,42 @@ def report(n: int, repeat: int) -> int:
         ratio = f"{best / ref_best:.2f}x/{med / ref_med:.2f}x"
         print(f"  {label:44} {best:8.3f}s {med:8.3f}s {best / n * 1e9:10.0f} {ratio:>12}")
     print(f"  {'first poll: diff (all Added) + commit, 1 run':44} {cpu['initial']:8.3f}s")
+    print(f"  {'commit of the 1% changeset (a merge), 1 run':44} {cpu['commit_changed']:8.3f}s")
+    print(f"  {'restore from a dict checkpoint, 1 run':44} {cpu['restore']:8.3f}s")
     print("  (ratio: best/best and median/median against the reference loop)")
     print("  (each run diffs a listing built just before, untimed, of new strings, whose")
     print("  hashes are not cached yet; the state is never changed by the timed diffs)")
 
     per = float(n)
     structure, retained = mem["structure"] / per, mem["retained"] / per
-    keys, etags = mem["key_bytes"] / per, mem["etag_bytes"] / per
-    alloc = (mem["structure"] + mem["key_alloc"] + mem["etag_alloc"]) / per
-    other = retained - structure - keys - etags
+    keys, etag_strs = mem["key_bytes"] / per, mem["etag_str_bytes"] / per
+    alloc = (mem["structure"] + mem["key_alloc"]) / per
+    other = retained - structure - keys
 
     def row(label: str, value: float, *notes: str) -> None:
         print(f"  {label:60} {value:8.1f}")
         for note in notes:
             print(f"      {note}")
 
-    print("\nMemory of the tracked state (dict path -> ETag), bytes per tracked object")
+    print("\nMemory of the tracked state (PackedState path -> ETag), bytes per tracked object")
     row(
-        "(a) state structure alone: sys.getsizeof(state)",
+        "(a) state structure alone: sys.getsizeof of its parts",
         structure,
-        "the dict's hash table (indices + key/value pointers): what the state adds on",
-        "top of the key and ETag strings, were they shared with a listing.",
+        f"= sorted key list {mem['key_list'] / per:.1f} (pointers) + ETag digests "
+        f"{mem['digests'] / per:.1f} (16 bytes each)",
+        f"+ unpacked ETags dict {mem['unpacked'] / per:.1f} ({mem['unpacked_entries']} entries):"
+        " all the state holds but its key strings.",
     )
     row(
         "(b) total retained by the state: tracemalloc",
         retained,
-        f"= (a) + key str {keys:.1f} ({mem['key_len']} chars) + ETag str {etags:.1f} "
-        f"({mem['etag_len']} chars) + {other:.1f} other",
+        f"= (a) + key str {keys:.1f} ({mem['key_len']} chars) + {other:.1f} other",
         "(requested sizes), measured once the first listing and changeset are gone:",
-        "the state keeps its own strings, which no later listing (a new S3 response)",
-        f"shares (state keys referenced from elsewhere: {mem['shared_keys']}).",
+        "the state keeps its own key strings, which no later listing (a new S3 response)",
+        f"shares (state keys referenced from elsewhere: {mem['shared_keys']}), and no ETag str",
+        f"(a listing's {mem['etag_len']}-char ETag str: {etag_strs:.1f}; a dict state kept one).",
     )
-    row("(b) with pymalloc's 16-byte rounding of the strings", alloc)
+    row("(b) with pymalloc's 16-byte rounding of the key strings", alloc)
     row(
         "RSS retained after dropping the first listing",
         rss["retained"] / per,
@@ -401,7 +438,7 @@ def report(n: int, repeat: int) -> int:
         "RSS beyond the listing: RSS(state + listing) - RSS(listing)",
         rss["beyond_listing"] / per,
         "the state's real cost during a later poll, next to a fresh listing; includes",
-        "C-heap memory freed by the first poll (its events, delta, paths) not yet",
+        "C-heap memory freed by the first poll (its events and delta) not yet",
         "returned to the OS, which later polls' large allocations reuse.",
     )
     row("the same, after malloc_trim(0): live memory only", rss["beyond_listing_trimmed"] / per)
@@ -432,7 +469,7 @@ def report(n: int, repeat: int) -> int:
         (
             f"(b) state incl. strings < {MEMORY_TARGET_B:.0f} B/object",
             retained < MEMORY_TARGET_B,
-            f"{retained:.1f} (strings alone {keys + etags:.1f})",
+            f"{retained:.1f} (key strings alone {keys:.1f})",
         ),
     ]
     print("\nTargets (scaled to N per object)")

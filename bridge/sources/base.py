@@ -1,11 +1,11 @@
 """Sources whose state can be checkpointed: poll -> changeset -> deliver -> commit.
 
-The library's pollers keep their state as a flat ``dict[str, str]`` (HTTP validators; an
-object listing's path -> ETag). A poll does not change that state: it returns a
-:class:`Changeset` holding the events and the state *delta* they lead to, and the state only
-advances when :meth:`Changeset.commit` is called. ``watch_external`` commits at once; the
-bridge service commits only after the broker acknowledged every event, and persists the
-same delta (not the whole state) as its checkpoint.
+The library's pollers keep their state as a flat map of strings: a ``dict[str, str]`` of HTTP
+validators; an object listing's path -> ETag, in a :class:`~bridge.sources.packed.PackedState`.
+A poll does not change that state: it returns a :class:`Changeset` holding the events and the
+state *delta* they lead to, and the state only advances when :meth:`Changeset.commit` is
+called. ``watch_external`` commits at once; the bridge service commits only after the broker
+acknowledged every event, and persists the same delta (not the whole state) as its checkpoint.
 """
 
 from __future__ import annotations
@@ -17,10 +17,16 @@ from typing import Any, Protocol, runtime_checkable
 from bridge.events import ExternalEvent
 from bridge.watching import ExternalSource
 
-__all__ = ["Changeset", "Replay", "StateDelta", "StateMapSource", "StatefulSource"]
+__all__ = ["Changeset", "DeltaTarget", "Replay", "StateDelta", "StateMapSource", "StatefulSource"]
 
 StateDelta = dict[str, str | None]
 """State entries a changeset sets (a string) or deletes (``None``)."""
+
+
+class DeltaTarget(Protocol):
+    """A state that applies a changeset's delta itself, in one batch (``PackedState``)."""
+
+    def apply(self, delta: StateDelta) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -29,7 +35,7 @@ class Changeset:
 
     events: list[ExternalEvent[Any]]
     delta: StateDelta
-    _state: dict[str, str] = field(repr=False)
+    _state: dict[str, str] | DeltaTarget = field(repr=False)
     _on_commit: Callable[[], None] | None = field(default=None, repr=False)
 
     def split(self, max_events: int) -> list[Changeset]:
@@ -55,11 +61,14 @@ class Changeset:
     def commit(self) -> None:
         """Advance the source's state past these events. Call once, after delivery."""
         state = self._state
-        for key, value in self.delta.items():
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
+        if isinstance(state, dict):
+            for key, value in self.delta.items():
+                if value is None:
+                    state.pop(key, None)
+                else:
+                    state[key] = value
+        else:
+            state.apply(self.delta)
         if self._on_commit is not None:
             self._on_commit()
         self.delta = {}

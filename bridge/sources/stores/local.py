@@ -1,10 +1,10 @@
 """``LocalStore``: a directory tree as an object store.
 
-Paths are relative to the root with ``/`` separators. The ETag is ``<mtime_ns>-<size>`` in hex:
-listing never reads file contents, so a large tree stays cheap to poll. A rewrite that keeps
-both the size and the nanosecond mtime (only possible by resetting the mtime on purpose) is not
-seen. Symbolic links are followed to files, not into directories; files that vanish while
-the tree is walked are skipped.
+Paths are relative to the root with ``/`` separators, listed in key order. The ETag is
+``<mtime_ns>-<size>`` in hex: listing never reads file contents, so a large tree stays cheap to
+poll. A rewrite that keeps both the size and the nanosecond mtime (only possible by resetting
+the mtime on purpose) is not seen. Symbolic links are followed to files, not into directories;
+files that vanish while the tree is walked are skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
 
 from bridge.errors import StoreError
@@ -80,6 +81,7 @@ class LocalStore:
                         )
                 except FileNotFoundError:
                     continue
+        found.sort(key=attrgetter("path"))  # in key order, as S3 lists: the poller merges
         return found
 
 
