@@ -509,6 +509,7 @@ BAD_CONFIGS = [
     (BASE + f"sources: [{{name: {'x' * 65}, interval: 1, local: {{path: /}}}}]\n", "use 1-64 characters"),
     (BASE + "sources: [{name: a, interval: -5s, local: {path: /}}]\n", "sources[0].interval: must be a duration"),
     (BASE + "sources: [{name: a, interval: .nan, local: {path: /}}]\n", "sources[0].interval: must be > 0, got nan"),
+    (BASE + "sources: [{name: a, interval: 0.0000001, local: {path: /}}]\n", "sources[0].interval: must be at least 1ms"),
     (BASE + "sources: [{name: a, interval: .inf, local: {path: /}}]\n", "sources[0].interval: must be finite, got inf"),
     (BASE + "sources: [{name: a, interval: 1, max_backoff: .inf, local: {path: /}}]\n", "sources[0].max_backoff: must be finite"),
     (BASE + "sources: [{name: a, interval: [1], local: {path: /}}]\n", "sources[0].interval: must be a duration"),

@@ -21,6 +21,9 @@ from bridge.subjects import SOURCE_NAME_PATTERN
 
 __all__ = ["SourceReader"]
 
+MIN_INTERVAL_S = 0.001
+"""The shortest poll interval accepted."""
+
 
 class SourceReader(Reader):
     """The ``sources[i]`` entries."""
@@ -41,6 +44,11 @@ class SourceReader(Reader):
                 )
         with self.at("interval"):
             interval = self.duration(doc["interval"])
+            if interval < MIN_INTERVAL_S:
+                self.fail(
+                    f"must be at least {MIN_INTERVAL_S * 1000:g}ms (a shorter one is a busy "
+                    f"loop), got {doc['interval']!r}"
+                )
         fields: dict[str, Any] = {"name": name, "interval_s": interval}
         if "max_backoff" in doc:
             with self.at("max_backoff"):
