@@ -188,7 +188,6 @@ class SourceLoop:
             source.restore({})
             self.revision = revision
             return
-        source.restore(checkpoint.state)
         self.revision = checkpoint.revision
         log.info(
             "source %r: resumed at revision %d (%d state entries)%s",
@@ -205,6 +204,8 @@ class SourceLoop:
             apply_delta(after, intent.delta)
             source.restore(after)
             self._replay = (Replay(checkpoint.state, intent.delta), intent.revision)
+        else:
+            source.restore(checkpoint.state)
 
     async def step(self) -> Exception | None:
         """Deliver the pending batches, polling first if there are none; the error if any."""
