@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, unquote
 
 from bridge.events import EventKind, ExternalEvent
@@ -37,12 +37,16 @@ __all__ = [
     "SCHEMA_BASE_URI",
     "SPEC_VERSION",
     "CloudEvent",
+    "ContentMode",
     "EventEncoder",
     "event_id",
     "event_type",
     "header_value",
 ]
 
+ContentMode = Literal["binary", "structured"]
+"""How an event goes on the wire: ``binary`` (``ce-*`` headers, the data as the body) or
+``structured`` (the whole event as one JSON document)."""
 SPEC_VERSION = "1.0"
 TYPE_PREFIX = "dev.koprs.external"
 DATA_CONTENT_TYPE = "application/json"

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 
+from bridge.cloudevents import ContentMode
 from bridge.errors import ConfigError
 from bridge.secrets import Secret, redact_url
 
@@ -46,7 +47,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "KOPRS_BRIDGE__"
-ContentMode = Literal["binary", "structured"]
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from bridge.cloudevents import ContentMode
 from bridge.errors import ConfigError
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX
@@ -28,8 +28,6 @@ __all__ = [
 
 DEFAULT_STREAM = "KOPRS_EXTERNAL"
 _FORBIDDEN_IN_TOKEN = frozenset(".*> \t\r\n")
-
-ContentMode = Literal["binary", "structured"]
 
 
 @dataclass(kw_only=True, frozen=True)

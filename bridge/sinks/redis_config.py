@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import urlsplit
 
+from bridge.cloudevents import ContentMode
 from bridge.errors import ConfigError
 from bridge.secrets import redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
 
 __all__ = ["ContentMode", "RedisSinkConfig", "items_key", "marker_key"]
-
-ContentMode = Literal["binary", "structured"]
 
 
 @dataclass(kw_only=True, frozen=True)
