@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -50,7 +49,7 @@ from bridge.connection_errors import (
     describe_error,
 )
 from bridge.errors import ConfigError
-from bridge.secrets import Secret, redact_url
+from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 
 __all__ = [
@@ -86,16 +85,14 @@ _contexts: dict[TlsConfig, tuple[tuple[int, ...], ssl.SSLContext]] = {}
 
 
 def _stamp(tls: TlsConfig) -> tuple[int, ...]:
-    """Inode, size and mtime of each file: a symlink swap (Kubernetes) changes the inode, a
-    rewrite within one coarse timestamp tick most likely the size."""
+    """The :func:`~bridge.secrets.file_stamp` of each file (unreadable: -1s; the build then
+    reports it)."""
     stamp: list[int] = []
     for path in (tls.ca_file, tls.cert_file, tls.key_file):
         try:
-            info = os.stat(path) if path is not None else None
+            stamp += file_stamp(path) if path is not None else (0, 0, 0)
         except OSError:
             stamp += (-1, -1, -1)
-            continue
-        stamp += (info.st_ino, info.st_size, info.st_mtime_ns) if info else (0, 0, 0)
     return tuple(stamp)
 
 
@@ -124,8 +121,8 @@ def _build_context(tls: TlsConfig) -> ssl.SSLContext:
         ) from None
     if tls.cert_file is not None:
         try:
-            context.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as exc:
+            context.load_cert_chain(tls.cert_file, tls.key_file, password=no_key_password)
+        except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: an encrypted key
             raise ConfigError(
                 f"tls.cert_file {str(tls.cert_file)!r} / key_file {str(tls.key_file)!r}: "
                 f"cannot load the client certificate: {_ssl_text(exc)}"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["Secret", "redact_url"]
+__all__ = ["Secret", "file_stamp", "no_key_password", "redact_url"]
 
 REDACTED = "***"
 
@@ -58,10 +58,7 @@ class Secret:
     def reveal(self) -> str:
         """The value (for a file: its content without trailing newline, re-read on change)."""
         if self._path is not None:
-            # inode, size and mtime: a symlink swap (Kubernetes) changes the inode, a rewrite
-            # within one coarse timestamp tick most likely the size
-            info = self._path.stat()
-            stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+            stamp = file_stamp(self._path)
             if stamp != self._stamp:
                 self._value = self._path.read_text("utf-8").rstrip("\r\n")
                 self._stamp = stamp
@@ -71,6 +68,19 @@ class Secret:
         return f"Secret({self.origin if self.origin != 'inline' else REDACTED})"
 
     __str__ = __repr__
+
+
+def file_stamp(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """What tells a rotated file: inode, size and mtime (a symlink swap, as Kubernetes does,
+    changes the inode; a rewrite within one coarse timestamp tick most likely the size)."""
+    info = os.stat(path)
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def no_key_password() -> str:
+    """``password=`` for ``SSLContext.load_cert_chain``: an encrypted key is an error, not an
+    interactive passphrase prompt on the service's terminal."""
+    raise ValueError("the client key is encrypted: give it unencrypted (PEM, no passphrase)")
 
 
 def redact_url(url: str) -> str:

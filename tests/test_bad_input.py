@@ -171,10 +171,8 @@ class Service:
     async def loop(self, name: str) -> SourceLoop:
         """The source's loop, once the service started it."""
         async with asyncio.timeout(WAIT_S):
-            while True:
-                if name in self.bridge.loops:
-                    return self.bridge.loops[name]
-                await asyncio.sleep(0.01)
+            await self.bridge.started.wait()
+        return self.bridge.loops[name]
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.bridge.telemetry.metrics.registry.get_sample_value(name, labels)

@@ -244,7 +244,12 @@ async def test_large_changesets_go_out_in_batches_committed_one_by_one() -> None
 
 
 class DiesBeforeCommit(FileStateStore):
-    """A replica that publishes, then dies before its commit."""
+    """A replica that publishes, then dies before its commit (after ``survives`` commits of a
+    batch; the empty commit that starts a lineage always gets through)."""
+
+    def __init__(self, folder: Path, survives: int = 0) -> None:
+        super().__init__(folder)
+        self.survives = survives
 
     async def commit(
         self,
@@ -253,8 +258,10 @@ class DiesBeforeCommit(FileStateStore):
         delta: StateDelta,
         next_intent: Intent | None = None,
     ) -> None:
-        if delta:  # the empty commit that starts a lineage gets through
-            raise StateError("replica killed")
+        if delta:
+            if not self.survives:
+                raise StateError("replica killed")
+            self.survives -= 1
         await super().commit(source_name, revision, delta, next_intent)
 
 
@@ -337,22 +344,7 @@ async def test_replay_split_in_batches_keeps_the_rest_of_the_intent_recorded(
     await store.delete("k3")  # ...and k3, published as Added, is gone
     successor.spec.max_batch_events = 3
 
-    class DiesAfterFirstBatch(FileStateStore):
-        commits = 0
-
-        async def commit(
-            self,
-            source_name: str,
-            revision: int,
-            delta: StateDelta,
-            next_intent: Intent | None = None,
-        ) -> None:
-            self.commits += 1
-            if self.commits > 1:
-                raise StateError("replica killed")
-            await super().commit(source_name, revision, delta, next_intent)
-
-    successor.state = DiesAfterFirstBatch(tmp_path)
+    successor.state = DiesBeforeCommit(tmp_path, survives=1)  # dies after its first batch
     assert await successor.step() is not None
     recorded = await FileStateStore(tmp_path).load("files")
     assert recorded is not None

@@ -533,6 +533,20 @@ def test_unusable_tls_files_are_a_config_error_naming_the_file(pki: Pki, tmp_pat
         ssl_context(TlsConfig(ca_file=broken))
     with pytest.raises(ConfigError, match="client certificate"):
         ssl_context(TlsConfig(cert_file=broken, key_file=pki.client_key))
+    # an encrypted key is a clear error too, not a passphrase prompt on the terminal
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.client_key.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted-key.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(ConfigError, match="encrypted"):
+        ssl_context(TlsConfig(cert_file=pki.client_cert, key_file=encrypted))
 
 
 def test_nats_options_per_method(tmp_path: Path) -> None:

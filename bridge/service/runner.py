@@ -186,6 +186,8 @@ class Bridge:
         if config.leader_election is not None:
             self.coordinator = self._coordinator(config.leader_election)
         self.connected = asyncio.Event()
+        self.started = asyncio.Event()
+        """Set once every source's loop runs (single replica: :attr:`loops` is complete)."""
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_lock = asyncio.Lock()
         self._phase: Literal["new", "running", "closed"] = "new"
@@ -204,6 +206,7 @@ class Bridge:
                 for spec in self.specs:
                     self._start_source(spec)
                 self._phase = "running"
+                self.started.set()
             log.info("publishing %d source(s) to %s", len(self._tasks), self.sink.description)
             await self._supervise(stop)
         finally:

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from bridge.errors import SourceError
-from bridge.secrets import Secret, redact_url
+from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
 
 __all__ = [
     "FORWARDABLE",
@@ -83,7 +83,7 @@ def tls_context(
     if (cert_file is None) != (key_file is None):
         raise ValueError("cert_file and key_file must be given together")
     files = tuple(None if f is None else os.fspath(f) for f in (ca_file, cert_file, key_file))
-    key = (verify, files, tuple(_file_stamp(f) for f in files))
+    key = (verify, files, tuple(None if f is None else file_stamp(f) for f in files))
     context = _TLS_CONTEXTS.get(key)
     if context is None:
         context = _new_tls_context(verify, *files)
@@ -97,13 +97,6 @@ _TLS_CONTEXTS: dict[tuple[Any, ...], ssl.SSLContext] = {}
 _TLS_CONTEXTS_KEPT = 64
 
 
-def _file_stamp(path: str | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
-    info = os.stat(path)
-    return info.st_ino, info.st_size, info.st_mtime_ns
-
-
 def _new_tls_context(
     verify: bool, ca_file: str | None, cert_file: str | None, key_file: str | None
 ) -> ssl.SSLContext:
@@ -114,8 +107,7 @@ def _new_tls_context(
     else:
         context = httpx.create_ssl_context(verify=True)
     if cert_file is not None and key_file is not None:
-        # An encrypted key is an error, not an interactive password prompt.
-        context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file), password=_no_password)
+        context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file), password=no_key_password)
     return context
 
 
@@ -161,10 +153,6 @@ def follow_redirect(
             f"{where}: more than {max_redirects} redirects (max_redirects): {chain}"
         )
     return target
-
-
-def _no_password() -> str:
-    raise ValueError("the client key is encrypted: give it unencrypted (PEM, no passphrase)")
 
 
 def origin(url: httpx.URL) -> tuple[str, str, int | None]:
