@@ -33,6 +33,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,52 @@ async def test_c_paused_leader_is_fenced_when_it_resumes(
     assert_no_duplicates(events)
 
 
+@dataclass
+class World:
+    """Two replicas leading three HTTP documents (a, b, c), each published; a at v2."""
+
+    names: list[str]
+    docs: Documents
+    urls: dict[str, str]
+    current: dict[str, str | None]
+    replicas: Cluster
+    client: aioredis.Redis
+    received: Received
+
+
+@contextlib.asynccontextmanager
+async def two_replicas_leading(
+    tmp_path: Path, redis_url: str, nats_url: str
+) -> AsyncIterator[World]:
+    """The starting point of the Redis outage tests (d) and (f)."""
+    await fresh_nats(nats_url)
+    names = ["a", "b", "c"]
+    with Documents() as docs:
+        urls = {n: docs.url(n) for n in names}
+        current = {n: docs.set(n, f'{{"{n}": 1}}'.encode()) for n in names}
+
+        def config_for(replica: str) -> dict[str, Any]:
+            sources = [http_source(n, urls[n], replica) for n in names]
+            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
+
+        async with (
+            cluster(tmp_path, config_for) as replicas,
+            redis_client(redis_url) as client,
+        ):
+            await replicas.start("r1", "r2")
+            async with nats_consumer(nats_url) as received:
+                for n in names:
+                    await expect(received, f"Added {n}", has(n, urls[n], "added", current[n]))
+                current["a"] = docs.set("a", b'{"a": 2}')
+                await expect(received, "a v2", has("a", urls["a"], "modified", current["a"]))
+
+                async def both_lead() -> bool:
+                    return await spread(client, names) == [1, 2]
+
+                await until(both_lead, "both replicas leading", replicas=replicas)
+                yield World(names, docs, urls, current, replicas, client, received)
+
+
 # -- (d) Redis down ----------------------------------------------------------------------------
 
 
@@ -494,59 +541,37 @@ async def test_d_redis_outage_pauses_polling_and_loses_nothing(
     persistence), so the checkpoints are gone: the bridge adds the current items again, and
     every item's latest state, the change made during the outage included, reaches the
     consumer; nothing else is published twice."""
-    await fresh_nats(nats_url)
-    names = ["a", "b", "c"]
-    with Documents() as docs:
-        urls = {n: docs.url(n) for n in names}
-        current = {n: docs.set(n, f'{{"{n}": 1}}'.encode()) for n in names}
+    try:
+        async with two_replicas_leading(tmp_path, redis_url, nats_url) as world:
+            names, docs, urls, current = world.names, world.docs, world.urls, world.current
+            replicas, received = world.replicas, world.received
+            await leases_lost_when(redis_server.stop, replicas, names)
+            await rounds_failed(replicas, 1)
+            polls = len(docs.requests())
+            published = len(received.events)
+            current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
+            current["c"] = docs.set("c", b'{"c": 2}')
+            await rounds_failed(replicas, 2)
+            assert len(docs.requests()) == polls, "a source was polled without a lease"
+            assert len(received.events) == published, "published while Redis was down"
 
-        def config_for(replica: str) -> dict[str, Any]:
-            sources = [http_source(n, urls[n], replica) for n in names]
-            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
-
-        try:
-            async with (
-                cluster(tmp_path, config_for) as replicas,
-                redis_client(redis_url) as client,
-            ):
-                await replicas.start("r1", "r2")
-                async with nats_consumer(nats_url) as received:
-                    for n in names:
-                        await expect(received, f"Added {n}", has(n, urls[n], "added", current[n]))
-                    current["a"] = docs.set("a", b'{"a": 2}')
-                    await expect(received, "a v2", has("a", urls["a"], "modified", current["a"]))
-
-                    async def both_lead() -> bool:
-                        return await spread(client, names) == [1, 2]
-
-                    await until(both_lead, "both replicas leading", replicas=replicas)
-                    await leases_lost_when(redis_server.stop, replicas, names)
-                    await rounds_failed(replicas, 1)
-                    polls = len(docs.requests())
-                    published = len(received.events)
-                    current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
-                    current["c"] = docs.set("c", b'{"c": 2}')
-                    await rounds_failed(replicas, 2)
-                    assert len(docs.requests()) == polls, "a source was polled without a lease"
-                    assert len(received.events) == published, "published while Redis was down"
-
-                    restarted_at = len(received.events)
-                    redis_server.start()  # empty: leases, fences and checkpoints are gone
-                    # The checkpoints are gone: every item is added again (a too: its v2 was
-                    # a Modified before), b and c with their change made during the outage.
-                    for n in names:
-                        await expect(received, f"{n} v2", has(n, urls[n], "added", current[n]))
-                    current["a"] = docs.set("a", b'{"a": 3}')
-                    await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
-                    seen = {n: len(docs.requests(n)) for n in names}
-                    await until(
-                        lambda: all(len(docs.requests(n)) >= seen[n] + 2 for n in names),
-                        "2 more polls of every source",
-                        replicas=replicas,
-                    )
-                    events = list(received.events)
-        finally:
-            redis_server.start()
+            restarted_at = len(received.events)
+            redis_server.start()  # empty: leases, fences and checkpoints are gone
+            # The checkpoints are gone: every item is added again (a too: its v2 was
+            # a Modified before), b and c with their change made during the outage.
+            for n in names:
+                await expect(received, f"{n} v2", has(n, urls[n], "added", current[n]))
+            current["a"] = docs.set("a", b'{"a": 3}')
+            await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
+            seen = {n: len(docs.requests(n)) for n in names}
+            await until(
+                lambda: all(len(docs.requests(n)) >= seen[n] + 2 for n in names),
+                "2 more polls of every source",
+                replicas=replicas,
+            )
+            events = list(received.events)
+    finally:
+        redis_server.start()
 
     after = events[restarted_at:]
     assert all(kind(e) in ("added", "modified") for e in after)
@@ -658,55 +683,33 @@ async def test_f_redis_restart_with_persistence_resumes_from_the_checkpoints(
     outage the new leaders continue from the checkpoints. Nothing is added again, the change
     made during the outage is published as Modified, and a document deleted during the outage
     yields Removed (a checkpoint wiped after the restart would lose it)."""
-    await fresh_nats(nats_url)
     redis_url = persistent_redis.url
-    names = ["a", "b", "c"]
-    with Documents() as docs:
-        urls = {n: docs.url(n) for n in names}
-        current = {n: docs.set(n, f'{{"{n}": 1}}'.encode()) for n in names}
+    async with two_replicas_leading(tmp_path, redis_url, nats_url) as world:
+        names, docs, urls, current = world.names, world.docs, world.urls, world.current
+        replicas, received, client = world.replicas, world.received, world.client
+        fences = {n: f for n, (_, f) in (await holders(client, names)).items()}
+        await leases_lost_when(persistent_redis.stop, replicas, names)
+        restarted_at = len(received.events)
+        current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
+        removed_c = current.pop("c")
+        docs.set("c", None)
+        await rounds_failed(replicas, 1)
+        persistent_redis.start()  # with the data: checkpoints and fences are back
 
-        def config_for(replica: str) -> dict[str, Any]:
-            sources = [http_source(n, urls[n], replica) for n in names]
-            return config(replica, redis_url=redis_url, nats_url=nats_url, sources=sources)
-
-        async with (
-            cluster(tmp_path, config_for) as replicas,
-            redis_client(redis_url) as client,
-        ):
-            await replicas.start("r1", "r2")
-            async with nats_consumer(nats_url) as received:
-                for n in names:
-                    await expect(received, f"Added {n}", has(n, urls[n], "added", current[n]))
-                current["a"] = docs.set("a", b'{"a": 2}')
-                await expect(received, "a v2", has("a", urls["a"], "modified", current["a"]))
-
-                async def both_lead() -> bool:
-                    return await spread(client, names) == [1, 2]
-
-                await until(both_lead, "both replicas leading", replicas=replicas)
-                fences = {n: f for n, (_, f) in (await holders(client, names)).items()}
-                await leases_lost_when(persistent_redis.stop, replicas, names)
-                restarted_at = len(received.events)
-                current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
-                removed_c = current.pop("c")
-                docs.set("c", None)
-                await rounds_failed(replicas, 1)
-                persistent_redis.start()  # with the data: checkpoints and fences are back
-
-                await expect(received, "b v2", has("b", urls["b"], "modified", current["b"]))
-                await expect(received, "c removed", has("c", urls["c"], "removed", removed_c))
-                current["a"] = docs.set("a", b'{"a": 3}')
-                await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
-                polls = {n: len(docs.requests(n)) for n in names}
-                await until(
-                    lambda: all(len(docs.requests(n)) >= polls[n] + 2 for n in names),
-                    "2 more polls of every source",
-                    replicas=replicas,
-                )
-                async with redis_client(redis_url) as fresh:  # the old connections are closed
-                    held = await holders(fresh, names)
-                    metas = {n: await fresh.hgetall(SourceKeys(n).meta) for n in names}
-                events = list(received.events)
+        await expect(received, "b v2", has("b", urls["b"], "modified", current["b"]))
+        await expect(received, "c removed", has("c", urls["c"], "removed", removed_c))
+        current["a"] = docs.set("a", b'{"a": 3}')
+        await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
+        polls = {n: len(docs.requests(n)) for n in names}
+        await until(
+            lambda: all(len(docs.requests(n)) >= polls[n] + 2 for n in names),
+            "2 more polls of every source",
+            replicas=replicas,
+        )
+        async with redis_client(redis_url) as fresh:  # the old connections are closed
+            held = await holders(fresh, names)
+            metas = {n: await fresh.hgetall(SourceKeys(n).meta) for n in names}
+        events = list(received.events)
 
     assert sorted(held) == names
     for n in names:
