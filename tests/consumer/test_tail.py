@@ -33,7 +33,7 @@ from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 from bridge.tail import format_json, format_line
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 
 

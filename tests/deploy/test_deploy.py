@@ -38,7 +38,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 K8S_VERSION = "1.33.0"
 """The Kubernetes version whose schemas the manifests must satisfy."""
 KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/example"]
@@ -233,7 +233,7 @@ def test_dockerignore_sends_what_the_build_copies_and_nothing_else() -> None:
     for unwanted in (
         ".git/HEAD",
         ".venv/bin/python",
-        "tests/test_deploy.py",
+        "tests/deploy/test_deploy.py",
         "k8s/base/bridge.yaml",
         "bridge/__pycache__/cli.cpython-311.pyc",
         "bridge/service/__pycache__/x.pyc",

@@ -1,5 +1,5 @@
 """Leases, fenced checkpoints and fair sharing against a real redis-server (in one process;
-tests/test_ha_processes.py runs replicas as separate processes)."""
+tests/ha/test_ha_processes.py runs replicas as separate processes)."""
 
 from __future__ import annotations
 

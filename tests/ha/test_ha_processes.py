@@ -1,9 +1,9 @@
-"""High availability with replicas as separate processes (tests/test_ha.py runs them in-process).
+"""High availability with replicas as separate processes (tests/ha/test_ha.py runs them in-process).
 
 Every replica is ``python -m bridge --log-level info run --config <file>`` with its own
 ``KOPRS_BRIDGE_REPLICA_ID`` and its own log file (printed when a test fails). The servers are
 real: redis-server for leader election and checkpoints, nats-server (JetStream) as the broker,
-an HTTP server and moto's S3 server as sources. A raw NATS consumer (tests/test_e2e.py) reads
+an HTTP server and moto's S3 server as sources. A raw NATS consumer (tests/service/test_e2e.py) reads
 what reaches the broker. Leases are short (2 s TTL, renewed every 0.3 s) and sources are polled
 every 0.2 s, so a failover takes a few seconds.
 
@@ -43,8 +43,9 @@ import redis.asyncio as aioredis
 from bridge.ha.checkpoints import RedisStateStore
 from bridge.ha.keys import DEFAULT_PREFIX, SourceKeys, as_text
 from bridge.ha.leases import LeaseClient
-from tests.documents import Documents, Request, version_of
-from tests.replicas import (
+from tests.support.httpserver import Documents, Request, version_of
+from tests.support.receiving import Received, fresh_nats, nats_consumer
+from tests.support.replicas import (
     WAIT_S,
     Cluster,
     Event,
@@ -62,15 +63,14 @@ from tests.replicas import (
     until,
     version,
 )
-from tests.servers import PersistentRedisServer, RedisServer, S3Server
-from tests.test_e2e import Received, fresh_nats, nats_consumer
+from tests.support.servers import PersistentRedisServer, RedisServer, S3Server
 
 LEASE_TTL_S = 2.0
 RENEW_EVERY_S = 0.3
 INTERVAL_S = 0.2
 
 
-# -- replicas as processes (tests/replicas.py) -------------------------------------------------
+# -- replicas as processes (tests/support/replicas.py) -------------------------------------------------
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,14 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tests.servers import LOOPBACK, NatsServer, RedisServer, S3Server, ServerError, free_port
+from tests.support.servers import (
+    LOOPBACK,
+    NatsServer,
+    RedisServer,
+    S3Server,
+    ServerError,
+    free_port,
+)
 
 
 def _unique(prefix: str) -> str:

@@ -43,9 +43,9 @@ from bridge.service.config import AuthConfig, load_config
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.telemetry import JsonFormatter, Telemetry
-from tests.httpserver import Document, HttpTestServer
-from tests.security_support import LogRecorder, recording_logs, running_bridge
-from tests.servers import NatsServer, RedisServer, S3Server
+from tests.support.httpserver import Document, HttpTestServer
+from tests.support.security import LogRecorder, recording_logs, running_bridge
+from tests.support.servers import NatsServer, RedisServer, S3Server
 
 pytestmark = pytest.mark.servers
 

@@ -38,8 +38,8 @@ from bridge.errors import ConfigError
 from bridge.secrets import Secret
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import encode_item_token
-from tests.credentials import NatsOperator, Pki, make_pki, nkey_pair
-from tests.security_support import (
+from tests.support.credentials import NatsOperator, Pki, make_pki, nkey_pair
+from tests.support.security import (
     LogRecorder,
     nats_tls_block,
     recording_logs,
@@ -47,7 +47,7 @@ from tests.security_support import (
     running_bridge,
     tls_redis,
 )
-from tests.servers import NatsServer, RedisServer
+from tests.support.servers import NatsServer, RedisServer
 
 pytestmark = pytest.mark.servers
 

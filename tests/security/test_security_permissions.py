@@ -44,13 +44,13 @@ from bridge.service.config import AuthConfig
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.subjects import encode_item_token
-from tests.security_support import recording_logs, running_bridge
-from tests.servers import NatsServer, RedisServer
-from tests.test_sinks_contract import object_events
+from tests.support.events import object_events
+from tests.support.security import recording_logs, running_bridge
+from tests.support.servers import NatsServer, RedisServer
 
 pytestmark = pytest.mark.servers
 
-SECURITY = Path(__file__).resolve().parent.parent / "deploy" / "security"
+SECURITY = Path(__file__).resolve().parents[2] / "deploy" / "security"
 STREAM = "KOPRS_EXTERNAL"
 ADMIN = "adm1n-Pw-q8"
 BRIDGE_NATS = "br1dge-nats-Pw-z4"

@@ -35,7 +35,7 @@ from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 
-OFFICIAL_SCHEMA = Path(__file__).parent / "data" / "asyncapi-3.0.0.schema.json"
+OFFICIAL_SCHEMA = Path(__file__).parents[1] / "data" / "asyncapi-3.0.0.schema.json"
 KINDS: list[type[ExternalEvent[Any]]] = [Added, Modified, Removed]
 Mode = Literal["binary", "structured"]
 

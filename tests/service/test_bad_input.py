@@ -17,7 +17,7 @@ client: moto does not produce denials or throttling). Each case must give
 * nothing lost elsewhere: the healthy source publishes every change made meanwhile.
 
 Then configs the validation must reject with a message naming the file (or variable), key and
-problem (the kinds ``tests/test_config.py`` does not cover), the schedule after very many
+problem (the kinds ``tests/service/test_config.py`` does not cover), the schedule after very many
 failures, and messages to the consumers (NATS and Redis) that are not koprs CloudEvents: each is
 logged naming the stream, the message and the problem, and skipped; the watch goes on.
 """
@@ -55,10 +55,9 @@ from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.state import MemoryStateStore
 from bridge.subjects import redis_stream_key
 from bridge.watching import WatchConfig, watch_external_with_config
-from tests.documents import Documents, version_of
-from tests.httpserver import Exchange, HttpTestServer, Reply
-from tests.servers import LOOPBACK
-from tests.test_sinks_contract import nats_test_config, object_events
+from tests.support.events import nats_test_config, object_events
+from tests.support.httpserver import Documents, Exchange, HttpTestServer, Reply, version_of
+from tests.support.servers import LOOPBACK
 
 INTERVAL_S = 0.05
 MAX_BACKOFF_S = 0.2

@@ -375,7 +375,7 @@ async def test_http_replay_of_an_unsettled_batch(
     """An HTTP document's Modified was published by a replica that died before its commit; the
     successor fetches it unconditionally and emits the same event again or diffs against it."""
     from bridge.sources.http import HttpPoller
-    from tests.documents import Documents
+    from tests.support.httpserver import Documents
 
     with Documents() as docs:
         url = docs.url("doc")

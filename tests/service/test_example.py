@@ -26,7 +26,7 @@ from bridge.service.config import parse_config
 from bridge.service.runner import Bridge
 from bridge.subjects import encode_item_token
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "config_operator.py"
 
 

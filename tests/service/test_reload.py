@@ -42,11 +42,11 @@ from bridge.service.reload import ConfigWatcher, plan_reload, run_with_reload
 from bridge.service.runner import Bridge
 from bridge.sinks.memory import MemorySink
 from bridge.state import MemoryStateStore
-from tests.documents import Documents
+from tests.support.httpserver import Documents
 
 WAIT_S = 60.0
 """Bound of every wait on a condition (only a broken bridge reaches it)."""
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = "app.json"
 
 

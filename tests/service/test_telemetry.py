@@ -64,7 +64,7 @@ from bridge.telemetry import (
     format_traceparent,
 )
 from bridge.telemetry.tracing import otlp_traces_endpoint
-from tests.servers import LOOPBACK, NatsServer, RedisServer, free_port
+from tests.support.servers import LOOPBACK, NatsServer, RedisServer, free_port
 
 DEADLINE_S = 60.0
 

@@ -12,7 +12,7 @@ import pytest
 from bridge.errors import PublishError
 from bridge.events import Modified, Removed
 from bridge.sinks.memory import MemorySink
-from tests.test_sinks_contract import object_events
+from tests.support.events import object_events
 
 
 async def test_fail_next_fails_whole_publishes() -> None:

@@ -20,8 +20,7 @@ from bridge.events import Modified
 from bridge.secrets import redact_url
 from bridge.sinks.nats import NatsSink, NatsSinkConfig, subject_filter_covers
 from bridge.subjects import decode_item_token, nats_subject
-from tests.servers import NatsServer, free_port
-from tests.test_sinks_contract import (
+from tests.support.events import (
     SPECIAL_KEYS,
     decode_nats,
     expected,
@@ -30,6 +29,7 @@ from tests.test_sinks_contract import (
     nats_test_config,
     object_events,
 )
+from tests.support.servers import NatsServer, free_port
 
 pytestmark = pytest.mark.servers
 

@@ -30,8 +30,7 @@ from bridge.sinks.redis import (
     marker_key,
 )
 from bridge.subjects import redis_stream_key
-from tests.servers import RedisServer, free_port
-from tests.test_sinks_contract import (
+from tests.support.events import (
     Entry,
     decode_redis,
     expected,
@@ -39,6 +38,7 @@ from tests.test_sinks_contract import (
     object_events,
     xrange,
 )
+from tests.support.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.servers
 

@@ -2,7 +2,7 @@
 redirect rules (credentials never leave the watched origin; no https -> http; only http(s);
 loops and limits are clear errors).
 
-Real servers on 127.0.0.1 (:class:`~tests.httpserver.HttpTestServer`, HTTPS through an
+Real servers on 127.0.0.1 (:class:`~tests.support.httpserver.HttpTestServer`, HTTPS through an
 ``ssl.SSLContext`` with certificates from ``trustme``); "another host" is another port, which is
 another origin. Pollers are built from config documents by ``build_source``, as the service
 builds them, unless a test is about the library API.
@@ -29,7 +29,7 @@ from bridge.secrets import Secret
 from bridge.service.config import SourceConfig, parse_config
 from bridge.service.runner import build_source
 from bridge.sources.http import RedirectError
-from tests.httpserver import Document, Exchange, HttpTestServer, Reply
+from tests.support.httpserver import Document, Exchange, HttpTestServer, Reply
 
 SOURCE = "app-config"
 TOKEN_1 = "token-one-8f1d2c"

@@ -1,6 +1,6 @@
 """``HttpPoller`` against real HTTP servers on 127.0.0.1.
 
-Most tests use the scriptable :class:`~tests.httpserver.HttpTestServer`; the static-file
+Most tests use the scriptable :class:`~tests.support.httpserver.HttpTestServer`; the static-file
 servers (Python's ``SimpleHTTPRequestHandler`` for Last-Modified, nginx for ETags) check the
 poller against validators the servers compute themselves.
 """
@@ -31,7 +31,7 @@ from bridge import (
     watch_external,
 )
 from bridge.sources.http import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT
-from tests.httpserver import (
+from tests.support.httpserver import (
     Document,
     Exchange,
     HttpTestServer,
@@ -40,7 +40,7 @@ from tests.httpserver import (
     StaticFileServer,
     nginx_binary,
 )
-from tests.servers import LOOPBACK, free_port
+from tests.support.servers import LOOPBACK, free_port
 
 DATE_1 = "Mon, 01 Jan 2024 00:00:00 GMT"
 DATE_2 = "Tue, 02 Jan 2024 00:00:00 GMT"

@@ -38,13 +38,13 @@ from bridge import Added, ObjectStorePoller, SourceUnavailableError, StoreError
 from bridge.service.config import parse_config
 from bridge.service.runner import build_source
 from bridge.sources.stores.s3 import S3Store
-from tests.servers import LOOPBACK, S3Server
+from tests.support.servers import LOOPBACK, S3Server
 
 pytestmark = pytest.mark.servers
 
 SOURCE = "manifests"
 REGION = "us-east-1"
-POLICY_FILE = Path(__file__).parent.parent / "deploy" / "security" / "s3-policy.json"
+POLICY_FILE = Path(__file__).resolve().parents[2] / "deploy" / "security" / "s3-policy.json"
 
 
 @pytest.fixture(autouse=True)

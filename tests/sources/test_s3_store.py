@@ -17,7 +17,7 @@ from bridge import (
     StoreError,
 )
 from bridge.sources.stores.s3 import S3Store
-from tests.servers import LOOPBACK, S3Server, free_port
+from tests.support.servers import LOOPBACK, S3Server, free_port
 
 pytestmark = pytest.mark.servers
 

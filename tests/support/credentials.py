@@ -22,7 +22,7 @@ from typing import Any
 import nkeys
 import trustme
 
-from tests.servers import LOOPBACK
+from tests.support.servers import LOOPBACK
 
 __all__ = ["NatsOperator", "Pki", "make_pki", "nkey_pair"]
 

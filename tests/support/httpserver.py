@@ -3,6 +3,7 @@
 ::
 
     HttpTestServer      scriptable: each path answered by a responder; a Document responder
+    Documents           an HttpTestServer serving named documents with ETags (e2e, HA, chaos)
     StaticFileServer    Python's SimpleHTTPRequestHandler: files, Last-Modified, no ETag
     NginxServer         nginx from the OS package: files with ETag and Last-Modified
 
@@ -23,6 +24,7 @@ access log (:meth:`NginxServer.exchanges`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.server
 import shutil
 import socket
@@ -38,10 +40,11 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import urlsplit
 
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 __all__ = [
     "Document",
+    "Documents",
     "Exchange",
     "HttpTestServer",
     "NginxServer",
@@ -49,6 +52,7 @@ __all__ = [
     "Responder",
     "StaticFileServer",
     "nginx_binary",
+    "version_of",
 ]
 
 LOOPBACK = "127.0.0.1"
@@ -65,6 +69,8 @@ class Exchange:
     status: int = 0
     connection: int = 0
     """The client's port: requests with the same value came over one connection."""
+    at: float = field(default_factory=time.monotonic)
+    """``time.monotonic()`` when the request arrived."""
 
 
 @dataclass
@@ -186,6 +192,8 @@ class HttpTestServer(_BackgroundServer):
 
     def __init__(self, *, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Responder] = {}
+        self.fallback: Responder | None = None
+        """Answers the paths that have no route (else 404)."""
         self.exchanges: list[Exchange] = []
         self._lock = threading.Lock()
         owner = self
@@ -203,7 +211,7 @@ class HttpTestServer(_BackgroundServer):
                 )
                 with owner._lock:
                     owner.exchanges.append(exchange)
-                    responder = owner.routes.get(urlsplit(self.path).path)
+                    responder = owner.routes.get(urlsplit(self.path).path, owner.fallback)
                 reply = responder(exchange) if responder else Reply(404, b"no such route")
                 exchange.status = reply.status
                 self.send_response(reply.status)
@@ -238,6 +246,75 @@ class HttpTestServer(_BackgroundServer):
         """The requests received for ``path`` so far, oldest first."""
         with self._lock:
             return [e for e in self.exchanges if urlsplit(e.path).path == path]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request to :class:`Documents`."""
+
+    at: float
+    """time.monotonic() when the request arrived."""
+    replica: str
+    """The X-Replica header ("?" when missing)."""
+    name: str
+    """The document (the URL path without the leading slash)."""
+
+
+class Documents:
+    """Documents at ``/<name>`` with ETags, on an :class:`HttpTestServer`.
+
+    A document whose body is None (or that was never set) answers 404. Every request is
+    recorded; ``on_request`` is called (in the server's thread) with each one before it is
+    answered, so a test can hold a poll in the middle.
+    """
+
+    def __init__(self) -> None:
+        self.bodies: dict[str, bytes | None] = {}
+        self.on_request: Callable[[Request], None] | None = None
+        self._server = HttpTestServer()
+        self._server.fallback = self._answer
+
+    def __enter__(self) -> Documents:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.close()
+
+    def url(self, name: str) -> str:
+        return self._server.url(f"/{name}")
+
+    def set(self, name: str, body: bytes | None) -> str | None:
+        """Serve ``body`` at ``/<name>`` from now on; its version as events carry it."""
+        self.bodies[name] = body
+        return None if body is None else version_of(body)
+
+    def requests(self, name: str | None = None) -> list[Request]:
+        with self._server._lock:
+            requests = [_request(e) for e in self._server.exchanges]
+        return [r for r in requests if name is None or r.name == name]
+
+    def _answer(self, exchange: Exchange) -> Reply:
+        request = _request(exchange)
+        if self.on_request is not None:
+            self.on_request(request)
+        body = self.bodies.get(request.name)
+        if body is None:
+            return Reply(404)
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+        if exchange.headers.get("if-none-match") == etag:
+            return Reply(304)
+        return Reply(200, body, {"ETag": etag, "Content-Type": "application/json"})
+
+
+def _request(exchange: Exchange) -> Request:
+    return Request(
+        exchange.at, exchange.headers.get("x-replica", "?"), urlsplit(exchange.path).path[1:]
+    )
+
+
+def version_of(body: bytes) -> str:
+    """The version the bridge gives an HTTP body (``data.digest`` of its events)."""
+    return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
 class StaticFileServer(_BackgroundServer):

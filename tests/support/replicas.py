@@ -1,6 +1,6 @@
 """Bridge replicas as separate processes, and reading what they published.
 
-Shared by the HA tests (``tests/test_ha_processes.py``) and the failure suite
+Shared by the HA tests (``tests/ha/test_ha_processes.py``) and the failure suite
 (``tests/chaos/``). Every replica is ``python -m bridge --log-level info run --config <file>``
 with its own ``KOPRS_BRIDGE_REPLICA_ID`` and its own log file (printed when a test fails).
 
@@ -14,7 +14,7 @@ with its own ``KOPRS_BRIDGE_REPLICA_ID`` and its own log file (printed when a te
 A test module using replicas must kill what a failed test left behind: an autouse fixture
 that calls :func:`kill_leftover_replicas` after each test.
 
-Events are the dicts the raw consumers of ``tests/test_e2e.py`` decode (``_source_name`` added):
+Events are the dicts the raw consumers of ``tests/service/test_e2e.py`` decode (``_source_name`` added):
 :func:`kind`, :func:`version`, :func:`history`, :func:`final_state` read them. Leases are read
 from their Redis keys (:func:`holders`).
 """
@@ -65,7 +65,7 @@ __all__ = [
 
 WAIT_S = 45.0
 """Default bound of every wait on a condition (generous: only a broken bridge should reach it)."""
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 Event = dict[str, Any]
 

@@ -22,8 +22,8 @@ import pytest
 from bridge.cloudevents import CloudEvent
 from bridge.service.config import BridgeConfig, parse_config
 from bridge.service.runner import Bridge
-from tests.credentials import Pki
-from tests.servers import RedisServer, ServerError
+from tests.support.credentials import Pki
+from tests.support.servers import RedisServer, ServerError
 
 __all__ = [
     "LogRecorder",
