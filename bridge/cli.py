@@ -143,9 +143,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(path: Path) -> int:
+    from bridge.extras import check_config_extras
     from bridge.service.config import load_config
 
     config = load_config(path)
+    check_config_extras(config)
     print(f"{path}: OK, broker {config.broker.description}, {len(config.sources)} source(s):")
     for source in config.sources:
         print(f"  {source.name}: {source.kind} every {source.interval_s:g}s")
@@ -213,7 +215,6 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from bridge.service.config import load_config
     from bridge.service.runner import Bridge
 
     stop = asyncio.Event()
@@ -223,12 +224,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.config is not None:
             if args.reload_interval <= 0:
-                await Bridge(_logging_from(load_config(args.config), args)).run(stop)
+                await Bridge(_logging_from(_load_for_run(args.config), args)).run(stop)
                 return 0
             from bridge.service.reload import ConfigWatcher, run_with_reload
 
             watcher = ConfigWatcher(args.config, interval_s=args.reload_interval)  # before loading
-            config = _logging_from(load_config(args.config), args)
+            config = _logging_from(_load_for_run(args.config), args)
             await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
@@ -236,6 +237,16 @@ async def _run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+
+
+def _load_for_run(path: Path) -> BridgeConfig:
+    """The config, refused if a part of it needs an extra that is not installed."""
+    from bridge.extras import check_config_extras
+    from bridge.service.config import load_config
+
+    config = load_config(path)
+    check_config_extras(config)
+    return config
 
 
 def _logging_from(config: BridgeConfig, args: argparse.Namespace) -> BridgeConfig:
