@@ -18,7 +18,8 @@ Without ``--from-start`` only changes published after the start are shown. With 
 current state of every item (list-then-watch: one line per live item, its latest event, marked
 ``(initial)``, ``"initial": true`` in JSON: ``modified`` for an item whose latest event was a
 modification, though the watch delivers it as ``Added``), then a ``synced`` line
-(``{"synced": [...sources]}`` with ``--json``), then live changes. Nothing is durable: tailing never disturbs other consumers. NATS is read with
+(``{"synced": [...sources]}`` with ``--json``), then live changes. Nothing is durable:
+tailing never disturbs other consumers. NATS is read with
 :func:`~bridge.consumer.nats.watch_nats` (an ephemeral consumer, deleted on exit; the stream is
 the config's, or the one that captures the subject prefix), Redis with
 :func:`~bridge.consumer.redis.watch_redis` (no group). Events that do not decode are logged on
