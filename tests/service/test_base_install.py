@@ -191,6 +191,38 @@ def test_public_imports(base_install: BaseInstall) -> None:
     assert "pip install 'koprs-bridge[s3]'" in found.stdout
 
 
+def test_the_library_raises_missing_extra_where_the_extra_is_used(
+    base_install: BaseInstall,
+) -> None:
+    """Without the CLI's check: building an s3: source, or the tracer of an exporter."""
+    found = base_install.python_code(
+        """
+        from bridge.errors import MissingExtraError
+        from bridge.service.config import parse_config
+        from bridge.service.runner import build_source
+        from bridge.telemetry.tracing import build_provider
+
+        config = parse_config({
+            "broker": {"url": "nats://127.0.0.1:1"},
+            "sources": [{"name": "docs", "interval": 5, "s3": {"bucket": "docs-bucket"}}],
+            "tracing": {"exporter": "otlp"},
+        })
+        for build, arg in ((build_source, config.sources[0]), (build_provider, config.tracing)):
+            try:
+                build(arg)
+            except MissingExtraError as exc:
+                print(exc.extra, exc)
+            else:
+                raise AssertionError(f"{build.__name__} worked without its extra")
+        """
+    )
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("s3 source 'docs' (s3:) needs the 's3' extra")
+    assert lines[1].startswith("otel tracing.exporter 'otlp' needs the 'otel' extra")
+
+
 def _write(base_install: BaseInstall, name: str, text: str) -> Path:
     path = base_install.workdir / name
     path.write_text(textwrap.dedent(text), "utf-8")
