@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +26,20 @@ import nats
 import pytest
 from nats.js.api import DeliverPolicy
 
-pytestmark = pytest.mark.slow
+# The first test also waits for the virtualenv: pip may have to fetch what its cache lacks.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[2]
-EXTRA_MODULES = {"s3": "aioboto3", "fast": "orjson", "otel": "opentelemetry.sdk"}
-EXTRA_MODULES["faststream"] = "faststream"
+EXTRA_MODULES = (  # what the extras install (s3, fast, otel, faststream), and uvloop
+    "aioboto3",
+    "aiobotocore",
+    "botocore",
+    "orjson",
+    "opentelemetry.sdk",
+    "opentelemetry.exporter.otlp",
+    "faststream",
+    "uvloop",
+)
 LOCAL = "{name: inbox, interval: 5s, local: {path: inbox, create: true}}"
 NEEDS_AN_EXTRA = {"bridge.sources.stores.s3": "s3", "bridge.consumer.faststream": "faststream"}
 
@@ -80,13 +90,14 @@ class BaseInstall:
 @pytest.fixture(scope="module")
 def base_install(tmp_path_factory: pytest.TempPathFactory) -> BaseInstall:
     root = tmp_path_factory.mktemp("base-venv") / "venv"
-    # Without pip in the new virtualenv when this interpreter's pip can install into it: faster.
-    with_pip = importlib.util.find_spec("pip") is None
-    venv = [sys.executable, "-m", "venv", *([] if with_pip else ["--without-pip"]), str(root)]
+    # This interpreter's pip installs into the new virtualenv (`pip --python`), which then
+    # needs no pip of its own: faster. Without a pip here, the virtualenv gets one.
+    own_pip = importlib.util.find_spec("pip") is None
+    venv = [sys.executable, "-m", "venv", *([] if own_pip else ["--without-pip"]), str(root)]
     subprocess.run(venv, check=True, capture_output=True, timeout=120)
     pip = (
         [str(root / "bin" / "python"), "-m", "pip"]
-        if with_pip
+        if own_pip
         else [sys.executable, "-m", "pip", "--python", str(root / "bin" / "python")]
     )
     installed = subprocess.run(
@@ -114,7 +125,7 @@ def test_the_virtualenv_has_no_extra_and_imports_the_installed_copy(
             except ModuleNotFoundError:
                 return False
 
-        modules = {sorted(EXTRA_MODULES.values())!r} + ["aiobotocore", "botocore", "uvloop"]
+        modules = {list(EXTRA_MODULES)!r}
         print(json.dumps({{"file": bridge.__file__, "present": [m for m in modules if installed(m)]}}))
         """
     )
@@ -274,6 +285,7 @@ def test_a_config_needing_a_missing_extra_is_refused_naming_it(
 async def test_a_nats_run_with_a_local_source_publishes(
     base_install: BaseInstall, nats_url: str
 ) -> None:
+    name = f"base-install-{uuid.uuid4().hex[:8]}"  # streams outlive tests: a fresh subject
     inbox = base_install.workdir / "run-inbox"
     inbox.mkdir()
     (inbox / "hello.json").write_text('{"hello": "base install"}', "utf-8")
@@ -283,7 +295,7 @@ async def test_a_nats_run_with_a_local_source_publishes(
         f"""
         broker: {{url: "{nats_url}"}}
         sources:
-          - name: base-install
+          - name: {name}
             interval: 200ms
             local: {{path: "{inbox}"}}
         """,
@@ -302,7 +314,7 @@ async def test_a_nats_run_with_a_local_source_publishes(
             stderr=subprocess.STDOUT,
         )
     try:
-        event = await _first_event(nats_url, "koprs.external.base-install.>", process)
+        event = await _first_event(nats_url, f"koprs.external.{name}.>", process)
         process.send_signal(signal.SIGTERM)
         assert await process.wait() == 0
     finally:
