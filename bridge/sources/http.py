@@ -403,7 +403,9 @@ class HttpPoller(StateMapSource):
         if not 200 <= status < 300:
             raise self._named(HttpStatusError(redact_url(self.url), status))
         try:
-            body = await read_capped(response, cap=self.max_body_bytes, url=redact_url(self.url))
+            body, digest = await read_capped(
+                response, cap=self.max_body_bytes, url=redact_url(self.url)
+            )
         except BodyTooLargeError as exc:
             raise self._named(exc) from None
         return HttpResource(
@@ -413,6 +415,7 @@ class HttpPoller(StateMapSource):
             etag=response.headers.get("etag"),
             last_modified=response.headers.get("last-modified"),
             content_type=response.headers.get("content-type"),
+            digest=digest,
         )
 
     def _reveal(self, what: str, value: SecretValue) -> str:

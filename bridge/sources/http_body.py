@@ -12,13 +12,15 @@ here:
 - Each :mod:`zlib` call produces at most :data:`DECODE_STEP` bytes and the event loop runs
   between calls, so decoding holds it for a fraction of a millisecond at a time.
 - The cap bounds the bytes received and the decoded bytes, checked after every step: the
-  memory used is the body kept (up to the cap), one step per layer, and the final join.
+  memory used is the body kept (up to the cap) and one step per layer.
 - A truncated or corrupt stream is an error (``httpx.DecodingError``), not a short body.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import zlib
 from collections.abc import Iterator, Sequence
 
@@ -38,22 +40,24 @@ DECODE_STEP = 64 * 1024
 _CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}
 
 
-async def read_capped(response: httpx.Response, *, cap: int, url: str) -> bytes:
-    """The decoded body of ``response``: ``BodyTooLargeError`` (naming ``url`` and ``cap``) as
-    soon as the bytes received or decoded exceed ``cap``; ``httpx.DecodingError`` for a coding
-    the poller does not decode, or a stream it cannot."""
+async def read_capped(response: httpx.Response, *, cap: int, url: str) -> tuple[bytes, str]:
+    """The decoded body of ``response`` and its SHA-256 (hex, computed step by step too):
+    ``BodyTooLargeError`` (naming ``url`` and ``cap``) as soon as the bytes received or decoded
+    exceed ``cap``; ``httpx.DecodingError`` for a coding the poller does not decode, or a stream
+    it cannot."""
     if response.is_stream_consumed:  # a transport that made it in memory (MockTransport)
-        body = response.content  # httpx decoded it already: there is nothing left to bound
-        if len(body) > cap:
+        content = response.content  # httpx decoded it already: there is nothing left to bound
+        if len(content) > cap:
             raise BodyTooLargeError(url, cap)
-        return body
-    codings = content_codings(response)
+        return content, hashlib.sha256(content).hexdigest()
+    codings = _content_codings(response)
     declared = response.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise BodyTooLargeError(url, cap)
     layers = [_Inflater(coding, response.request) for coding in reversed(codings)]
     named = ", ".join(codings) or None
-    pieces: list[bytes] = []
+    body = io.BytesIO()  # getvalue() hands over its buffer: the body is not copied at the end
+    digest = hashlib.sha256()
     received = decoded = 0
     async for raw in response.aiter_raw():
         received += len(raw)
@@ -64,15 +68,16 @@ async def read_capped(response: httpx.Response, *, cap: int, url: str) -> bytes:
                 decoded += len(piece)
                 if decoded > cap:
                     raise BodyTooLargeError(url, cap, decoded_from=named)
-                pieces.append(piece)
+                body.write(piece)
+                digest.update(piece)
             if layers:
                 await asyncio.sleep(0)  # one bounded step done: let the other tasks run
     for layer in layers:
         layer.end()
-    return b"".join(pieces)
+    return body.getvalue(), digest.hexdigest()
 
 
-def content_codings(response: httpx.Response) -> list[str]:
+def _content_codings(response: httpx.Response) -> list[str]:
     """The response's content codings in the order they were applied (``identity`` left out),
     or ``httpx.DecodingError`` if one is not decoded here or there are too many."""
     codings: list[str] = []
