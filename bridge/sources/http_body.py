@@ -142,7 +142,7 @@ class _Inflater:
             if len(self._head) < 2:
                 return
             data, self._head = self._head, b""
-            wrapped = data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
+            wrapped = (data[0] & 0x0F) == 8 and ((data[0] << 8) | data[1]) % 31 == 0
             self._zlib = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         full = False
         while data or full:
@@ -164,7 +164,7 @@ class _Inflater:
     def end(self) -> None:
         """The body is over: an error if the stream is not (an empty body is accepted)."""
         if self._seen and not self._ended:
-            raise self._error(f"the {self.coding} stream is truncated (the body ends before it)")
+            raise self._error(f"the {self.coding} stream is truncated (the body ends first)")
 
     def _error(self, problem: str) -> httpx.DecodingError:
         return httpx.DecodingError(f"cannot decode the body: {problem}", request=self._request)
