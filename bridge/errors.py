@@ -86,15 +86,19 @@ class HttpStatusError(SourceError):
 
 
 class BodyTooLargeError(SourceError):
-    """The HTTP response body is larger than the configured cap."""
+    """The HTTP response body is larger than the configured cap: the bytes received or, for a
+    compressed body, the bytes it decodes to."""
 
-    def __init__(self, url: str, cap_bytes: int) -> None:
+    def __init__(self, url: str, cap_bytes: int, *, decoded_from: str | None = None) -> None:
+        decoding = f" when decoded (Content-Encoding: {decoded_from}; " if decoded_from else " ("
         super().__init__(
-            f"GET {url}: response body exceeds the cap of {cap_bytes} bytes "
-            "(raise it with HttpPoller.with_max_body_bytes or `max_body_bytes:`)"
+            f"GET {url}: response body exceeds the cap of {cap_bytes} bytes{decoding}"
+            "raise it with HttpPoller.with_max_body_bytes or `max_body_bytes:`)"
         )
         self.url = url
         self.cap_bytes = cap_bytes
+        self.decoded_from = decoded_from
+        """The content codings being decoded when the cap was reached (None: none)."""
 
 
 class StoreError(SourceError):
