@@ -25,8 +25,8 @@ import pytest
 
 from bridge import Added, BodyTooLargeError, ExternalEvent, HttpPoller, HttpResource, SourceError
 from bridge.sources.http_body import ACCEPT_ENCODING, DECODE_STEP, _Inflater
-from tests.httpserver import Document, Exchange, HttpTestServer, Reply
-from tests.test_bad_input import assert_survives, bad_http, service
+from tests.support.httpserver import Document, Exchange, HttpTestServer, Reply
+from tests.support.survival import assert_survives, bad_http, service
 
 MiB = 1024 * 1024
 CAP = 1 * MiB
