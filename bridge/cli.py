@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,10 +37,9 @@ EXIT_INVALID = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or "info").upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    from bridge.telemetry.logs import basic_logging
+
+    basic_logging(args.log_level or "info")
     try:
         if args.command == "check":
             return _check(args.config)
@@ -213,14 +210,11 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from bridge.aio import stop_on_signals
     from bridge.service.config import load_config
     from bridge.service.runner import Bridge
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         if args.config is not None:
             if args.reload_interval <= 0:
                 await Bridge(_logging_from(load_config(args.config), args)).run(stop)
@@ -232,10 +226,6 @@ async def _run(args: argparse.Namespace) -> int:
             await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
 
 
 def _logging_from(config: BridgeConfig, args: argparse.Namespace) -> BridgeConfig:

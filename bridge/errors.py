@@ -18,7 +18,8 @@
         └── UnknownEventTypeError           a type or schema version this version does not know
 
 Third-party exceptions are converted where they cross into the project (``raise ... from exc``),
-so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``.
+so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``;
+:func:`cause_chain` walks it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "SourceUnavailableError",
     "StateError",
     "StoreError",
+    "cause_chain",
 ]
 
 
@@ -99,3 +101,14 @@ class DecodeError(BridgeError, ValueError):
 class ConnectError(BridgeError):
     """A connection could not be made. The message names the server (its password hidden) and
     the cause; the original exception is ``__cause__``."""
+
+
+def cause_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), and so on: at most
+    ``limit`` exceptions, each once (a cycle ends the walk)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < limit:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain

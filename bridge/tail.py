@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -40,10 +39,12 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
+from bridge.aio import stop_on_signals, stop_with_grace
 from bridge.connections import describe_error, redis_client
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
+from bridge.jsonable import jsonable
 from bridge.secrets import redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sources.http import HttpResource
@@ -173,13 +174,7 @@ def _jsonable(value: Any) -> Any:
             body = {"encoding": "base64", "data": base64.b64encode(value.body).decode("ascii")}
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {**fields, "body": body, "size": len(value.body)}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    return value
+    return jsonable(value)
 
 
 def format_json(envelope: Envelope, *, initial: bool = False) -> str:
@@ -339,11 +334,7 @@ async def _follow(watch: Watch, options: TailOptions, out: TextIO) -> None:
 
 
 async def _main(options: TailOptions) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         watch, close = await (_open_nats if options.kind == "nats" else _open_redis)(options)
         follow = asyncio.create_task(_follow(watch, options, sys.stdout))
         stopping = asyncio.create_task(stop.wait())
@@ -354,25 +345,13 @@ async def _main(options: TailOptions) -> int:
             # Closing the watch ends an iteration waiting in the other task: a cancellation
             # alone can be lost in a client library that swallows CancelledError.
             await watch.aclose()
-            await _finished(follow)
+            await stop_with_grace([follow], grace_s=10.0)
             await close()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
     if not follow.cancelled() and (error := follow.exception()) is not None:
         if isinstance(error, BrokenPipeError):  # e.g. `koprs-bridge tail ... | head`
             return 0
         raise error
     return 0
-
-
-async def _finished(task: asyncio.Task[None], grace_s: float = 10.0) -> None:
-    """Wait for ``task``, which was told to stop; cancel it if it does not within the grace."""
-    done, _ = await asyncio.wait({task}, timeout=grace_s)
-    while not done:
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=1.0)
 
 
 def run_tail(options: TailOptions) -> int:

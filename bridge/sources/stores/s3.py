@@ -51,7 +51,7 @@ from botocore.exceptions import (
 
 from bridge.errors import SourceUnavailableError, StoreError
 from bridge.secrets import Secret, redact_url
-from bridge.sources.stores import StoredObject
+from bridge.sources.stores.base import StoredObject
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
