@@ -6,8 +6,9 @@ an optional :class:`~bridge.service.config.TlsConfig` and
 :class:`~bridge.service.config.AuthConfig`:
 
 * :func:`ssl_context`: an :class:`ssl.SSLContext` from a ``TlsConfig`` (custom CA, client
-  certificate for mutual TLS, ``verify: false``). It is built again when one of its files
-  changes, so rotated certificates are picked up by the next connection.
+  certificate for mutual TLS, ``verify: false``), from the cache of :mod:`bridge.tls` shared
+  with the HTTP sources. It is built again when one of its files changes, so rotated
+  certificates are picked up by the next connection.
 * :func:`nats_options` / :func:`connect_nats`: the keyword arguments of ``nats.connect`` and a
   connect that fails fast. TLS is *required* when the URL is ``tls://`` or a ``tls`` section is
   given: a server that does not offer TLS is refused before any credential is sent (nats-py
@@ -20,6 +21,7 @@ an optional :class:`~bridge.service.config.TlsConfig` and
   every new connection.
 * :func:`describe_error` (:mod:`bridge.connection_errors`): the cause of a failed connection or
   command in words, with a hint at the setting to fix; no secret ever appears in it.
+* ``keep_cancellation`` lives in :mod:`bridge.aio` (re-exported here).
 
 A NATS connect makes one attempt per server: on the first failure of every server (or after
 ``connect_timeout_s``) :func:`connect_nats` gives up with a :class:`ConnectError`, so the
