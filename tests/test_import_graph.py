@@ -147,6 +147,50 @@ def test_no_import_cycle_among_bridge_modules() -> None:
     )
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for imported in graph[todo.pop()]:
+            if imported not in seen:
+                seen.add(imported)
+                todo.append(imported)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("lower", "never"),
+    [
+        # the wire format knows no source: resources describe their own event data
+        ("bridge.cloudevents", ("bridge.sources",)),
+        # the foundations know nothing above them
+        ("bridge.aio", ("bridge.",)),
+        ("bridge.jsonable", ("bridge.",)),
+        ("bridge.events", ("bridge.",)),
+        ("bridge.tls", ("bridge.service", "bridge.sources", "bridge.sinks", "bridge.connections")),
+        # the bridge registers its readiness with its telemetry, not the other way round
+        ("bridge.telemetry", ("bridge.service.runner", "bridge.service.delivery", "bridge.ha")),
+        # the supervisor is the top of the service: only the command line runs it
+        ("bridge.service.factories", ("bridge.service.runner", "bridge.ha")),
+        ("bridge.ha", ("bridge.service.runner", "bridge.service.factories")),
+        ("bridge.sinks", ("bridge.service.runner", "bridge.service.delivery", "bridge.ha")),
+        ("bridge.consumer", ("bridge.service.runner", "bridge.service.delivery", "bridge.ha")),
+    ],
+)
+def test_layers_point_one_way(lower: str, never: tuple[str, ...]) -> None:
+    graph = import_graph()
+    modules = [m for m in graph if m == lower or m.startswith(lower + ".")]
+    assert modules, f"no module {lower}"
+    wrong = sorted(
+        f"{module} -> {reached}"
+        for module in modules
+        for reached in reachable(graph, module)
+        if reached.startswith(never)
+    )
+    assert not wrong, "imports against the layering:\n  " + "\n  ".join(wrong)
+
+
 def test_tolerated_edges_still_exist() -> None:
     graph = import_graph()
     stale = sorted(edge for edge in TOLERATED if edge[1] not in graph.get(edge[0], set()))
