@@ -152,11 +152,8 @@ def _check(path: Path) -> int:
 async def _status(path: Path, *, as_json: bool) -> int:
     import json
 
-    import redis.exceptions
-
-    from bridge.connections import describe_error, redis_client
+    from bridge.connections import redis_session
     from bridge.ha.sharing import election_status
-    from bridge.secrets import redact_url
     from bridge.service.config import load_config
 
     config = load_config(path)
@@ -164,18 +161,9 @@ async def _status(path: Path, *, as_json: bool) -> int:
         print(f"{path}: no leader_election configured: one replica leads every source")
         return 0
     election = config.leader_election
-    url = election.redis_url.reveal()
-    client = redis_client(
-        url, election.tls, election.auth, socket_timeout=5, socket_connect_timeout=5
-    )
-    try:
+    url, doing = election.redis_url.reveal(), "read the election state from Redis"
+    async with redis_session(url, election.tls, election.auth, doing=doing, timeout_s=5) as client:
         status = await election_status(client, [s.name for s in config.sources])
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot read the election state from Redis {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
     if as_json:
         print(json.dumps(status, indent=2))
         return 0

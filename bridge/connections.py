@@ -18,7 +18,8 @@ an optional :class:`~bridge.service.config.TlsConfig` and
   each connection too.
 * :func:`redis_client`: a ``redis.asyncio.Redis``; TLS for ``rediss://`` or a ``tls`` section,
   ACL ``username``/``password`` from the ``AuthConfig`` (else from the URL), read again for
-  every new connection.
+  every new connection; :func:`redis_session`: one for a short job (``koprs-bridge status``,
+  ``tail``), its errors in words.
 * :func:`describe_error` (:mod:`bridge.connection_errors`): the cause of a failed connection or
   command in words, with a hint at the setting to fix; no secret ever appears in it.
 * ``keep_cancellation`` lives in :mod:`bridge.aio` (re-exported here).
@@ -34,11 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio
+import redis.exceptions
 from nats.aio.client import Client as NatsClient
 from redis.asyncio.connection import Connection, ConnectionPool, parse_url
 from redis.credentials import CredentialProvider
@@ -50,7 +52,7 @@ from bridge.connection_errors import (
     TlsNotOffered,
     describe_error,
 )
-from bridge.errors import ConfigError
+from bridge.errors import BridgeError, ConfigError
 from bridge.secrets import Secret, redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.tls import client_context
@@ -64,6 +66,7 @@ __all__ = [
     "nats_servers",
     "nats_tls_required",
     "redis_client",
+    "redis_session",
     "redis_tls_required",
     "ssl_context",
 ]
@@ -292,6 +295,29 @@ class TlsConnection(Connection):
         if self.tls_config is not None and self.tls_config.server_name:
             arguments["server_hostname"] = self.tls_config.server_name
         return arguments
+
+
+@contextlib.asynccontextmanager
+async def redis_session(
+    url: str,
+    tls: TlsConfig | None = None,
+    auth: AuthConfig | None = None,
+    *,
+    doing: str,
+    timeout_s: float = 10.0,
+) -> AsyncIterator[redis.asyncio.Redis]:
+    """A :func:`redis_client` for a short job (``timeout_s`` to connect and per command),
+    closed after it. A Redis or network error in the block becomes a
+    :class:`~bridge.errors.BridgeError`: ``cannot <doing> <url>: <cause>`` (password hidden)."""
+    client = redis_client(
+        url, tls, auth, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        yield client
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BridgeError(f"cannot {doing} {redact_url(url)}: {describe_error(exc)}") from exc
+    finally:
+        await client.aclose()
 
 
 def redis_client(

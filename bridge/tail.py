@@ -40,7 +40,7 @@ from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 from bridge.aio import stop_on_signals, stop_with_grace
-from bridge.connections import describe_error, redis_client
+from bridge.connections import describe_error, redis_session
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
@@ -201,27 +201,16 @@ def format_json(envelope: Envelope, *, initial: bool = False) -> str:
 
 async def _redis_sources(options: TailOptions) -> tuple[str, ...]:
     """The sources whose streams exist now (``koprs:external:<name>`` keys of type stream)."""
-    import redis.exceptions
-
-    url = options.url
-    client = redis_client(
-        url, options.tls, options.auth, socket_timeout=10, socket_connect_timeout=10
-    )
-    try:
-        names = []
+    names = []
+    doing = "list the streams of"
+    async with redis_session(options.url, options.tls, options.auth, doing=doing) as client:
         async for key in client.scan_iter(match=f"{REDIS_STREAM_PREFIX}*", _type="stream"):
             name = (key.decode() if isinstance(key, bytes) else str(key))[
                 len(REDIS_STREAM_PREFIX) :
             ]
             with contextlib.suppress(ValueError):
                 names.append(validate_source_name(name))
-        return tuple(sorted(names))
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot list the streams of {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
+    return tuple(sorted(names))
 
 
 Closer = Callable[[], Awaitable[None]]
