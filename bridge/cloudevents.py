@@ -182,9 +182,8 @@ class EventEncoder:
         describe = getattr(resource, "event_data", None)
         if callable(describe):  # a DescribedResource: HttpResource, StoredObject...
             described: EventData = describe(self.max_inline_body_bytes)
-            key, version, schema = described.key, described.version, described.schema
-            data = described.data
-            if described.plain:
+            key, version, schema, data, plain = described
+            if plain:
                 encoded = _plain_dumps(data)
         else:
             value = jsonable(resource)

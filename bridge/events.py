@@ -15,7 +15,16 @@ A resource can describe what its events carry (:class:`DescribedResource`: the b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import (
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
 __all__ = [
     "Added",
@@ -49,9 +58,9 @@ class Resource(Protocol):
     def version(self) -> str: ...
 
 
-@dataclass(frozen=True, slots=True)
-class EventData:
-    """What the events of one resource carry, as the resource describes it."""
+class EventData(NamedTuple):
+    """What the events of one resource carry, as the resource describes it (a named tuple:
+    built for every event)."""
 
     key: str
     """The item's key: the event's ``subject``, part of its id."""
