@@ -1,4 +1,8 @@
-"""The service: build sources, sink and state store from a config and run every source.
+"""The service's supervisor: run every source of a config against one sink.
+
+The parts are built by :mod:`bridge.service.factories` (re-exported here: ``build_source``,
+``build_sink``); the bridge registers its readiness checks (config, broker, leader election)
+with its :class:`~bridge.telemetry.Telemetry`.
 
 Each source runs in its own :class:`~bridge.service.delivery.SourceLoop` task, on its own
 schedule. The sink is connected first (retried with backoff while the broker is down).
