@@ -110,17 +110,8 @@ class Bridge:
 
     async def _stop_source(self, name: str) -> None:
         """Stop one source's loop: a step in progress (a publish) finishes, within the grace."""
-        await self._stop_loops({name: self._tasks.pop(name)})
-        self.loops.pop(name)
-
-    async def _stop_loops(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        """Idle loops are cancelled at once; one in the middle of a step (a publish) gets
-        ``shutdown_grace_s`` to finish it, then is cancelled too."""
-        await stop_loops(
-            [(self.loops[name], task) for name, task in tasks.items()],
-            self.shutdown_grace_s,
-            on_late=self._abandoned,
-        )
+        running = (self.loops.pop(name), self._tasks.pop(name))
+        await stop_loops([running], self.shutdown_grace_s, on_late=self._abandoned)
 
     def _abandoned(self, task: asyncio.Task[None]) -> None:
         log.warning(
@@ -230,7 +221,8 @@ class Bridge:
         return False
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        await self._stop_loops(tasks)
+        running = [(self.loops[name], task) for name, task in tasks.items()]
+        await stop_loops(running, self.shutdown_grace_s, on_late=self._abandoned)
         tasks.clear()
         for spec in self.specs:
             await _aclose(spec.source)
