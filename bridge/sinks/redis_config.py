@@ -38,6 +38,12 @@ class RedisSinkConfig:
     """``binary``: attributes as ``ce-*`` fields plus ``data``; ``structured``: one ``event``
     field with the whole event as JSON."""
 
+    max_event_bytes: int = 64 * 1024 * 1024
+    """Largest event published (its fields together); a larger one is left out of its batch
+    (see :class:`~bridge.sinks.SizeLimitedSink`). Lowered at connect to the server's
+    ``proto-max-bulk-len`` if that is smaller (512 MiB by default) and ``CONFIG GET`` is
+    allowed."""
+
     timeout_s: float = 5.0
     """Bound on one publish (all its round trips and one reconnection)."""
 
@@ -68,6 +74,10 @@ class RedisSinkConfig:
             )
         if self.maxlen < 1:
             raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
+        if self.max_event_bytes < 1:
+            raise ConfigError(
+                f"redis sink: max_event_bytes must be >= 1, got {self.max_event_bytes!r}"
+            )
         for name in ("dedup_window_s", "timeout_s", "connect_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
