@@ -11,9 +11,10 @@ not (``bad\\xff.json``) is listed under a key where every byte that is not part 
 is written ``%XX`` (uppercase hex) and ``%`` itself ``%25`` (``bad%FF.json``), so its events can
 be published; :func:`file_name` turns such a key back into the name: a key whose
 percent-decoding is *not* valid UTF-8 names the file with those bytes, any other key is the
-name itself. ``put``, ``delete`` and ``prefix`` take keys. Should a folder hold both a file
-literally named like the key of another (``bad%FF.json`` next to ``bad\\xff.json``), the
-escaped one is listed (the one :func:`file_name` names) and the other skipped, with a warning.
+name itself. ``put``, ``delete`` and ``prefix`` take keys. The one ambiguity: a UTF-8 name
+that spells the escape of another (a file literally named ``bad%FF.json``) has the same key;
+``put``/``delete`` of that key act on the name that is not UTF-8, and should a folder hold both,
+that one is listed and the other skipped, with a warning.
 """
 
 from __future__ import annotations
