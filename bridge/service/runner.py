@@ -153,7 +153,9 @@ def build_state_store(config: BridgeConfig) -> StateStore:
     if config.state_path is not None:
         from bridge.state.files import FileStateStore
 
-        return FileStateStore(Path(config.state_path))
+        # one process per folder; with leader election the state is in Redis
+        exclusive = config.leader_election is None
+        return FileStateStore(Path(config.state_path), exclusive=exclusive)
     return MemoryStateStore()
 
 
@@ -196,6 +198,11 @@ class Bridge:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop within about ``shutdown_grace_s``."""
         await self.telemetry.start()  # /healthz answers (and /readyz says why not) at once
+        if isinstance(self.state, MemoryStateStore) and self.config.leader_election is None:
+            log.warning(
+                "source state is kept in memory only (no state.path): a restart publishes "
+                "every item again as Added, under new event ids; set state.path to keep it"
+            )
         try:
             if not await self._connect(stop):
                 return
