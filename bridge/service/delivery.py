@@ -21,6 +21,7 @@ their state is not committed, so they come back at the next poll: see
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Any, cast
 
 from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.errors import BridgeError, FencedError, StateError
+from bridge.events import ExternalEvent
 from bridge.service.vetting import Rejections, encode_checked
 from bridge.sinks import Sink, SizeLimitedSink
 from bridge.sources.base import Changeset, Replay, StatefulSource
@@ -344,16 +346,45 @@ class SourceLoop:
         events = pending.changeset.events
         encoded, rejected = encode_checked(self.encoder, events, pending.event_revision)
         if self._sized:
-            indices = [i for i in range(len(events)) if i not in rejected]
-            ready = [encoded[i] for i in indices]
-            oversized = await cast(SizeLimitedSink, self.sink).oversized(
-                self.spec.name, cast(list[CloudEvent], ready)
-            )
-            for position, detail in oversized.items():
-                rejected[indices[position]] = ("too_large", detail)
+            await self._check_sizes(events, encoded, rejected, pending.event_revision)
         if rejected:
             self._reject(pending, rejected)
         pending.events = [e for i, e in enumerate(encoded) if e is not None and i not in rejected]
+
+    async def _check_sizes(
+        self,
+        events: list[ExternalEvent[Any]],
+        encoded: list[CloudEvent | None],
+        rejected: Rejections,
+        revision: int,
+    ) -> None:
+        """Reject the events over the broker's size limit; an HTTP event over it because of its
+        inlined body goes out without the body (digest and size only), as a larger body would."""
+        sink = cast(SizeLimitedSink, self.sink)
+        indices = [i for i in range(len(events)) if i not in rejected]
+        ready = cast(list[CloudEvent], [encoded[i] for i in indices])
+        oversized = await sink.oversized(self.spec.name, ready)
+        lean: EventEncoder | None = None
+        for position, detail in oversized.items():
+            index = indices[position]
+            body = ready[position].data.get("body")
+            if isinstance(body, dict) and ready[position].dataschema.endswith(
+                "/http-resource.json"
+            ):
+                if lean is None:
+                    lean = copy.copy(self.encoder)
+                    lean.max_inline_body_bytes = -1
+                [smaller] = lean.encode_all([events[index]], revision)
+                if not await sink.oversized(self.spec.name, [smaller]):
+                    log.warning(
+                        "source %r: the body of %s is not inlined: its event would be %s",
+                        self.spec.name,
+                        smaller.subject,
+                        detail,
+                    )
+                    encoded[index] = smaller
+                    continue
+            rejected[index] = ("too_large", detail)
 
     def _reject(self, pending: _Pending, rejected: Rejections) -> None:
         changeset = pending.changeset

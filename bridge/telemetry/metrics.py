@@ -1,6 +1,7 @@
 """Prometheus metrics of one bridge, in a registry of its own (``Metrics.registry``).
 
-Labels carry source names and event kinds only: never a URL, a bucket or a credential.
+Labels carry source names, event kinds and rejection reasons only: never a URL, a bucket, an
+item key or a credential.
 
 | metric | type | labels |
 |---|---|---|
