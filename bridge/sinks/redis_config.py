@@ -40,9 +40,8 @@ class RedisSinkConfig:
 
     max_event_bytes: int = 64 * 1024 * 1024
     """Largest event published (its fields together); a larger one is left out of its batch
-    (see :class:`~bridge.sinks.SizeLimitedSink`). Lowered at connect to the server's
-    ``proto-max-bulk-len`` if that is smaller (512 MiB by default) and ``CONFIG GET`` is
-    allowed."""
+    (see :class:`~bridge.sinks.SizeLimitedSink`). At most the server's ``proto-max-bulk-len``
+    (512 MiB by default), over which the server refuses the command and fails the batch."""
 
     timeout_s: float = 5.0
     """Bound on one publish (all its round trips and one reconnection)."""

@@ -277,7 +277,8 @@ def small_redis_bulk(redis_url: str) -> Iterator[str]:
 def http_sink(kind: str, nats_url: str, redis_url: str) -> Sink:
     if kind == "nats":  # the session server: max_payload 1 MiB, the default
         return NatsSink(nats_test_config(nats_url))
-    return RedisSink(RedisSinkConfig(url=redis_url, timeout_s=5.0))
+    # the server's proto-max-bulk-len is 1 MiB: the sink's cap says so
+    return RedisSink(RedisSinkConfig(url=redis_url, timeout_s=5.0, max_event_bytes=1 << 20))
 
 
 @pytest.mark.parametrize("kind", ["nats", "redis"])
