@@ -196,12 +196,19 @@ class SourceLoop:
             log_poll_failure(self.spec.name, error, failures, delay_s)
             return
         pending = self._queue[0]
+        if pending.published:
+            then = "committing again"
+        elif self._resync:
+            then = "polling again (against the checkpoint)"
+        else:
+            then = "publishing again"
         log.warning(
-            "source %r: %s %d event(s) failed (%d in a row), kept pending, retrying in %.2fs: %s",
+            "source %r: %s %d event(s) failed (%d in a row), %s in %.2fs: %s",
             self.spec.name,
             "committing the state of" if pending.published else "publishing",
-            len(pending.changeset.events),
+            len(pending.events if pending.events is not None else pending.changeset.events),
             failures,
+            then,
             delay_s,
             error,
             exc_info=None if isinstance(error, BridgeError) else error,
@@ -275,7 +282,7 @@ class SourceLoop:
         while self._queue:
             try:
                 await self._deliver(self._queue[0])
-            except Exception as exc:  # kept pending and retried, never fatal
+            except Exception as exc:  # retried, never fatal
                 # Not published (or not known to be): poll again, against the checkpoint.
                 self._resync = self._stateful and not self._queue[0].published
                 return exc
