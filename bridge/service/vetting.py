@@ -70,10 +70,12 @@ def encode_checked(
 
 def vet(event: CloudEvent) -> CloudEvent | tuple[str, str]:
     """``event`` ready to publish (its data encoded once), or why it cannot be."""
-    try:
-        event.subject.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return "unencodable", f"its key is not valid Unicode text ({exc.reason})"
+    subject = event.subject
+    if not subject.isascii():
+        try:
+            subject.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return "unencodable", f"its key is not valid Unicode text ({exc.reason})"
     if event.encoded_data is None:
         try:
             data = event.data_bytes()
@@ -140,6 +142,17 @@ def _optional_text(data: Mapping[str, Any], *names: str) -> str | None:
 
 
 def _stored_object(data: Mapping[str, Any]) -> str | None:
+    size, modified = data.get("size"), data.get("last_modified")
+    if (  # the usual case, in one expression: what the encoder makes of a well-formed object
+        type(data.get("path")) is str
+        and type(data.get("etag")) is str
+        and (size is None or (type(size) is int and size >= 0))
+        and type(modified) is str
+        and modified.endswith("+00:00")
+        and len(modified) in (25, 32)  # datetime.isoformat(), with or without microseconds
+        and data.keys() == _OBJECT_FIELDS
+    ):
+        return None
     if problem := _fields(data, _OBJECT_FIELDS):
         return problem
     for name in ("path", "etag"):
