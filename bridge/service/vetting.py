@@ -148,8 +148,7 @@ def _stored_object(data: Mapping[str, Any]) -> str | None:
         and type(data.get("etag")) is str
         and (size is None or (type(size) is int and size >= 0))
         and type(modified) is str
-        and modified.endswith("+00:00")
-        and len(modified) in (25, 32)  # datetime.isoformat(), with or without microseconds
+        and _DATE_TIME.match(modified)
         and data.keys() == _OBJECT_FIELDS
     ):
         return None

@@ -359,6 +359,8 @@ BAD_DATA: dict[str, list[dict[str, Any]]] = {
         {"path": "p", "etag": "e", "size": 1.5, "last_modified": None},
         {"path": "p", "etag": "e", "size": 1, "last_modified": "2024-05-01T12:00:00"},
         {"path": "p", "etag": "e", "size": 1, "last_modified": "yesterday"},
+        {"path": "p", "etag": "e", "size": 1, "last_modified": "2024-05-01"},
+        {"path": "p", "etag": "e", "size": 1, "last_modified": "x" * 19 + "+00:00"},
         {"path": "p", "etag": "e", "size": 1},
         {"path": "p", "etag": "e", "size": 1, "last_modified": None, "extra": 1},
     ],
@@ -393,6 +395,8 @@ GOOD_DATA: dict[str, list[dict[str, Any]]] = {
         {"path": "p", "etag": "e", "size": None, "last_modified": None},
         {"path": "p", "etag": "", "size": 0, "last_modified": "2024-05-01T12:00:00.5+02:00"},
         {"path": "p", "etag": "e", "size": 1, "last_modified": "2024-05-01T12:00:00Z"},
+        {"path": "p", "etag": "e", "size": 1, "last_modified": "2024-05-01T12:00:00+00:00"},
+        {"path": "p", "etag": "e", "size": 1, "last_modified": "2024-05-01T12:00:00.000001+00:00"},
     ],
     "http-resource": [GOOD_HTTP, {**GOOD_HTTP, "body": None, "size": None, "etag": '"x"'}],
     "custom-resource": [
