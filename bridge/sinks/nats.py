@@ -86,19 +86,31 @@ _WINDOW = 4096
 """Most messages one publish() has in flight; a larger batch waits for acks in between."""
 _MAX_RESENDS = 2
 _NO_STREAM = "no stream captures the subject (no responders)"
+_MSG_TOO_LARGE = "(code 10054)"
+"""JetStream's error code for a message over the stream's ``max_msg_size``."""
 _HEADER_FRAME = len(b"NATS/1.0\r\n") + len(b"\r\n")
 
 
 class _Batch:
     """Acknowledgements of one window of a publish: a count, not a future per message."""
 
-    __slots__ = ("acked", "errors", "first_error", "reconnected", "remaining", "wake")
+    __slots__ = (
+        "acked",
+        "errors",
+        "first_error",
+        "first_failed",
+        "reconnected",
+        "remaining",
+        "wake",
+    )
 
     def __init__(self, size: int) -> None:
         self.acked = bytearray(size)
         self.remaining = size
         self.errors = 0
         self.first_error: str | None = None
+        self.first_failed = -1
+        """The index of the message the first error is about."""
         self.reconnected = False
         self.wake = asyncio.Event()
         """Set when the last acknowledgement came, or when the client reconnected."""
@@ -109,7 +121,8 @@ class _Batch:
         self.acked[index] = 1
         if error is not None:
             self.errors += 1
-            self.first_error = self.first_error or error
+            if self.first_error is None:
+                self.first_error, self.first_failed = error, index
         self.remaining -= 1
         if not self.remaining:
             self.wake.set()
@@ -305,11 +318,14 @@ class NatsSink:
             finally:
                 del self._batches[batch_id]
             if batch.errors:
-                if batch.first_error == _NO_STREAM:
-                    self._stream_ready = False  # deleted meanwhile: check (recreate) it next time
+                if batch.first_error == _NO_STREAM or _MSG_TOO_LARGE in (batch.first_error or ""):
+                    # deleted meanwhile (recreate it), or its max_msg_size changed (read it):
+                    # check the stream again next time
+                    self._stream_ready = False
                 raise PublishError(
                     f"NATS {self.description}: {batch.errors + unsent} of {total} events of "
-                    f"{source_name!r} not acknowledged (first error: {batch.first_error})"
+                    f"{source_name!r} not acknowledged (first error, for item "
+                    f"{window[batch.first_failed].subject!r}: {batch.first_error})"
                 )
 
     async def oversized(self, source_name: str, events: Sequence[CloudEvent]) -> dict[int, str]:
