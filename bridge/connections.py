@@ -2,8 +2,8 @@
 
 Every NATS and Redis connection of koprs-bridge (the sinks, the leader election's Redis client,
 ``koprs-bridge status``, the consumers and ``koprs-bridge tail``) is made here, from a URL plus
-an optional :class:`~bridge.service.config.TlsConfig` and
-:class:`~bridge.service.config.AuthConfig`:
+an optional :class:`~bridge.connection_settings.TlsConfig` and
+:class:`~bridge.connection_settings.AuthConfig`:
 
 * :func:`ssl_context`: an :class:`ssl.SSLContext` from a ``TlsConfig`` (custom CA, client
   certificate for mutual TLS, ``verify: false``). It is built again when one of its files
@@ -50,7 +50,7 @@ from bridge.connection_errors import (
 )
 from bridge.errors import ConfigError
 from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
-from bridge.service.config import AuthConfig, TlsConfig
+from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 
 __all__ = [
     "ConnectError",
@@ -358,7 +358,7 @@ class TlsConnection(Connection):
 
 
 def redis_client(
-    url: str, tls: TlsConfig | None = None, auth: AuthConfig | None = None, **options: Any
+    url: str, tls: TlsConfig | None = None, auth: RedisAuthConfig | None = None, **options: Any
 ) -> redis.asyncio.Redis:
     """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
 

@@ -91,7 +91,7 @@ from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.sinks.redis_config import items_key
 from bridge.subjects import REDIS_STREAM_PREFIX
 

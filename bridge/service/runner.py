@@ -303,7 +303,7 @@ class Bridge:
             for name in plan.removed:
                 self.telemetry.metrics.forget(name)
             self.specs = specs
-            self.config = replace(self.config, sources=config.sources)
+            self.config = self.config.model_copy(update={"sources": config.sources})
             if self.coordinator is None and self._phase == "running":
                 for spec in specs:
                     if spec.name not in self._tasks:

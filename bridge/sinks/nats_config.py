@@ -15,7 +15,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 
 from bridge.cloudevents import ContentMode
 from bridge.errors import ConfigError
-from bridge.service.config import AuthConfig, TlsConfig
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX
 
 __all__ = [
