@@ -48,9 +48,9 @@ from bridge.connection_errors import (
     TlsNotOffered,
     describe_error,
 )
+from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 from bridge.errors import ConfigError
 from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
-from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 
 __all__ = [
     "ConnectError",

@@ -108,7 +108,11 @@ class ConfigModel(BaseModel):
                 return result
             found = []
         for problem in problems:
-            found.append({"type": "value_error", "loc": problem.at, "input": data, "ctx": {"error": problem}})  # fmt: skip
+            found.append(
+                InitErrorDetails(
+                    type="value_error", loc=problem.at, input=data, ctx={"error": problem}
+                )
+            )
         raise ValidationError.from_exception_data(cls.__name__, found)
 
 
@@ -208,15 +212,14 @@ def duration(value: Any, *, minimum_s: float = 0.0) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match[1]) * _DURATION_UNITS[match[2]]
     else:
-        raise ValueError(f"must be a duration (seconds, or like 500ms, 30s, 5m, 1h), not {value!r}")  # fmt: skip
+        raise ValueError(f"must be a duration (seconds, or like 500ms, 30s, 5m, 1h), not {value!r}")
     if not seconds > 0:  # NaN fails too
         raise ValueError(f"must be > 0, got {value!r}")
     if math.isinf(seconds):
         raise ValueError(f"must be finite, got {value!r}")
     if seconds < minimum_s:
         raise ValueError(
-            f"must be at least {minimum_s * 1000:g}ms (a shorter one is a busy loop), "
-            f"got {value!r}"
+            f"must be at least {minimum_s * 1000:g}ms (a shorter one is a busy loop), got {value!r}"
         )
     return seconds
 

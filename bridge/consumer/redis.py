@@ -85,13 +85,13 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.connections import describe_error, keep_cancellation, redis_client
 from bridge.consumer.base import Synced
 from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
 from bridge.secrets import redact_url
-from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.sinks.redis_config import items_key
 from bridge.subjects import REDIS_STREAM_PREFIX
 

@@ -15,6 +15,7 @@ from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 from bridge.cloudevents import ContentMode
 from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 from bridge.secrets import Secret, redact_url
+from bridge.service.config_sources import SourceConfig
 from bridge.settings import (
     Check,
     ConfigModel,
@@ -28,7 +29,6 @@ from bridge.settings import (
     matching,
     one_of,
 )
-from bridge.service.config_sources import SourceConfig
 
 __all__ = [
     "BridgeConfig",
@@ -74,7 +74,9 @@ class BrokerConfig(ConfigModel):
     """``nats://``/``tls://`` for NATS JetStream, ``redis://``/``rediss://`` for Redis Streams."""
     stream: Annotated[
         str,
-        matching(r"[A-Za-z0-9_-]{1,64}", lambda _: "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"),  # fmt: skip
+        matching(
+            r"[A-Za-z0-9_-]{1,64}", lambda _: "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+        ),
     ] = "KOPRS_EXTERNAL"
     """NATS: the JetStream stream (created or verified at start)."""
     subject_prefix: Annotated[
@@ -87,20 +89,20 @@ class BrokerConfig(ConfigModel):
     """NATS: subjects are ``<prefix>.<source>.<item-token>``."""
     content_mode: Annotated[ContentMode, one_of("binary", "structured")] = "binary"
     """``binary`` (ce-* headers, data as body) or ``structured`` (one JSON document)."""
-    duplicate_window_s: Duration | None = Field(None, validation_alias="duplicate_window")
+    duplicate_window_s: Duration | None = Field(default=None, validation_alias="duplicate_window")
     """How long the broker remembers event ids to drop duplicates (default: NATS 2 min,
     Redis 1 day)."""
-    max_age_s: Duration | None = Field(None, validation_alias="max_age")
+    max_age_s: Duration | None = Field(default=None, validation_alias="max_age")
     """NATS: drop messages older than this (default: keep)."""
-    max_msgs_per_subject: Annotated[
-        int | None, at_least(0), AfterValidator(_unlimited_if_zero)
-    ] = 16
+    max_msgs_per_subject: Annotated[int | None, at_least(0), AfterValidator(_unlimited_if_zero)] = (
+        16
+    )
     """NATS: messages kept per item subject (0: unlimited)."""
     replicas: Annotated[int, at_least(1)] = 1
     """NATS: JetStream replicas of the stream."""
     maxlen: Annotated[int, at_least(1)] = 100_000
     """Redis: approximate MAXLEN of each source's stream."""
-    ack_timeout_s: Duration = Field(5.0, validation_alias="ack_timeout")
+    ack_timeout_s: Duration = Field(default=5.0, validation_alias="ack_timeout")
     """How long to wait for the broker's acknowledgements of one batch."""
     tls: TlsConfig | None = None
     """TLS settings (also implied by ``tls://`` / ``rediss://``)."""
@@ -127,9 +129,9 @@ class LeaderElectionConfig(ConfigModel):
     """Per-source leases in Redis; absent = a single replica, no election."""
 
     redis_url: Annotated[Secret, AfterValidator(_redis_url)]
-    lease_ttl_s: Duration = Field(10.0, validation_alias="lease_ttl")
+    lease_ttl_s: Duration = Field(default=10.0, validation_alias="lease_ttl")
     """A lease not renewed for this long expires and another replica may take the source."""
-    renew_every_s: Duration | None = Field(None, validation_alias="renew_every")
+    renew_every_s: Duration | None = Field(default=None, validation_alias="renew_every")
     """How often the holder renews (default: a third of the TTL)."""
     tls: TlsConfig | None = None
     auth: RedisAuthConfig | None = None
@@ -177,9 +179,9 @@ def _ratio(value: Any) -> float:
 class TracingConfig(ConfigModel):
     """OpenTelemetry tracing of polls and publishes."""
 
-    exporter: Annotated[
-        Literal["none", "console", "otlp"], one_of("none", "console", "otlp")
-    ] = "none"
+    exporter: Annotated[Literal["none", "console", "otlp"], one_of("none", "console", "otlp")] = (
+        "none"
+    )
     endpoint: WebUrl | None = None
     """OTLP/HTTP endpoint (default: the OTEL_EXPORTER_OTLP_* environment, else localhost)."""
     service_name: Text = "koprs-bridge"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,16 +49,16 @@ KINDS = ("http", "s3", "local")
 
 
 def _http_url(value: Any) -> str:
-    value = text(value)
-    parts = urlsplit(value)
+    url = text(value)
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"must be an absolute http:// or https:// URL, not {value!r}")
+        raise ValueError(f"must be an absolute http:// or https:// URL, not {url!r}")
     if "@" in parts.netloc:
         raise ValueError(
-            f"must not carry credentials ({redact_url(value)!r}): it appears in every event "
+            f"must not carry credentials ({redact_url(url)!r}): it appears in every event "
             "and log line; use basic_auth or bearer_token"
         )
-    return value
+    return url
 
 
 def _headers(value: Any) -> Any:
@@ -70,11 +69,12 @@ def _headers(value: Any) -> Any:
 
 
 def _verify_tls(value: Any) -> bool | str:
-    if isinstance(value, str):
-        if not Path(value).is_file():
-            raise ValueError(f"CA bundle {value!r} does not exist")
-    elif not isinstance(value, bool):
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
         raise ValueError("must be true, false or the path of a CA bundle")
+    if not Path(value).is_file():
+        raise ValueError(f"CA bundle {value!r} does not exist")
     return value
 
 
@@ -111,7 +111,7 @@ class HttpSourceConfig(ConfigModel):
     """Sent as ``Authorization: Bearer``; a ``{file: ...}`` token is re-read when it changes."""
     basic_auth: BasicAuthConfig | None = None
     max_body_bytes: Size = 16 * 1024 * 1024
-    timeout_s: Duration = Field(10.0, validation_alias="timeout")
+    timeout_s: Duration = Field(default=10.0, validation_alias="timeout")
     """The longest one poll's request may take, from connecting to the body's last byte."""
     verify_tls: Annotated[
         bool | str,
@@ -136,7 +136,9 @@ class S3SourceConfig(ConfigModel):
 
     bucket: Annotated[
         str,
-        matching(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", lambda b: f"{b!r} is not a valid S3 bucket name"),  # fmt: skip
+        matching(
+            r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", lambda b: f"{b!r} is not a valid S3 bucket name"
+        ),
     ]
     prefix: TextOrEmpty = ""
     endpoint_url: WebUrl | None = None
@@ -183,8 +185,10 @@ SourceName = Annotated[
     str,
     matching(
         SOURCE_NAME_PATTERN.pattern.strip("^$"),
-        lambda name: f"{name!r} is not usable as a subject token: use 1-64 characters of "
-        "A-Z, a-z, 0-9, '_' or '-'",
+        lambda name: (
+            f"{name!r} is not usable as a subject token: use 1-64 characters of "
+            "A-Z, a-z, 0-9, '_' or '-'"
+        ),
     ),
 ]
 
@@ -197,7 +201,7 @@ class SourceConfig(ConfigModel):
         validation_alias="interval"
     )
     """How often the source is polled (at least 1 ms)."""
-    max_backoff_s: Duration | None = Field(None, validation_alias="max_backoff")
+    max_backoff_s: Duration | None = Field(default=None, validation_alias="max_backoff")
     """The longest wait between polls after failures (>= ``interval``)."""
     inline_body_bytes: Size = 64 * 1024
     """HTTP bodies up to this size are inlined in events; larger ones carry a digest."""
