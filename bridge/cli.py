@@ -8,8 +8,10 @@
                           follow the broker: one line per event (JSON lines with --json)
 ``asyncapi --config FILE [--format json|yaml]``
                           print the AsyncAPI 3.0 document of what the bridge publishes
+``config-schema``         print the JSON Schema of the config file (for editors and CI)
 
-Invalid configs exit with status 2 and one message naming the file, key and problem.
+Invalid configs exit with status 2 and one line per problem naming the file (or the
+environment variable), the key and the problem.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tail(args)
         if args.command == "asyncapi":
             return _asyncapi(args.config, args.format)
+        if args.command == "config-schema":
+            return _config_schema()
     except ConfigError as exc:
         print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -139,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     asyncapi.add_argument("--config", type=Path, required=True)
     asyncapi.add_argument("--format", choices=["json", "yaml"], default="json")
+    commands.add_parser("config-schema", help="print the JSON Schema of the config file")
     return parser
 
 
@@ -195,6 +200,15 @@ def _asyncapi(path: Path, fmt: str) -> int:
 
     document = asyncapi_document(load_config(path))
     sys.stdout.write(render(document, "yaml" if fmt == "yaml" else "json"))
+    return 0
+
+
+def _config_schema() -> int:
+    import json
+
+    from bridge.service.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 

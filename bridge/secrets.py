@@ -91,7 +91,9 @@ class Secret:
         cls, source: Any, handler: GetCoreSchemaHandler
     ) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(
-            cls.from_config, serialization=core_schema.plain_serializer_function_ser_schema(repr)
+            cls.from_config,
+            serialization=core_schema.plain_serializer_function_ser_schema(repr),
+            ref="Secret",
         )
 
     @classmethod

@@ -230,7 +230,9 @@ def duration_at_least(minimum_s: float) -> Check:
         lambda value: duration(value, minimum_s=minimum_s),
         {
             "anyOf": [
-                {"type": "number", "minimum": minimum_s},
+                {"type": "number", "minimum": minimum_s}
+                if minimum_s
+                else {"type": "number", "exclusiveMinimum": 0},
                 {"type": "string", "pattern": _DURATION.pattern},
             ],
             "description": "seconds, or a number with a unit: 500ms, 30s, 5m, 1h",

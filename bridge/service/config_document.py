@@ -211,7 +211,8 @@ class BridgeConfig(ConfigModel):
     leader_election: LeaderElectionConfig | None = None
     state: StateConfig | None = None
     """Folder for checkpoints of a single replica (absent: state in memory)."""
-    sources: tuple[SourceConfig, ...]
+    sources: tuple[SourceConfig, ...] = Field(json_schema_extra={"minItems": 1})
+    """What is polled: a non-empty list, each name used once."""
     server: ServerConfig | None = None
     """Absent: no health/metrics server."""
     tracing: TracingConfig = TracingConfig()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, ConfigDict, Field
 
 from bridge.connection_settings import TlsConfig
 from bridge.secrets import Secret, redact_url
@@ -195,6 +195,8 @@ SourceName = Annotated[
 
 class SourceConfig(ConfigModel):
     """One source: its name (a subject token), how often it is polled, and what it is."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": [kind]} for kind in KINDS]})
 
     name: SourceName
     interval_s: Annotated[float, duration_at_least(MIN_INTERVAL_S)] = Field(
