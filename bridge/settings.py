@@ -10,7 +10,7 @@ themselves) runs when all of them are valid. A rule raises nothing: it yields a
 The value types accept exactly the spellings of the YAML config (durations ``500ms``, ``30s``,
 ``5m``, ``1h`` or a number of seconds; sizes ``65536``, ``64KiB``, ``16MiB``; ``true``/``false``
 only, no ``yes``), say what was wrong in words (``must be > 0, got 0``) and describe themselves
-in the JSON Schema. :mod:`bridge.service.config_reader` turns the errors into messages.
+in the JSON Schema. :func:`bridge.service.config.error_lines` turns the errors into messages.
 """
 
 from __future__ import annotations
@@ -99,41 +99,56 @@ class ConfigModel(BaseModel):
         try:
             result = handler(data)
         except ValidationError as exc:
-            if not problems:
-                raise
-            found = [_details(error) for error in exc.errors()]
+            errors = exc.errors()
         else:
             problems += result._problems()
             if not problems:
                 return result
-            found = []
-        for problem in problems:
-            found.append(
-                InitErrorDetails(
-                    type="value_error", loc=problem.at, input=data, ctx={"error": problem}
-                )
-            )
+            errors = []
+        # the unknown keys and the missing ones of this mapping: a problem each, first
+        keys: dict[str, list[str]] = {"extra_forbidden": [], "invalid_key": [], "missing": []}
+        others: list[InitErrorDetails] = []
+        for error in errors:
+            if error["type"] in keys and len(error["loc"]) == 1:
+                keys[error["type"]].append(str(error["loc"][0]))
+            else:
+                others.append({"type": error["type"], "loc": error["loc"], "input": error["input"]})
+                if "ctx" in error:
+                    others[-1]["ctx"] = error["ctx"]
+        first = []
+        if unknown := sorted(keys["extra_forbidden"] + keys["invalid_key"]):
+            allowed = ", ".join(sorted(cls.document_keys()))
+            first.append(Problem(f"unknown key(s) {', '.join(unknown)} (allowed: {allowed})"))
+        if keys["missing"]:
+            first.append(Problem(f"missing required key(s) {', '.join(sorted(keys['missing']))}"))
+
+        def details(problem: Problem) -> InitErrorDetails:
+            return {
+                "type": "value_error",
+                "loc": problem.at,
+                "input": data,
+                "ctx": {"error": problem},
+            }
+
+        found = [*map(details, first), *others, *map(details, problems)]
         raise ValidationError.from_exception_data(cls.__name__, found)
 
-
-def _details(error: Any) -> InitErrorDetails:
-    details = InitErrorDetails(type=error["type"], loc=error["loc"], input=error["input"])
-    if "ctx" in error:
-        details["ctx"] = error["ctx"]
-    return details
+    @classmethod
+    def document_keys(cls) -> list[str]:
+        """The keys of this model in a document (``interval``, not ``interval_s``)."""
+        return [
+            alias if isinstance(alias := field.validation_alias, str) else name
+            for name, field in cls.model_fields.items()
+        ]
 
 
 def kind(value: Any) -> str:
     """What ``value`` is, for messages: "a mapping", "a list", "a string"..."""
-    return {
-        dict: "a mapping",
-        list: "a list",
-        str: "a string",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        type(None): "empty",
-    }.get(type(value), "a value")
+    return _KINDS.get(type(value), "a value")
+
+
+_KINDS: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}
+_KINDS |= {int: "a number", float: "a number", type(None): "empty"}
 
 
 # -- value types --------------------------------------------------------------------------------
@@ -226,18 +241,15 @@ def duration(value: Any, *, minimum_s: float = 0.0) -> float:
 
 def duration_at_least(minimum_s: float) -> Check:
     """A duration (see :func:`duration`) of at least ``minimum_s``."""
+    number = {"minimum": minimum_s} if minimum_s else {"exclusiveMinimum": 0}
     return Check(
         lambda value: duration(value, minimum_s=minimum_s),
-        {
-            "anyOf": [
-                {"type": "number", "minimum": minimum_s}
-                if minimum_s
-                else {"type": "number", "exclusiveMinimum": 0},
-                {"type": "string", "pattern": _DURATION.pattern},
-            ],
-            "description": "seconds, or a number with a unit: 500ms, 30s, 5m, 1h",
-        },
+        _number_or({"type": "number", **number}, _DURATION, "seconds, or like 500ms, 30s, 5m, 1h"),
     )
+
+
+def _number_or(number: dict[str, Any], pattern: re.Pattern[str], what: str) -> dict[str, Any]:
+    return {"anyOf": [number, {"type": "string", "pattern": pattern.pattern}], "description": what}
 
 
 Duration = Annotated[float, duration_at_least(0.0)]
@@ -245,16 +257,8 @@ Duration = Annotated[float, duration_at_least(0.0)]
 
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KB": 1000,
-    "KiB": 1024,
-    "MB": 1000**2,
-    "MiB": 1024**2,
-    "GB": 1000**3,
-    "GiB": 1024**3,
-}
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_SIZE_UNITS |= {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def _size(value: Any) -> int:
@@ -269,14 +273,10 @@ def _size(value: Any) -> int:
     return count
 
 
-_SIZE_SCHEMA = {
-    "anyOf": [
-        {"type": "integer", "exclusiveMinimum": 0},
-        {"type": "string", "pattern": _SIZE.pattern},
-    ],
-    "description": "bytes, or a whole number with a unit: 64KiB, 16MiB, 1GB",
-}
-Size = Annotated[int, Check(_size, _SIZE_SCHEMA)]
+_POSITIVE_INTEGER = {"type": "integer", "exclusiveMinimum": 0}
+Size = Annotated[
+    int, Check(_size, _number_or(_POSITIVE_INTEGER, _SIZE, "bytes, or like 64KiB, 16MiB"))
+]
 """A size in bytes, > 0: an integer, or ``64KiB``, ``16MiB``, ``1GB``... (whole numbers)."""
 
 

@@ -65,11 +65,11 @@ def test_every_problem_of_a_document_is_reported_at_once(tmp_path: Path) -> None
         load_config(path, env={})
     lines = str(caught.value).splitlines()
     assert lines == [
-        f"{path}: broker.ack_timeout: must be a duration (seconds, or like 500ms, 30s, 5m, 1h), "
-        "not 'soon'",
         f"{path}: broker: unknown key(s) colour (allowed: ack_timeout, auth, content_mode, "
         "duplicate_window, max_age, max_msgs_per_subject, maxlen, replicas, stream, "
         "subject_prefix, tls, url)",
+        f"{path}: broker.ack_timeout: must be a duration (seconds, or like 500ms, 30s, 5m, 1h), "
+        "not 'soon'",
         f"{path}: sources[0].name: 'a b' is not usable as a subject token: use 1-64 characters "
         "of A-Z, a-z, 0-9, '_' or '-'",
         f"{path}: sources[1].interval: must be > 0, got 0",
@@ -83,9 +83,9 @@ def test_every_problem_of_a_document_is_reported_at_once(tmp_path: Path) -> None
 def test_unknown_and_missing_keys_of_one_mapping_share_a_line() -> None:
     lines = problems({"sources": [{"name": "a", "interval": 1, "local": {"path": "/"}}], "x": 1, "y": 2})  # fmt: skip
     assert lines == [
-        "bridge.yaml: (top level): missing required key(s) broker",
         "bridge.yaml: (top level): unknown key(s) x, y (allowed: broker, leader_election, "
         "logging, server, sources, state, tracing)",
+        "bridge.yaml: (top level): missing required key(s) broker",
     ]
 
 
@@ -177,9 +177,9 @@ def test_documents_use_the_yaml_keys_and_python_the_attribute_names(tmp_path: Pa
     raw = good()
     raw["sources"][0]["interval_s"] = raw["sources"][0].pop("interval")
     assert problems(raw) == [
-        "bridge.yaml: sources[0]: missing required key(s) interval",
         "bridge.yaml: sources[0]: unknown key(s) interval_s (allowed: http, inline_body_bytes, "
         "interval, local, max_backoff, name, s3)",
+        "bridge.yaml: sources[0]: missing required key(s) interval",
     ]
     made = SourceConfig(name="a", interval_s=2, local=LocalSourceConfig(path=tmp_path))
     assert (made.interval_s, made.kind) == (2.0, "local")
