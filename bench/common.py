@@ -179,7 +179,7 @@ PACKAGES = ("nats-py", "redis", "httpx", "httpcore", "aioboto3", "aiobotocore", 
 
 def machine() -> dict[str, str]:
     """What the figures were taken on."""
-    from tests.servers import RedisServer, nats_server_binary
+    from tests.support.servers import RedisServer, nats_server_binary
 
     try:
         nats_server = _first_line([nats_server_binary(), "--version"])

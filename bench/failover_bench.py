@@ -1,9 +1,9 @@
 """Failover: from SIGKILL of a source's leader to the first event its successor publishes.
 
 ``python -m bench.failover_bench`` (``--help``). Real ``redis-server`` (leader election and
-checkpoints) and ``nats-server`` (the broker), from ``tests/servers.py``; ``--replicas`` (3)
+checkpoints) and ``nats-server`` (the broker), from ``tests/support/servers.py``; ``--replicas`` (3)
 replicas of the bridge, each its own ``python -m bridge run`` process with the same config (as
-``tests/test_ha_processes.py`` runs them): one local-folder source polled every
+``tests/ha/test_ha_processes.py`` runs them): one local-folder source polled every
 ``--interval`` (0.5 s), ``leader_election.lease_ttl`` ``--ttl`` (2 s), ``renew_every`` left at
 its default (a third of the TTL). A raw nats-py subscription takes the arrival times.
 
@@ -37,7 +37,7 @@ import yaml
 
 from bench.common import REPO, Row, env_with_repo, format_table, write_rows
 from bench.latency_bench import Arrivals, write_change
-from tests.servers import NatsServer, RedisServer
+from tests.support.servers import NatsServer, RedisServer
 
 SOURCE = "failover"
 

@@ -1,7 +1,8 @@
 """Latency from a change at the source to a consumer's handler, against the poll interval.
 
-``python -m bench.latency_bench`` (``--help``). A real ``nats-server`` (``tests/servers.py``)
-and the bridge as its own process (``python -m bridge run``) watching a local folder every
+``python -m bench.latency_bench`` (``--help``). A real ``nats-server``
+(``tests/support/servers.py``) and the bridge as its own process (``python -m bridge run``)
+watching a local folder every
 ``--interval`` (default 0.5 s; the service's default jitter of 5 % of it applies). This
 process makes changes at random times (exponential gaps, mean ``--gap``, independent of the
 poll phase): each change is a new file, written beside the folder and renamed into it, and its
@@ -36,7 +37,7 @@ from typing import Any
 import yaml
 
 from bench.common import REPO, Row, env_with_repo, format_table, percentile, write_rows
-from tests.servers import NatsServer
+from tests.support.servers import NatsServer
 
 SOURCE = "latency"
 SLACK_S = 0.05

@@ -2,8 +2,8 @@
 
 Run ``.venv/bin/python bench/publish_bench.py`` (``--help`` for options; ``--quick`` for a
 short run). It starts its own ``nats-server`` and ``redis-server`` on free loopback ports
-(``tests/servers.py``), then, for each broker, event size (``data`` of about 300 B and 10 KiB)
-and batch size (100 and 1000 events), measures events per second of:
+(``tests/support/servers.py``), then, for each broker, event size (``data`` of about 300 B and
+10 KiB) and batch size (100 and 1000 events), measures events per second of:
 
 * ``raw``: the same messages, encoded beforehand, sent with nats-py ``js.publish_async`` and the
   same headers (then ``publish_async_completed``) per batch, or with a redis-py pipeline of
@@ -73,7 +73,7 @@ from bridge.state import Checkpoint, Intent, MemoryStateStore, StateStore
 from bridge.state.files import FileStateStore
 from bridge.subjects import nats_subject, redis_stream_key
 from bridge.watching import WatchConfig
-from tests.servers import NatsServer, RedisServer
+from tests.support.servers import NatsServer, RedisServer
 
 T = TypeVar("T")
 SOURCE_URI = "https://example.test/items"

@@ -1,6 +1,6 @@
 """Object store: listing and diffing a large bucket against listing it alone, same client.
 
-``python -m bench.s3_bench`` (``--help``). moto's S3 server (``tests/servers.py``'s
+``python -m bench.s3_bench`` (``--help``). moto's S3 server (``tests/support/servers.py``'s
 ``S3Server``, started through ``bench/s3_server.py``, which fills the bucket in-process before
 it listens) holds N objects under one prefix. Each round times, alternately:
 
@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from bench.common import REPO, Row, format_table, write_rows
-from tests.servers import S3Server
+from tests.support.servers import S3Server
 
 TARGET = 0.9
 BUCKET = "bench"

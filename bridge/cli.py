@@ -10,8 +10,8 @@
                           print the AsyncAPI 3.0 document of what the bridge publishes
 ``config-schema``         print the JSON Schema of the config file (for editors and CI)
 
-Invalid configs exit with status 2 and one line per problem naming the file (or the
-environment variable), the key and the problem.
+``--log-level`` goes before or after the subcommand. Invalid configs exit with status 2 and
+one line per problem naming the file (or the environment variable), the key and the problem.
 """
 
 from __future__ import annotations
@@ -75,14 +75,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="koprs-bridge",
         description="Poll external sources and publish their changes as CloudEvents.",
     )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL"),
-        choices=["debug", "info", "warning", "error"],
-        help="default: $KOPRS_BRIDGE_LOG_LEVEL, else the config's logging.level, else info",
-    )
+    _shared_options(parser, default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL"))
+    # The same options after the subcommand (`run --log-level debug`): defaults suppressed, so
+    # that a subcommand without them keeps what was given before it (or the default above).
+    shared = argparse.ArgumentParser(add_help=False)
+    _shared_options(shared, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command")
-    run = commands.add_parser("run", help="run the bridge")
+
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[shared], help=help, description=description)
+
+    run = command("run", help="run the bridge")
     run.add_argument(
         "--config",
         type=Path,
@@ -109,12 +112,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how often the config file is checked for changes, which are applied without a "
         "restart (default: $KOPRS_BRIDGE_RELOAD_INTERVAL or 5; 0: never)",
     )
-    check = commands.add_parser("check", help="validate a config file")
+    check = command("check", help="validate a config file")
     check.add_argument("--config", type=Path, required=True)
-    status = commands.add_parser("status", help="show which replica leads which source")
+    status = command("status", help="show which replica leads which source")
     status.add_argument("--config", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="print JSON")
-    tail = commands.add_parser(
+    tail = command(
         "tail",
         help="follow a broker: one line per event",
         description="Print what the bridge publishes, one line per event, until Ctrl-C.",
@@ -138,19 +141,31 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--subject-prefix", help="with --broker nats://: subject prefix (default koprs.external)"
     )
-    asyncapi = commands.add_parser(
+    asyncapi = command(
         "asyncapi", help="print the AsyncAPI 3.0 document of what the bridge publishes"
     )
     asyncapi.add_argument("--config", type=Path, required=True)
     asyncapi.add_argument("--format", choices=["json", "yaml"], default="json")
-    commands.add_parser("config-schema", help="print the JSON Schema of the config file")
+    command("config-schema", help="print the JSON Schema of the config file")
     return parser
 
 
+def _shared_options(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    """The options every subcommand takes, before or after its name."""
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="default: $KOPRS_BRIDGE_LOG_LEVEL, else the config's logging.level, else info",
+    )
+
+
 def _check(path: Path) -> int:
+    from bridge.extras import check_config_extras
     from bridge.service.config import load_config
 
     config = load_config(path)
+    check_config_extras(config)
     print(f"{path}: OK, broker {config.broker.description}, {len(config.sources)} source(s):")
     for source in config.sources:
         print(f"  {source.name}: {source.kind} every {source.interval_s:g}s")
@@ -227,7 +242,6 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from bridge.service.config import load_config
     from bridge.service.runner import Bridge
 
     stop = asyncio.Event()
@@ -237,12 +251,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         if args.config is not None:
             if args.reload_interval <= 0:
-                await Bridge(_logging_from(load_config(args.config), args)).run(stop)
+                await Bridge(_logging_from(_load_for_run(args.config), args)).run(stop)
                 return 0
             from bridge.service.reload import ConfigWatcher, run_with_reload
 
             watcher = ConfigWatcher(args.config, interval_s=args.reload_interval)  # before loading
-            config = _logging_from(load_config(args.config), args)
+            config = _logging_from(_load_for_run(args.config), args)
             await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
@@ -250,6 +264,16 @@ async def _run(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
+
+
+def _load_for_run(path: Path) -> BridgeConfig:
+    """The config, refused if a part of it needs an extra that is not installed."""
+    from bridge.extras import check_config_extras
+    from bridge.service.config import load_config
+
+    config = load_config(path)
+    check_config_extras(config)
+    return config
 
 
 def _logging_from(config: BridgeConfig, args: argparse.Namespace) -> BridgeConfig:

@@ -11,12 +11,15 @@ it down. Lines look like::
 Keys with blanks or control characters are printed JSON-quoted. ``--json`` prints one JSON
 object per event instead: ``time``, ``kind``, ``source_name``, ``key``, ``id``, ``type``,
 ``source``, ``dataschema``, ``initial`` and ``resource`` (the decoded resource; an HTTP body as
-text, or base64 when it is not UTF-8).
+text, or base64 when it is not UTF-8). ``kind`` is always the kind of ``type``, the event as
+published.
 
 Without ``--from-start`` only changes published after the start are shown. With it, first the
-current state of every item (list-then-watch: one ``added`` line per live item, marked
-``initial``), then a ``synced`` line (``{"synced": [...sources]}`` with ``--json``), then live
-changes. Nothing is durable: tailing never disturbs other consumers. NATS is read with
+current state of every item (list-then-watch: one line per live item, its latest event, marked
+``(initial)``, ``"initial": true`` in JSON: ``modified`` for an item whose latest event was a
+modification, though the watch delivers it as ``Added``), then a ``synced`` line
+(``{"synced": [...sources]}`` with ``--json``), then live changes. Nothing is durable:
+tailing never disturbs other consumers. NATS is read with
 :func:`~bridge.consumer.nats.watch_nats` (an ephemeral consumer, deleted on exit; the stream is
 the config's, or the one that captures the subject prefix), Redis with
 :func:`~bridge.consumer.redis.watch_redis` (no group). Events that do not decode are logged on
@@ -148,11 +151,18 @@ def _details(resource: Any) -> str:
     return ""
 
 
+def _kind(envelope: Envelope) -> str:
+    """The kind the event was published with (from its ``type``): a watch delivers an item of
+    its initial list as ``Added`` whatever its latest event was; tail shows that event."""
+    published = envelope.type.split(".")[-2:-1]  # dev.koprs.external.<kind>.v1, as decoded
+    return published[0] if published else envelope.kind
+
+
 def format_line(envelope: Envelope, *, initial: bool = False) -> str:
     """The readable line of one event."""
     parts = [
         _time(envelope.time),
-        f"{envelope.kind:<8}",
+        f"{_kind(envelope):<8}",
         envelope.source_name or envelope.source,
         _quoted(envelope.key),
     ]
@@ -187,7 +197,7 @@ def format_json(envelope: Envelope, *, initial: bool = False) -> str:
     return json.dumps(
         {
             "time": _time(envelope.time),
-            "kind": envelope.kind,
+            "kind": _kind(envelope),
             "source_name": envelope.source_name,
             "key": envelope.key,
             "id": envelope.id,

@@ -1,6 +1,6 @@
 """Fixtures shared by the whole test suite.
 
-Servers (see ``tests/servers.py``), each started once per session on its own loopback port:
+Servers (see ``tests/support/servers.py``), each started once per session on its own loopback port:
 
 - ``redis_server`` (:class:`RedisServer`): ``.url``, ``.port``, ``stop()``, ``start()``,
   ``restart()``, ``pause()``, ``resume()``, ``flushall()``.
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 import pytest_asyncio
 
-from tests.servers import NatsServer, RedisServer, S3Server, ServerProcess
+from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator

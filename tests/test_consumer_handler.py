@@ -28,8 +28,8 @@ from bridge.errors import DecodeError
 from bridge.events import EventKind, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sources.stores import StoredObject
+from tests.support.events import nats_test_config, object_events
 from tests.test_consumer_reflector import ScriptedWatch, envelope
-from tests.test_sinks_contract import nats_test_config, object_events
 
 
 class Recorder(EventHandler[list[str]]):

@@ -28,8 +28,8 @@ from bridge.errors import ConfigError, DecodeError, PublishError
 from bridge.events import Added, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sources.stores import StoredObject
-from tests.servers import NatsServer
-from tests.test_sinks_contract import nats_test_config, object_events
+from tests.support.events import nats_test_config, object_events
+from tests.support.servers import NatsServer
 
 # -- helpers ----------------------------------------------------------------------------------
 

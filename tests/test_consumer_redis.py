@@ -28,8 +28,8 @@ from bridge.errors import ConfigError, DecodeError
 from bridge.events import Added, ExternalEvent, Modified, Removed
 from bridge.sinks.redis import RedisSink, RedisSinkConfig, items_key
 from bridge.subjects import redis_stream_key
-from tests.servers import RedisServer
-from tests.test_sinks_contract import object_events, xrange
+from tests.support.events import object_events, xrange
+from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.servers
 

@@ -26,7 +26,7 @@ from bridge.service.config import parse_config
 from bridge.service.runner import Bridge
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sources.stores import StoredObject
-from tests.test_sinks_contract import nats_test_config, object_events
+from tests.support.events import nats_test_config, object_events
 
 # -- a scripted watch (also used by the handler tests) ----------------------------------------
 

@@ -66,8 +66,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeAlias
 
-from faststream.exceptions import AckMessage
-from faststream.message import StreamMessage
+from bridge.errors import MissingExtraError
+
+try:
+    from faststream.exceptions import AckMessage
+    from faststream.message import StreamMessage
+except ModuleNotFoundError as exc:  # the `faststream` extra is not installed
+    raise MissingExtraError("bridge.consumer.faststream", "faststream", exc.name or "?") from exc
 
 from bridge.consumer.decoding import (
     Envelope,

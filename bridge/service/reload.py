@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from bridge.errors import ConfigError
+from bridge.extras import check_config_extras
 from bridge.secrets import Secret
 from bridge.service.config import BridgeConfig, SourceConfig, load_config
 
@@ -217,6 +218,7 @@ class ConfigWatcher:
         self._digest = digest
         try:
             config = load_config(self.path, self.env)
+            check_config_extras(config)  # an s3: source added without the `s3` extra
         except ConfigError as exc:
             self.rejected += 1
             self.last_error = str(exc)

@@ -79,6 +79,9 @@ def build_source(config: SourceConfig) -> SourceSpec:
             poller.with_server_name(tls.server_name)
         source, uri = poller, http.url
     elif config.s3 is not None:
+        from bridge.extras import require_extra
+
+        require_extra("s3", f"source {config.name!r} (s3:)")
         from bridge.sources.stores.s3 import S3Store
 
         s3 = config.s3

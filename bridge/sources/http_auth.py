@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from bridge.errors import SourceError
+from bridge.errors import RedirectError
 from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
 
 __all__ = [
@@ -56,10 +56,6 @@ FORWARDABLE = frozenset(
 SecretValue = str | Secret | Callable[[], str]
 """A credential: a literal, a :class:`Secret` (re-read when its file changes) or a function;
 the last two are asked for the value on every request."""
-
-
-class RedirectError(SourceError):
-    """A redirect was refused: too many, a loop, another scheme, https to http, disabled."""
 
 
 def tls_context(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.replicas import kill_leftover_replicas
+from tests.support.replicas import kill_leftover_replicas
 
 REPORTS: list[str] = []
 

@@ -8,11 +8,11 @@ fault, which target, how long) follow the seed.
 
 The world:
 
-* 3 bridge replicas, each ``python -m bridge run`` (tests/replicas.py), with leader election and
+* 3 bridge replicas, each ``python -m bridge run`` (tests/support/replicas.py), with leader election and
   checkpoints on a redis-server with an append-only file (restarts keep the data);
 * the broker: a nats-server with JetStream and a file store (restarts keep the stream), or, in
   the Redis Streams variant, the same redis-server;
-* sources: 2 HTTP documents (tests/documents.py) and 2 prefixes of one bucket on moto's S3
+* sources: 2 HTTP documents (tests/support/httpserver.py) and 2 prefixes of one bucket on moto's S3
   server (3 and 2 objects), polled every 0.25 s; moto keeps state in memory, so it is never
   restarted.
 
@@ -79,8 +79,9 @@ from nats.js.api import DeliverPolicy
 from bridge.ha.keys import SourceKeys, as_text
 from tests.chaos.conftest import REPORTS
 from tests.chaos.history import Delivered, Fault, Faults, Item, Truth, check_item
-from tests.documents import Documents
-from tests.replicas import (
+from tests.support.httpserver import Documents
+from tests.support.receiving import Received, decode_nats, decode_redis, validate
+from tests.support.replicas import (
     Cluster,
     Event,
     cluster,
@@ -89,8 +90,7 @@ from tests.replicas import (
     until,
     version,
 )
-from tests.servers import NatsServer, PersistentRedisServer, S3Server, ServerProcess
-from tests.test_e2e import Received, decode_nats, decode_redis, validate
+from tests.support.servers import NatsServer, PersistentRedisServer, S3Server, ServerProcess
 
 Broker = Literal["nats", "redis"]
 

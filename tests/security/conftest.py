@@ -1,0 +1,1 @@
+"""Security: authenticated and TLS connections, least-privilege permissions, secret hygiene."""
