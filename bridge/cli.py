@@ -59,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "config-schema":
             return _config_schema()
     except ConfigError as exc:
-        print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
+        problems = str(exc).splitlines()  # one per line, each naming its file or variable
+        if len(problems) > 1:
+            problems.insert(0, f"{len(problems)} problems:")
+        print("koprs-bridge: invalid config: " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_INVALID
     except BridgeError as exc:
         print(f"koprs-bridge: {exc}", file=sys.stderr)

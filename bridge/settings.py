@@ -1,11 +1,9 @@
 """The building blocks of every settings model: :class:`ConfigModel` and the value types.
 
-:class:`ConfigModel` is a pydantic v2 model that is frozen and refuses unknown keys. Its rules
-that involve several keys are methods: :meth:`ConfigModel._given_problems` (which keys are
-given: "cert_file and key_file must be given together") runs even when a value is invalid, so
-every error of a document is reported at once; :meth:`ConfigModel._problems` (the values
-themselves) runs when all of them are valid. A rule raises nothing: it yields a
-:class:`Problem` placed at a key of its model.
+:class:`ConfigModel` is a pydantic v2 model, frozen, that refuses unknown keys. Its rules on
+several keys yield :class:`Problem` s at keys of the model: :meth:`ConfigModel._given_problems`
+(on which keys are given) runs even when a value is invalid, so that every error of a document
+is reported at once; :meth:`ConfigModel._problems` (on the values) once all are valid.
 
 The value types accept exactly the spellings of the YAML config (durations ``500ms``, ``30s``,
 ``5m``, ``1h`` or a number of seconds; sizes ``65536``, ``64KiB``, ``16MiB``; ``true``/``false``

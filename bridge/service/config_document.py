@@ -63,10 +63,6 @@ def _redis_url(url: Secret) -> Secret:
     return url
 
 
-def _unlimited_if_zero(value: int) -> int | None:
-    return value or None
-
-
 class BrokerConfig(ConfigModel):
     """Where events are published."""
 
@@ -94,9 +90,9 @@ class BrokerConfig(ConfigModel):
     Redis 1 day)."""
     max_age_s: Duration | None = Field(default=None, validation_alias="max_age")
     """NATS: drop messages older than this (default: keep)."""
-    max_msgs_per_subject: Annotated[int | None, at_least(0), AfterValidator(_unlimited_if_zero)] = (
-        16
-    )
+    max_msgs_per_subject: Annotated[
+        int | None, at_least(0), AfterValidator(lambda count: count or None)
+    ] = 16
     """NATS: messages kept per item subject (0: unlimited)."""
     replicas: Annotated[int, at_least(1)] = 1
     """NATS: JetStream replicas of the stream."""
@@ -200,10 +196,6 @@ class LoggingConfig(ConfigModel):
     ] = "INFO"
 
 
-def _absent_if_null(value: Any) -> Any:
-    return {} if value is None else value
-
-
 class BridgeConfig(ConfigModel):
     """A whole config document (``bridge.yaml``)."""
 
@@ -245,7 +237,7 @@ class BridgeConfig(ConfigModel):
     @field_validator("tracing", "logging", mode="before")
     @classmethod
     def _defaults_if_null(cls, value: Any) -> Any:
-        return _absent_if_null(value)
+        return {} if value is None else value  # null: the defaults
 
     def _problems(self) -> Iterable[Problem]:
         seen: dict[str, int] = {}

@@ -242,3 +242,21 @@ def test_schema_level_pattern_is_case_insensitive() -> None:
     document = {**good(), "logging": {"level": "Debug"}}
     assert list(validator.iter_errors(document)) == []
     assert parse_config(document).logging.level == "DEBUG"
+
+
+def test_check_prints_every_problem_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bridge.yaml"
+    path.write_text(
+        "broker: {url: 'nats://x'}\n"
+        "sources: [{name: 'a b', interval: 1, local: {path: /}}, {name: b, interval: never, local: {path: /}}]\n"
+    )
+    assert cli_main(["check", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "koprs-bridge: invalid config: 2 problems:",
+        f"  {path}: sources[0].name: 'a b' is not usable as a subject token: use 1-64 characters "
+        "of A-Z, a-z, 0-9, '_' or '-'",
+        f"  {path}: sources[1].interval: must be a duration (seconds, or like 500ms, 30s, 5m, "
+        "1h), not 'never'",
+    ]
