@@ -105,7 +105,9 @@ class HttpSourceConfig(ConfigModel):
     """An HTTP(S) resource, polled with a conditional GET."""
 
     url: Annotated[str, Check(_http_url, {"type": "string", "pattern": "^https?://[^@/]+"})]
-    headers: Headers = Field(default_factory=dict)
+    headers: Headers = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False}
+    )
     """Sent with every request; values may be secrets."""
     bearer_token: Secret | None = None
     """Sent as ``Authorization: Bearer``; a ``{file: ...}`` token is re-read when it changes."""

@@ -227,6 +227,11 @@ def test_schema_accepts_the_committed_configs(path: Path) -> None:
         {"broker": {"url": "nats://x", "auth": {"token": {"env": "T", "file": "/t"}}}},
         {"broker": {"url": "nats://x", "max_msgs_per_subject": "16"}},
         {"logging": {"level": "loud"}},
+        {
+            "sources": [
+                {"name": "a", "interval": 1, "http": {"url": "http://h", "headers": {"A B": "v"}}}
+            ]
+        },
     ],
 )
 def test_schema_refuses_what_the_models_refuse(change: dict[str, Any]) -> None:
