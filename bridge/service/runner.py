@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from bridge import aio
@@ -183,7 +182,7 @@ class Bridge:
             for name in plan.removed:
                 self.telemetry.metrics.forget(name)
             self.specs = specs
-            self.config = replace(self.config, sources=config.sources)
+            self.config = self.config.model_copy(update={"sources": config.sources})
             if self.coordinator is None and self._phase == "running":
                 for spec in specs:
                     if spec.name not in self._tasks:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from bridge.cloudevents import ContentMode
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.errors import ConfigError
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
 
 __all__ = ["ContentMode", "RedisSinkConfig", "items_key", "marker_key"]

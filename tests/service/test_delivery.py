@@ -177,7 +177,7 @@ async def test_run_stops_promptly_without_leaking_tasks(busy: bool, tmp_path: Pa
     from bridge.service.runner import Bridge
 
     config = BridgeConfig(
-        broker=BrokerConfig(url=Secret.inline("nats://127.0.0.1:1"), kind="nats"),
+        broker=BrokerConfig(url=Secret.inline("nats://127.0.0.1:1")),
         sources=(
             SourceConfig(name="files", interval_s=3600, local=LocalSourceConfig(path=tmp_path)),
         ),

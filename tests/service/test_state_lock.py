@@ -13,7 +13,13 @@ import pytest
 
 from bridge.errors import StateError
 from bridge.secrets import Secret
-from bridge.service.config import BridgeConfig, BrokerConfig, LocalSourceConfig, SourceConfig
+from bridge.service.config import (
+    BridgeConfig,
+    BrokerConfig,
+    LocalSourceConfig,
+    SourceConfig,
+    StateConfig,
+)
 from bridge.service.runner import Bridge
 from bridge.sinks.memory import MemorySink
 from bridge.state.files import LOCK_FILE, FileStateStore
@@ -101,8 +107,8 @@ def config(tmp_path: Path, state_path: Path | None) -> BridgeConfig:
     source = tmp_path / "files"
     source.mkdir(exist_ok=True)
     return BridgeConfig(
-        broker=BrokerConfig(url=Secret.inline("nats://127.0.0.1:1"), kind="nats"),
-        state_path=state_path,
+        broker=BrokerConfig(url=Secret.inline("nats://127.0.0.1:1")),
+        state=None if state_path is None else StateConfig(path=state_path),
         sources=(
             SourceConfig(name="files", interval_s=3600, local=LocalSourceConfig(path=source)),
         ),
