@@ -36,6 +36,9 @@ __all__ = ["Bridge", "build_sink", "build_source"]
 
 log = logging.getLogger("bridge.service")
 
+REDIS_POOL_CONNECTIONS = 32
+"""Connections of the leader election's Redis pool (checkpoint loads and fenced writes)."""
+
 
 def build_source(config: SourceConfig) -> SourceSpec:
     """The poller a source config describes, with its name, schedule and URI."""
@@ -401,6 +404,10 @@ class Bridge:
             election.auth,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
+            # State writes wait for a connection rather than fail when all are busy; the
+            # heartbeats have a connection of their own (Coordinator.control).
+            max_connections=REDIS_POOL_CONNECTIONS,
+            pool_timeout_s=election.lease_ttl_s,
         )
         return Coordinator(
             self.specs,
