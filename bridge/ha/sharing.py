@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 import zlib
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from bridge.ha.leases import Lease, LeaseClient
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec
 from bridge.sinks import Sink
 from bridge.telemetry.service import Telemetry
+from bridge.watching import Lag, start_offset_s
 
 __all__ = ["Coordinator", "control_client"]
 
@@ -88,8 +90,14 @@ class Coordinator:
         on_published: PublishedCallback | None = None,
         shutdown_grace_s: float = 5.0,
         telemetry: Telemetry | None = None,
+        slots: asyncio.Semaphore | None = None,
+        lag: Lag | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
+        self.slots = slots
+        self.lag = lag
+        self.rng = rng
         self.sink = sink
         self.redis = redis
         """State writes (checkpoints) go through this client's pool."""
@@ -258,6 +266,10 @@ class Coordinator:
             on_published=self.on_published,
             guard=lease.check,
             telemetry=self.telemetry.source(spec.name) if self.telemetry else None,
+            slots=self.slots,
+            lag=self.lag,
+            offset_s=start_offset_s(spec.name, spec.watch.interval, len(self.specs)),
+            rng=self.rng,
         )
         loop.telemetry.set_lease_held(True)
         task = asyncio.create_task(self._run_led(lease, loop), name=f"lead:{spec.name}")

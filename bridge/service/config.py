@@ -235,6 +235,8 @@ class BridgeConfig:
     """Absent: no health/metrics server."""
     tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()
+    max_concurrent_polls: int = 256
+    """Steps (poll, publish, commit) of all sources in flight at once; more wait their turn."""
     origin: str = "<config>"
     """The file the config was read from, for messages."""
 

@@ -28,7 +28,16 @@ class DocumentReader(SourceReader):
     def bridge(self, raw: dict[str, Any]) -> BridgeConfig:
         doc = self.mapping(
             raw,
-            {"broker", "leader_election", "state", "sources", "server", "tracing", "logging"},
+            {
+                "broker",
+                "leader_election",
+                "state",
+                "sources",
+                "server",
+                "tracing",
+                "logging",
+                "max_concurrent_polls",
+            },
             {"broker", "sources"},
         )
         with self.at("broker"):
@@ -63,6 +72,9 @@ class DocumentReader(SourceReader):
             if doc.get(key) is not None:
                 with self.at(key):
                     extra[key] = getattr(self, key)(doc[key])
+        if doc.get("max_concurrent_polls") is not None:
+            with self.at("max_concurrent_polls"):
+                extra["max_concurrent_polls"] = self.integer(doc["max_concurrent_polls"], minimum=1)
         return BridgeConfig(
             broker=broker,
             sources=tuple(sources),

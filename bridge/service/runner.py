@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +27,7 @@ from bridge.sources.objects import ObjectStorePoller
 from bridge.sources.stores import LocalStore
 from bridge.state import MemoryStateStore, StateStore
 from bridge.telemetry import Telemetry
-from bridge.watching import ExternalSource, WatchConfig
+from bridge.watching import ExternalSource, Lag, WatchConfig, start_offset_s
 
 if TYPE_CHECKING:
     from bridge.ha.sharing import Coordinator
@@ -107,7 +108,9 @@ def build_source(config: SourceConfig) -> SourceSpec:
         store_ = LocalStore(local.path)
         source = ObjectStorePoller(store_).with_prefix(local.prefix).with_name(config.name)
         uri = store_.uri + (f"/{local.prefix}" if local.prefix else "")
-    watch = WatchConfig(config.interval_s, config.max_backoff_s)
+    # Full jitter on retries: sources that failed together (a broker or origin outage) do
+    # not retry in lockstep.
+    watch = WatchConfig(config.interval_s, config.max_backoff_s, retry_jitter=1.0)
     return SourceSpec(
         name=config.name,
         source=source,
@@ -173,8 +176,11 @@ class Bridge:
         shutdown_grace_s: float = 5.0,
         replica: str | None = None,
         telemetry: Telemetry | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
+        self.rng = rng
+        """The schedules' random source (tick and retry jitter); tests pin it."""
         self.replica = replica or replica_id()
         self.sink = sink or build_sink(config)
         self.state = state or build_state_store(config)
@@ -184,6 +190,10 @@ class Bridge:
         self.telemetry = telemetry or Telemetry.from_config(config)
         """Traces, metrics, readiness and the ``/healthz``-``/readyz``-``/metrics`` server."""
         self.telemetry.track(self)
+        metrics = self.telemetry.metrics
+        self.slots = asyncio.Semaphore(config.max_concurrent_polls)
+        """Steps of all sources in flight at once (``max_concurrent_polls``)."""
+        self.lag = Lag(metrics.schedule_lag.observe, metrics.schedule_missed_ticks.inc)
         self.loops: dict[str, SourceLoop] = {}
         self.coordinator: Coordinator | None = None
         if config.leader_election is not None:
@@ -224,6 +234,10 @@ class Bridge:
             self.state,
             on_published=self.on_published,
             telemetry=self.telemetry.source(spec.name),
+            slots=self.slots,
+            lag=self.lag,
+            offset_s=start_offset_s(spec.name, spec.watch.interval, len(self.specs)),
+            rng=self.rng,
         )
         self.loops[spec.name] = loop
         task = asyncio.create_task(loop.run(), name=f"source:{spec.name}")
@@ -419,6 +433,9 @@ class Bridge:
             on_published=self.on_published,
             shutdown_grace_s=self.shutdown_grace_s,
             telemetry=self.telemetry,
+            slots=self.slots,
+            lag=self.lag,
+            rng=self.rng,
         )
 
     def status(self) -> dict[str, Any]:

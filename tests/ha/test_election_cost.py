@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from bridge import MemoryStore, ObjectStorePoller
+from bridge import MemoryStore, ObjectStorePoller, watching
 from bridge.connections import redis_client
 from bridge.errors import StateError
 from bridge.ha.keys import SourceKeys, replicas_key
@@ -24,6 +24,12 @@ from bridge.sinks.memory import MemorySink
 from bridge.watching import WatchConfig
 
 PREFIX = "koprs:bridge:"
+
+
+@pytest.fixture(autouse=True)
+def no_ramp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources start at once (no spread of their first polls): the tests wait for those."""
+    monkeypatch.setattr(watching, "START_RATE_PER_S", float("inf"))
 
 
 @pytest.fixture

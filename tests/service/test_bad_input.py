@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -160,6 +161,13 @@ def s3_error(status: int, code: str, message: str) -> Callable[[Exchange], Reply
 # -- the service with a bad source and a healthy one -------------------------------------------
 
 
+class NoJitter(random.Random):
+    """Ticks exactly on their grid and backoff delays at their ceiling."""
+
+    def random(self) -> float:
+        return 0.0
+
+
 @dataclass
 class Service:
     bridge: Bridge
@@ -224,7 +232,8 @@ async def service(bad: dict[str, Any]) -> AsyncIterator[Service]:
         healthy = {"name": "healthy", "interval": INTERVAL_S, "http": {"url": docs.url("healthy")}}
         raw = {"broker": {"url": f"nats://{LOOPBACK}:9"}, "sources": [bad, healthy]}
         sink = MemorySink()
-        bridge = Bridge(parse_config(raw, env={}), sink=sink, shutdown_grace_s=1)
+        # Pinned randomness: the service's retries have full jitter, these delays are exact.
+        bridge = Bridge(parse_config(raw, env={}), sink=sink, shutdown_grace_s=1, rng=NoJitter())
         stop = asyncio.Event()
         task = asyncio.create_task(bridge.run(stop))
         try:
