@@ -189,6 +189,8 @@ class LeaseClient:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.margin_s = min(1.0, ttl_s / 10) if margin_s is None else margin_s
+        self.lost = 0
+        """Leases lost so far (not given back: taken, expired, membership lapsed)."""
         self.membership = Membership()
         """The deadline of this replica's membership (see :meth:`heartbeat`)."""
         self.free_in_s: float | None = None
@@ -362,9 +364,9 @@ class LeaseClient:
             if lease.lost.is_set() or not await self.renew(lease):
                 return
 
-    @staticmethod
-    def lose(lease: Lease, why: str) -> None:
+    def lose(self, lease: Lease, why: str) -> None:
         if not lease.lost.is_set():
+            self.lost += 1
             log.warning(
                 "lost the lease on source %r (fence %d): %s", lease.source, lease.fence, why
             )
