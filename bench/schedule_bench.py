@@ -208,9 +208,11 @@ def _result(proc: Any, limit_s: float) -> dict[str, Any]:
 
 def _reuse(result: dict[str, Any]) -> float:
     """Polls in the window that did not open a connection (nginx's accepted count)."""
-    if result["accepted"] < 0:
+    accepted_: float = result["accepted"]
+    polls: float = result["polls"]
+    if accepted_ < 0:
         return float("nan")
-    return 1.0 - float(result["accepted"]) / max(1, result["polls"])
+    return 1.0 - accepted_ / max(1.0, polls)
 
 
 @contextlib.contextmanager
