@@ -13,7 +13,8 @@ a child process of its own (its CPU and RSS are its own):
   limits, so a 5 s keep-alive expiry; one SSL context shared by all), each polling its URL
   with ``If-None-Match`` on its own fixed-rate grid, the same phases; no concurrency bound.
 
-Measured over a window that starts one interval after the start (the first round done):
+Measured over a window that starts one interval after the start (the first round done; with
+leader election two lease TTLs later, once the sharing settled):
 schedule lag (how late each poll started after it was due) p50/p99, missed ticks, polls/s
 against the N / interval expected, process CPU (% of one core), RSS per source, and the
 connections nginx accepted per poll (``stub_status``; 0 = every poll reused a connection).
@@ -87,8 +88,8 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
     task = asyncio.create_task(bridge.run(stop))
     start = clock.time()
     # The first round (the ramp); with leader election, also the sharing settled (every
-    # replica joined and took its share: a few periods).
-    await asyncio.sleep(max(args.interval, 1.5 * args.lease_ttl if args.redis else 0.0))
+    # replica joined, took its share and restored its checkpoints: a few periods).
+    await asyncio.sleep(args.interval + (2 * args.lease_ttl if args.redis else 0.0))
     print("ready", flush=True)
     window_start, cpu0 = clock.time(), _cpu_s()
     steps0, missed0 = _steps(bridge), bridge.lag.missed
@@ -243,7 +244,7 @@ async def _commands(url: str) -> int:
 
 def measure(args: argparse.Namespace, work: Path) -> list[Row]:
     rows: list[Row] = []
-    limit_s = args.interval + 1.5 * args.lease_ttl + args.seconds + 120
+    limit_s = args.interval + 2 * args.lease_ttl + args.seconds + 120
     with http_server(args.server, args.sources) as server:
         urls_file = work / "urls.json"
         urls_file.write_text(json.dumps(server.urls()))
