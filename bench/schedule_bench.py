@@ -81,6 +81,8 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
     base_rss = rss_bytes()
     bridge = Bridge(parse_config(raw, env={}), sink=MemorySink(), state=MemoryStateStore(),
                     replica=args.replica)  # fmt: skip
+    if args.transport == "aiohttp":
+        await _use_aiohttp(bridge, args.interval)
     lags: list[tuple[float, float]] = []
     clock = asyncio.get_running_loop()
     bridge.lag.on_lag = lambda lag: lags.append((clock.time(), lag))
@@ -116,6 +118,24 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
         "stop_s": time.monotonic() - stop_at,
         "start": start,
     }
+
+
+async def _use_aiohttp(bridge: Any, interval_s: float) -> None:
+    """Give every HTTP source a client on httpx-aiohttp's transport (same limits, timeout)."""
+    import httpx
+    from httpx_aiohttp import AiohttpTransport
+
+    from bridge.service.runner import http_limits
+    from bridge.sources.http import HttpPoller
+
+    for spec in bridge.specs:
+        if isinstance(spec.source, HttpPoller):
+            old = spec.source._client
+            assert old is not None
+            transport = AiohttpTransport(limits=http_limits(interval_s))
+            client = httpx.AsyncClient(transport=transport, timeout=old.timeout)
+            spec.source.with_client(client, owned=True)
+            await old.aclose()
 
 
 def _steps(bridge: Any) -> int:
@@ -327,6 +347,43 @@ def measure(args: argparse.Namespace, work: Path) -> list[Row]:
     return rows
 
 
+STACKS = (("asyncio", "httpx"), ("asyncio", "aiohttp"), ("uvloop", "httpx"))
+
+
+def stack_rows(args: argparse.Namespace, work: Path) -> list[Row]:
+    """The bridge on each HTTP stack, one after the other: CPU per poll and lag p99."""
+    limit_s = args.interval + args.seconds + 120
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    with http_server(args.server, args.sources) as server:
+        urls_file = work / "urls.json"
+        urls_file.write_text(json.dumps(server.urls()))
+        for loop, transport in STACKS:
+            proc = _child("bridge", urls_file, args, loop=loop, transport=transport)
+            proc.stdout.readline()
+            results[loop, transport] = _result(proc, limit_s)
+    base = results[STACKS[0]]
+    base_us = 1e6 * base["cpu_s"] / max(1, base["polls"])
+    rows = []
+    for (loop, transport), r in results.items():
+        us = 1e6 * r["cpu_s"] / max(1, r["polls"])
+        rows.append(
+            Row(
+                "schedule",
+                f"HTTP stack {loop} + {transport}: CPU per poll ({args.sources:,} sources, "
+                f"every {args.interval:g} s)",
+                f"{us:,.0f} us/poll",
+                f"asyncio + httpx {base_us:,.0f} us/poll",
+                us / base_us,
+                "",
+                None,
+                f"lag p99 {r['lag_p99'] * 1e3:,.0f} ms; polls/s "
+                f"{r['polls'] / r['window_s']:,.1f}; missed {r['missed']}",
+                {"cpu_per_poll_us": us, "lag_p99": r["lag_p99"]},
+            )
+        )
+    return rows
+
+
 def run_rows(
     *,
     sources: int = 2000,
@@ -359,10 +416,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--urls", help=argparse.SUPPRESS)
     parser.add_argument("--redis", default="", help=argparse.SUPPRESS)
     parser.add_argument("--replica", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
+    parser.add_argument("--transport", choices=["httpx", "aiohttp"], default="httpx")
+    parser.add_argument(
+        "--stacks", action="store_true", help="compare asyncio/uvloop x httpx/httpx-aiohttp"
+    )
     args = parser.parse_args(argv)
     if args.child:
         run = run_bridge if args.child == "bridge" else run_reference
-        print(json.dumps(asyncio.run(run(args))))
+        if args.loop == "uvloop":
+            import uvloop
+
+            print(json.dumps(uvloop.run(run(args))))
+        else:
+            print(json.dumps(asyncio.run(run(args))))
+        return 0
+    if args.stacks:
+        import tempfile
+
+        from bench.common import format_table
+
+        with tempfile.TemporaryDirectory(prefix="koprs-bench-schedule-") as tmp:
+            rows = stack_rows(args, Path(tmp))
+        print(format_table(rows))
+        for row in rows:
+            print(f"  {row.name}: {row.note}")
         return 0
     from bench.common import format_table
 
