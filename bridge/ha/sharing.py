@@ -122,8 +122,8 @@ class Coordinator:
         self._lock = asyncio.Lock()
         """Held by a round and by :meth:`update`, so the set of sources never changes mid-round."""
         self._running = False
-        self._closing = False
-        """Set at shutdown: leases are then given back together, not one by one."""
+        self._released_together: set[Lease] = set()
+        """At shutdown: the leases :meth:`run` gives back in one script, not one by one."""
         self._retry_in_s: float | None = None
         """When the next round should come early (a held lease it wants expires by then)."""
 
@@ -157,11 +157,12 @@ class Coordinator:
             watchdog.cancel()
             async with self._lock:
                 self._running = False
-                self._closing = True
                 held = [led.lease for led in self.led.values() if not led.lease.lost.is_set()]
+                self._released_together.update(held)
                 leaving = [self._give_up(self.led.pop(name)) for name in list(self.led)]
                 await asyncio.gather(*leaving, *self._leaving, watchdog, return_exceptions=True)
                 await self.leases.release_all(held)
+                self._released_together.clear()
             await self.control.aclose()
 
     async def _watch_membership(self) -> None:
@@ -298,7 +299,7 @@ class Coordinator:
                 task.cancel()
             await asyncio.gather(runner, lost, return_exceptions=True)
             self.held.pop(lease.source, None)
-            if not gone and not self._closing:  # at shutdown run() releases them together
+            if not gone and lease not in self._released_together:  # else: run() does
                 await self.leases.release(lease)
 
     async def _give_up(self, led: _Led) -> None:
