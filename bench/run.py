@@ -11,6 +11,7 @@ latency     change -> consumer handler, p50/p99 vs the poll interval     bench/l
 failover    SIGKILL of a leader -> first event of the next, vs lease_ttl bench/failover_bench.py
 schedule    5,000 HTTP sources every 10 s (lag, missed ticks, CPU, RSS)   bench/schedule_bench.py
             vs plain httpx; leader election's Redis commands, 1/3 replicas
+folder      no-change poll CPU and state of a 1,000,000-file local: folder bench/folder_bench.py
 ==========  ==========================================================  =====================
 
 and prints one table: the bridge's figure, the reference measured in the same run, their
@@ -44,7 +45,7 @@ from bench.common import (
 )
 from bench.common import write_rows as _write_rows
 
-BENCHES = ("publish", "http", "s3", "diff", "latency", "failover", "schedule")
+BENCHES = ("publish", "http", "s3", "diff", "latency", "failover", "schedule", "folder")
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 # Per benchmark: the options of a full run and of a quick one.
@@ -56,6 +57,7 @@ FULL: dict[str, dict[str, Any]] = {
     "latency": {"samples": 400, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 6, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
     "schedule": {"sources": 5000, "interval": 10.0, "seconds": 30.0, "replicas": (1, 3)},
+    "folder": {"files": 1_000_000, "repeat": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "publish": {"events": 5000, "rounds": 2, "batch": 1000},
@@ -188,6 +190,10 @@ def runner(name: str) -> Callable[..., list[Row]]:
         from bench import schedule_bench
 
         return schedule_bench.run_rows
+    if name == "folder":
+        from bench import folder_bench
+
+        return folder_bench.run_rows
     if name == "failover":
         from bench import failover_bench
 
