@@ -17,6 +17,7 @@ import pytest
 PACKAGE = "bridge"
 ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
+
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
