@@ -13,6 +13,10 @@ success. Content modes:
   fold them); decode them with :func:`bridge.cloudevents.header_value`.
 * ``structured``: the whole event as JSON, ``content-type: application/cloudevents+json``.
 
+In both modes the ``koprs-kind``, ``koprs-version`` and ``koprs-revision`` headers
+(:func:`bridge.cloudevents.state_headers`) let :mod:`bridge.sinks.nats_recovery` rebuild a
+source's state from a headers-only ``LAST_PER_SUBJECT`` read.
+
 A batch is pipelined: every message is sent (up to 4096 in flight) before any acknowledgement
 is awaited, then all acknowledgements are awaited together, at most ``ack_timeout_s`` after the
 last one was sent. Acknowledgements come to one inbox subscription of the sink and are counted
@@ -48,10 +52,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bridge.cloudevents import CloudEvent
+from bridge.cloudevents import CloudEvent, state_headers
 from bridge.connections import ConnectError, connect_nats, describe_error
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
+from bridge.state.recovery import Published
 from bridge.sinks.nats_config import (
     DEFAULT_STREAM,
     ContentMode,
@@ -375,6 +380,29 @@ class NatsSink:
         else:
             batch.settle(int(index), _ack_error(msg))
 
+    async def read_published(self, source_name: str) -> Published:
+        """What the stream holds of ``source_name`` (:mod:`bridge.sinks.nats_recovery`)."""
+        from bridge.sinks.nats_recovery import read_published
+
+        validate_source_name(source_name)
+        nc = await self._ready()
+        assert self._js is not None
+        cfg = self.config
+        try:
+            return await read_published(
+                nc,
+                self._js,
+                cfg.stream,
+                cfg.subject_prefix,
+                source_name,
+                timeout_s=max(30.0, cfg.ack_timeout_s),
+            )
+        except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
+            raise PublishError(
+                f"NATS {self.description}: cannot read what the stream holds of "
+                f"{source_name!r}: {self._with_server_error(_describe(exc))}"
+            ) from exc
+
     async def aclose(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
         self._connected.clear()
@@ -416,14 +444,14 @@ def _ack_error(msg: Msg) -> str | None:
 def _encode_binary(event: CloudEvent) -> tuple[dict[str, str], bytes]:
     headers, body = event.to_binary()
     headers[MSG_ID_HEADER] = event.id
+    headers.update(state_headers(event))
     return headers, body
 
 
 def _encode_structured(event: CloudEvent) -> tuple[dict[str, str], bytes]:
-    return (
-        {MSG_ID_HEADER: event.id, "content-type": STRUCTURED_CONTENT_TYPE},
-        event.to_structured(),
-    )
+    headers = {MSG_ID_HEADER: event.id, "content-type": STRUCTURED_CONTENT_TYPE}
+    headers.update(state_headers(event))
+    return headers, event.to_structured()
 
 
 def _worth_a_warning(exc: BaseException, text: str) -> bool:

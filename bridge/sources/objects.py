@@ -73,6 +73,10 @@ class ObjectStorePoller(StateMapSource):
     def restore(self, state: Mapping[str, str]) -> None:
         self._tracked = PackedState(state)
 
+    def state_from_published(self, items: Mapping[str, str]) -> Mapping[str, str]:
+        """The state is path -> ETag, and an object's version token is its ETag."""
+        return items
+
     async def aclose(self) -> None:
         """Close the store if it holds connections."""
         close = getattr(self.store, "aclose", None)

@@ -1,0 +1,241 @@
+"""The broker as the fallback checkpoint (bridge.state.recovery), on real NATS and Redis.
+
+Each "restart" is a new source object, a new in-memory state store and a new sink (the same
+broker): everything the bridge process would have in memory is gone, only the broker remains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from bridge.cloudevents import CloudEvent
+from bridge.errors import PublishError
+from bridge.service.delivery import SourceLoop, SourceSpec
+from bridge.sinks import Sink
+from bridge.sinks.nats import NatsSink
+from bridge.sinks.redis import RedisSink, RedisSinkConfig
+from bridge.sources.objects import ObjectStorePoller
+from bridge.sources.stores import MemoryStore
+from bridge.state import MemoryStateStore
+from bridge.state.recovery import Published
+from bridge.watching import WatchConfig
+from tests.support.events import content_mode, nats_test_config
+
+SOURCE = "files"
+BROKERS = [
+    pytest.param(("nats", "binary"), id="nats-binary"),
+    pytest.param(("nats", "structured"), id="nats-structured"),
+    pytest.param(("redis", "binary"), id="redis-binary"),
+    pytest.param(("redis", "structured"), id="redis-structured"),
+]
+
+
+@dataclass
+class Broker:
+    """Makes a new sink for every start of the bridge, all on the same stream."""
+
+    kind: str
+    make: Any
+
+    def sink(self) -> Sink:
+        sink: Sink = self.make()
+        return sink
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest) -> Broker:
+    kind, mode = request.param
+    if kind == "nats":
+        url = request.getfixturevalue("nats_url")
+        config = nats_test_config(url, content_mode=content_mode(mode))
+        return Broker(kind, lambda: NatsSink(config))
+    url = request.getfixturevalue("redis_url")
+    redis_config = RedisSinkConfig(url=url, content_mode=content_mode(mode), timeout_s=5.0)
+    return Broker(kind, lambda: RedisSink(redis_config))
+
+
+class RefusingSink:
+    """A sink that records what it was given and refuses it (the broker lost the publish)."""
+
+    def __init__(self, inner: Sink) -> None:
+        self.inner = inner
+        self.offered: list[CloudEvent] = []
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    async def connect(self) -> None:
+        await self.inner.connect()
+
+    async def publish(self, source_name: str, events: Sequence[CloudEvent]) -> None:
+        self.offered += events
+        raise PublishError("refused by the test")
+
+    async def read_published(self, source_name: str) -> Published:
+        reader: Any = self.inner
+        result: Published = await reader.read_published(source_name)
+        return result
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass
+class Run:
+    """One start of the bridge for one source: what it published."""
+
+    loop: SourceLoop
+    published: list[CloudEvent] = field(default_factory=list)
+
+    def seen(self) -> list[tuple[str, str]]:
+        return [(e.type.split(".")[3], e.subject) for e in self.published]
+
+
+@contextlib.asynccontextmanager
+async def started(store: MemoryStore, sink: Sink, *, max_batch: int = 1000) -> AsyncIterator[Run]:
+    """A fresh process: new poller, new in-memory state, the given sink; restored."""
+    poller = ObjectStorePoller(store).with_name(SOURCE)
+    spec = SourceSpec(
+        name=SOURCE,
+        source=poller,
+        watch=WatchConfig(0.01),
+        source_uri="memory://test",
+        max_batch_events=max_batch,
+    )
+    run: Run | None = None
+
+    async def on_published(_name: str, events: Sequence[CloudEvent]) -> None:
+        assert run is not None
+        run.published += events
+
+    loop = SourceLoop(spec, sink, MemoryStateStore(), on_published=on_published)
+    run = Run(loop)
+    try:
+        await sink.connect()
+        await loop.restore()
+        yield run
+    finally:
+        await sink.aclose()
+
+
+async def step_ok(run: Run) -> None:
+    error = await run.loop.step()
+    assert error is None, error
+
+
+async def test_restart_without_a_state_store_publishes_nothing_for_unchanged_items(
+    broker: Broker,
+) -> None:
+    store = MemoryStore()
+    for name in ("a", "b", "c"):
+        await store.put(f"cfg/{name}.yaml", name.encode())
+    async with started(store, broker.sink()) as first:
+        await step_ok(first)
+        await step_ok(first)
+    assert sorted(first.seen()) == [("added", f"cfg/{n}.yaml") for n in "abc"]
+
+    async with started(store, broker.sink()) as second:
+        assert second.loop.revision == first.loop.revision
+        await step_ok(second)
+        await step_ok(second)
+    assert second.published == []
+
+
+async def test_changes_made_while_stopped_arrive_once_with_stable_ids(broker: Broker) -> None:
+    store = MemoryStore()
+    for name in ("a", "b", "c"):
+        await store.put(name, name.encode())
+    async with started(store, broker.sink()) as first:
+        await step_ok(first)
+    # stopped: b changes, c goes, d comes
+    await store.put("b", b"b2")
+    await store.delete("c")
+    await store.put("d", b"d")
+
+    async with started(store, RefusingSink(broker.sink())) as refused:
+        assert await refused.loop.step() is not None
+    offered = refused.loop.sink.offered  # type: ignore[attr-defined]
+    assert sorted((e.type.split(".")[3], e.subject) for e in offered) == [
+        ("added", "d"),
+        ("modified", "b"),
+        ("removed", "c"),
+    ]
+
+    async with started(store, broker.sink()) as second:
+        await step_ok(second)
+        await step_ok(second)
+    assert [e.id for e in second.published] == [e.id for e in offered], "ids changed"
+
+    async with started(store, broker.sink()) as third:
+        await step_ok(third)
+    assert third.published == [], "published again after a restart"
+
+
+async def test_a_recreated_item_gets_a_new_id(broker: Broker) -> None:
+    store = MemoryStore()
+    await store.put("x", b"same")
+    async with started(store, broker.sink()) as first:
+        await step_ok(first)
+    await store.delete("x")
+    async with started(store, broker.sink()) as second:
+        await step_ok(second)
+    assert second.seen() == [("removed", "x")]
+    await store.put("x", b"same")  # the same content, so the same ETag
+    async with started(store, broker.sink()) as third:
+        await step_ok(third)
+    assert third.seen() == [("added", "x")]
+    assert third.published[0].id != first.published[0].id
+
+
+async def test_a_changeset_in_batches_interrupted_is_finished_once(broker: Broker) -> None:
+    """A changeset of 3 batches whose second publish failed: the restart publishes only what
+    the broker lacks."""
+    store = MemoryStore()
+    for i in range(6):
+        await store.put(f"k{i}", b"v")
+    async with started(store, broker.sink(), max_batch=2) as first:
+        await step_ok(first)
+    assert len(first.published) == 6
+    for i in range(6):
+        await store.put(f"k{i}", b"w")
+    flaky = FailsAfter(broker.sink(), batches=1)
+    async with started(store, flaky, max_batch=2) as second:
+        assert await second.loop.step() is not None
+    assert len(second.published) == 2
+    async with started(store, broker.sink(), max_batch=2) as third:
+        await step_ok(third)
+    assert sorted(e.subject for e in third.published) == [f"k{i}" for i in range(2, 6)]
+    assert not {e.id for e in third.published} & {e.id for e in second.published}
+
+
+class FailsAfter(RefusingSink):
+    """Publishes ``batches`` batches, then refuses."""
+
+    def __init__(self, inner: Sink, *, batches: int) -> None:
+        super().__init__(inner)
+        self.left = batches
+
+    async def publish(self, source_name: str, events: Sequence[CloudEvent]) -> None:
+        if self.left <= 0:
+            raise PublishError("refused by the test")
+        self.left -= 1
+        await self.inner.publish(source_name, events)
+
+
+async def test_nothing_published_yet_starts_a_new_lineage(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    await store.put("a", b"a")
+    caplog.set_level(logging.INFO, "bridge.recovery")
+    async with started(store, broker.sink()) as first:
+        await step_ok(first)
+    assert first.seen() == [("added", "a")]
+    assert "nothing published yet" in caplog.text
