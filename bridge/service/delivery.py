@@ -21,7 +21,7 @@ from typing import Any, cast
 from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.errors import BridgeError, FencedError, StateError
 from bridge.sinks import Sink
-from bridge.sources.base import Changeset, Replay, StatefulSource
+from bridge.sources.base import Changeset, Replay, StateDelta, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
 from bridge.state.recovery import recover
 from bridge.telemetry.hooks import SourceTelemetry
@@ -184,7 +184,8 @@ class SourceLoop:
             # The broker is the fallback checkpoint (bridge.state.recovery).
             recovered = await recover(source, self.sink, self.spec.name)
             if recovered is not None:
-                await self.state.commit(self.spec.name, recovered.revision, recovered.state)
+                delta: StateDelta = dict(recovered.state)
+                await self.state.commit(self.spec.name, recovered.revision, delta)
                 source.restore(recovered.state)
                 self.revision = recovered.revision
                 return

@@ -56,7 +56,6 @@ from bridge.cloudevents import CloudEvent, state_headers
 from bridge.connections import ConnectError, connect_nats, describe_error
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
-from bridge.state.recovery import Published
 from bridge.sinks.nats_config import (
     DEFAULT_STREAM,
     ContentMode,
@@ -64,6 +63,7 @@ from bridge.sinks.nats_config import (
     stream_changes,
     subject_filter_covers,
 )
+from bridge.state.recovery import Published
 from bridge.subjects import nats_subject, validate_source_name
 
 __all__ = [

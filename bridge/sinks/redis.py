@@ -87,7 +87,6 @@ from bridge.cloudevents import CloudEvent
 from bridge.connections import describe_error, redis_client
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
-from bridge.state.recovery import Published
 from bridge.sinks.redis_config import ContentMode, RedisSinkConfig, items_key, marker_key
 from bridge.sinks.redis_packing import (
     Packed,
@@ -97,6 +96,7 @@ from bridge.sinks.redis_packing import (
     command,
     structured_fields,
 )
+from bridge.state.recovery import Published
 from bridge.subjects import redis_stream_key, validate_source_name
 
 __all__ = [
