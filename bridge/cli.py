@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,10 +38,9 @@ EXIT_INVALID = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or "info").upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    from bridge.telemetry.logs import basic_logging
+
+    basic_logging(args.log_level or "info")
     try:
         if args.command == "check":
             return _check(args.config)
@@ -171,11 +168,8 @@ def _check(path: Path) -> int:
 async def _status(path: Path, *, as_json: bool) -> int:
     import json
 
-    import redis.exceptions
-
-    from bridge.connections import describe_error, redis_client
+    from bridge.connections import redis_session
     from bridge.ha.sharing import election_status
-    from bridge.secrets import redact_url
     from bridge.service.config import load_config
 
     config = load_config(path)
@@ -183,18 +177,9 @@ async def _status(path: Path, *, as_json: bool) -> int:
         print(f"{path}: no leader_election configured: one replica leads every source")
         return 0
     election = config.leader_election
-    url = election.redis_url.reveal()
-    client = redis_client(
-        url, election.tls, election.auth, socket_timeout=5, socket_connect_timeout=5
-    )
-    try:
+    url, doing = election.redis_url.reveal(), "read the election state from Redis"
+    async with redis_session(url, election.tls, election.auth, doing=doing, timeout_s=5) as client:
         status = await election_status(client, [s.name for s in config.sources])
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot read the election state from Redis {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
@@ -229,13 +214,10 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from bridge.aio import stop_on_signals
     from bridge.service.runner import Bridge
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         if args.config is not None:
             if args.reload_interval <= 0:
                 await Bridge(_logging_from(_load_for_run(args.config), args)).run(stop)
@@ -247,10 +229,6 @@ async def _run(args: argparse.Namespace) -> int:
             await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
 
 
 def _load_for_run(path: Path) -> BridgeConfig:

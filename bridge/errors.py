@@ -19,7 +19,8 @@
         └── UnknownEventTypeError           a type or schema version this version does not know
 
 Third-party exceptions are converted where they cross into the project (``raise ... from exc``),
-so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``.
+so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``;
+:func:`cause_chain` walks it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
     "StateError",
     "StoreError",
     "UnknownEventTypeError",
+    "cause_chain",
 ]
 
 
@@ -132,3 +134,14 @@ class RedirectError(SourceError):
 
 class UnknownEventTypeError(DecodeError):
     """A well-formed CloudEvent whose type or schema version this version does not know."""
+
+
+def cause_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), and so on: at most
+    ``limit`` exceptions, each once (a cycle ends the walk)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < limit:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain

@@ -31,8 +31,9 @@ from bridge.errors import (
     HttpStatusError,
     SourceError,
     SourceUnavailableError,
+    cause_chain,
 )
-from bridge.events import Added, ExternalEvent, Modified, Removed
+from bridge.events import Added, EventData, ExternalEvent, Modified, Removed
 from bridge.secrets import Secret, redact_url
 from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
 from bridge.sources.http_auth import (
@@ -95,6 +96,31 @@ class HttpResource:
     @property
     def version(self) -> str:
         return f"sha256:{self.digest}"
+
+    def event_data(self, max_inline_body_bytes: int) -> EventData:
+        """The ``http-resource`` data of its events: the body inlined up to
+        ``max_inline_body_bytes`` (UTF-8 text as is, anything else base64)."""
+        body_known = bool(self.body) or self.digest == _EMPTY_DIGEST
+        body: dict[str, str] | None = None
+        if body_known and len(self.body) <= max_inline_body_bytes:
+            try:
+                body = {"encoding": "utf-8", "data": self.body.decode("utf-8")}
+            except UnicodeDecodeError:
+                body = {"encoding": "base64", "data": base64.b64encode(self.body).decode("ascii")}
+        data = {
+            "url": self.url,
+            "status": self.status,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "content_type": self.content_type,
+            "digest": self.version,
+            "size": len(self.body) if body_known else None,
+            "body": body,
+        }
+        return EventData(self.url, self.version, "http-resource", data, plain=True)
+
+
+_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
 class HttpPoller(StateMapSource):
@@ -484,12 +510,7 @@ def _state_of(resource: HttpResource) -> dict[str, str]:
 def _describe(exc: httpx.HTTPError | ssl.SSLError, url: httpx.URL) -> str:
     """The error, with its root cause when that says more (httpx's ReadError says nothing)."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    root: BaseException = exc
-    for _ in range(10):
-        cause = root.__cause__ or root.__context__
-        if cause is None:
-            break
-        root = cause
+    root = cause_chain(exc, limit=11)[-1]
     if root is not exc and str(root) and str(root) not in text:
         text += f" ({type(root).__name__}: {root})"
     dropped = isinstance(root, ConnectionResetError | BrokenPipeError)
