@@ -7,12 +7,15 @@ broker): everything the bridge process would have in memory is gone, only the br
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats
 import pytest
+import redis.asyncio as aioredis
 
 from bridge.cloudevents import CloudEvent
 from bridge.errors import PublishError
@@ -239,3 +242,64 @@ async def test_nothing_published_yet_starts_a_new_lineage(
         await step_ok(first)
     assert first.seen() == [("added", "a")]
     assert "nothing published yet" in caplog.text
+
+
+async def test_items_the_stream_limits_dropped_are_announced_again_once(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream lost the last events of a and b, unchanged since they were added (NATS: a
+    stream created with max_msgs 6; Redis: trimmed to 6 entries, as MAXLEN does to
+    long-unchanged items): recovery warns, and the next poll announces a and b again, once."""
+    store = MemoryStore()
+    keys = ["a", "b", "c", "d", "e"]
+    for key in keys:
+        await store.put(key, key.encode())
+    sink = broker.sink()
+    if isinstance(sink, NatsSink):
+        await limited_stream(sink, max_msgs=6)
+    async with started(store, sink) as first:
+        await step_ok(first)
+        for key in ("c", "d", "e"):
+            await store.put(key, b"2")
+        await step_ok(first)
+    assert [e.subject for e in first.published] == [*keys, "c", "d", "e"]
+    if broker.kind == "redis":  # 8 entries, 6 kept: those of a and b go
+        assert isinstance(sink, RedisSink)
+        client = aioredis.from_url(sink.config.url)
+        try:
+            await client.xtrim(f"koprs:external:{SOURCE}", maxlen=6, approximate=False)
+        finally:
+            await client.aclose()
+
+    caplog.set_level(logging.INFO, "bridge.recovery")
+    sink = broker.sink()
+    if isinstance(sink, RedisSink):
+        sink.config = dataclasses.replace(sink.config, maxlen=4)
+    async with started(store, sink) as second:
+        await step_ok(second)
+        await step_ok(second)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "may be partial" in w and ("max_msgs 6" in w or "maxlen is 4" in w) for w in warnings
+    )
+    if broker.kind == "redis":  # the items hash still names them: announced as changed
+        assert any("2 live items could not be read" in w for w in warnings), warnings
+        assert second.seen() == [("modified", "a"), ("modified", "b")]
+    else:  # no message left at all: consumers do not have them either
+        assert second.seen() == [("added", "a"), ("added", "b")]
+
+    async with started(store, broker.sink()) as third:
+        await step_ok(third)
+    assert third.published == []
+
+
+async def limited_stream(sink: NatsSink, *, max_msgs: int) -> None:
+    """Create the sink's stream beforehand, as an administrator would, with ``max_msgs``."""
+    nc = await nats.connect(sink.config.url)
+    try:
+        js = nc.jetstream()
+        stream = sink.config.stream_config()
+        stream.max_msgs = max_msgs
+        await js.add_stream(stream)
+    finally:
+        await nc.close()
