@@ -9,6 +9,7 @@ s3          listing + diff of 100,000 objects (moto) vs listing alone    bench/s
 diff        CPU and memory of the 1,000,000-object in-memory diff        bench/diff_bench.py
 latency     change -> consumer handler, p50/p99 vs the poll interval     bench/latency_bench.py
 failover    SIGKILL of a leader -> first event of the next, vs lease_ttl bench/failover_bench.py
+recovery    100,000 items' state rebuilt from NATS / Redis vs a raw read bench/recovery_bench.py
 ==========  ==========================================================  =====================
 
 and prints one table: the bridge's figure, the reference measured in the same run, their
@@ -42,7 +43,7 @@ from bench.common import (
 )
 from bench.common import write_rows as _write_rows
 
-BENCHES = ("publish", "http", "s3", "diff", "latency", "failover")
+BENCHES = ("publish", "http", "s3", "diff", "latency", "failover", "recovery")
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 # Per benchmark: the options of a full run and of a quick one.
@@ -53,6 +54,7 @@ FULL: dict[str, dict[str, Any]] = {
     "diff": {"objects": 1_000_000, "repeat": 3},
     "latency": {"samples": 400, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 6, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
+    "recovery": {"items": 100_000, "rounds": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "publish": {"events": 5000, "rounds": 2, "batch": 1000},
@@ -61,6 +63,7 @@ QUICK: dict[str, dict[str, Any]] = {
     "diff": {"objects": 200_000, "repeat": 2},
     "latency": {"samples": 60, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 2, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
+    "recovery": {"items": 20_000, "rounds": 1},
 }
 
 
@@ -178,6 +181,10 @@ def runner(name: str) -> Callable[..., list[Row]]:
         from bench import failover_bench
 
         return failover_bench.run_rows
+    if name == "recovery":
+        from bench import recovery_bench
+
+        return recovery_bench.run_rows
     raise ValueError(f"unknown benchmark {name!r}")
 
 
