@@ -141,7 +141,7 @@ async def raw_redis(url: str, items: int) -> float:
     client = redis.asyncio.Redis.from_url(url)
     stream = f"koprs:external:{SOURCE}"
     started = time.perf_counter()
-    listing: dict[bytes, bytes] = await client.hgetall(f"{{{stream}}}:items")  # type: ignore[misc]
+    listing: Any = await client.hgetall(f"{{{stream}}}:items")
     ids = list(listing.values())
     read = 0
     for start in range(0, len(ids), BATCH):
@@ -153,6 +153,12 @@ async def raw_redis(url: str, items: int) -> float:
     await client.aclose()
     assert read == items, read
     return elapsed
+
+
+def recovery_of(
+    make_sink: Callable[[], Sink], items: int
+) -> Callable[[], Awaitable[tuple[float, int]]]:
+    return lambda: bridge_recovery(make_sink, items)
 
 
 async def best(rounds: int, measure: Callable[[], Awaitable[Any]]) -> Any:
@@ -174,7 +180,7 @@ async def measure(items: int, rounds: int) -> list[Row]:
         for broker, make_sink, raw in cases:
             print(f"recovery: publishing {items:,} events to {broker} ...", flush=True)
             await publish(make_sink(), items)
-            elapsed, added = await best(rounds, lambda m=make_sink: bridge_recovery(m, items))
+            elapsed, added = await best(rounds, recovery_of(make_sink, items))
             reference = await best(rounds, raw)
             limit = TARGET_S_PER_100K * items / 100_000
             print(f"recovery: {broker} bridge {elapsed:.2f} s, raw {reference:.2f} s", flush=True)

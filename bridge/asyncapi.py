@@ -50,6 +50,7 @@ __all__ = ["ASYNCAPI_VERSION", "asyncapi_document", "render"]
 ASYNCAPI_VERSION = "3.0.0"
 KINDS: tuple[EventKind, ...] = ("added", "modified", "removed")
 _ENVELOPE = "cloudevent"
+_STATE = "state-headers"
 _DATA_SCHEMA = {"http": "http-resource", "s3": "stored-object", "local": "stored-object"}
 _SCHEMA_KEYS = {
     "cloudevent": "CloudEventV1",
@@ -277,28 +278,12 @@ def _message(broker: BrokerConfig, kind: EventKind, data: str) -> dict[str, Any]
 
 
 def _state_headers(kind: EventKind) -> dict[str, Any]:
-    """The ``koprs-*`` headers (fields) of every message: what recovery reads."""
-    return {
-        KIND_HEADER: {
-            "const": kind,
-            "description": "The event's kind (also in ce-type): added, modified or removed.",
-        },
-        VERSION_HEADER: {
-            "type": "string",
-            "description": (
-                "The item's version token (ETag, sha256:<body digest>), percent-encoded like "
-                "the ce-* headers; part of the event id."
-            ),
-        },
-        REVISION_HEADER: {
-            "type": "string",
-            "pattern": "^[0-9]+$",
-            "description": (
-                "The source's revision the event id derives from (decimal). The largest one "
-                "among a source's events is where the bridge resumes without a checkpoint."
-            ),
-        },
-    }
+    """The ``koprs-*`` headers (fields) of every message, from ``schemas/v1/state-headers.json``:
+    what recovery reads."""
+    properties: dict[str, Any] = copy.deepcopy(load_schema(_schema_uri(_STATE)))["properties"]
+    properties[KIND_HEADER] = {"const": kind, "description": properties[KIND_HEADER]["description"]}
+    assert set(properties) == {KIND_HEADER, VERSION_HEADER, REVISION_HEADER}
+    return properties
 
 
 def _binary_headers(kind: EventKind, data: str, *, nats: bool) -> dict[str, Any]:

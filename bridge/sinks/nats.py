@@ -141,6 +141,7 @@ class NatsSink:
         self._server_error: str | None = None
         """The last error the server reported asynchronously (a permissions violation...)."""
         self._logged_error: str | None = None
+        self._limits_warned = False
         if self.config.content_mode == "binary":
             self._encode = _encode_binary
         else:
@@ -389,19 +390,23 @@ class NatsSink:
         assert self._js is not None
         cfg = self.config
         try:
-            return await read_published(
+            published = await read_published(
                 nc,
                 self._js,
                 cfg.stream,
                 cfg.subject_prefix,
                 source_name,
-                timeout_s=max(30.0, cfg.ack_timeout_s),
+                timeout_s=max(10.0, cfg.ack_timeout_s),
             )
         except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
             raise PublishError(
                 f"NATS {self.description}: cannot read what the stream holds of "
                 f"{source_name!r}: {self._with_server_error(_describe(exc))}"
             ) from exc
+        if self._limits_warned:  # the stream's limits: said once, not once per source
+            published.warnings = []
+        self._limits_warned = True
+        return published
 
     async def aclose(self) -> None:
         nc, self._nc, self._js = self._nc, None, None

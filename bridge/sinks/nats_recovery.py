@@ -73,7 +73,8 @@ async def read_published(
     *,
     timeout_s: float,
 ) -> Published:
-    """Read the last message of every item of ``source_name`` (see the module docstring)."""
+    """Read the last message of every item of ``source_name`` (see the module docstring);
+    TimeoutError when ``timeout_s`` pass without a message."""
     published = Published()
     info = await js.stream_info(stream)
     published.warnings = limit_warnings(info.config)
@@ -120,9 +121,13 @@ async def read_published(
             ),
         )
         consumer = created.name
-        if created.num_pending:
-            async with asyncio.timeout(timeout_s):
-                await done.wait()
+        while created.num_pending and not done.is_set():
+            before = state["seen"]
+            try:  # a bound on silence, not on the whole read (a million items take a while)
+                await asyncio.wait_for(done.wait(), timeout_s)
+            except TimeoutError:
+                if state["seen"] == before:
+                    raise
     finally:
         with contextlib.suppress(nats.errors.Error, OSError):
             await sub.unsubscribe()
