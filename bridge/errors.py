@@ -41,7 +41,6 @@ __all__ = [
     "StateError",
     "StoreError",
     "UnknownEventTypeError",
-    "cause_chain",
 ]
 
 
