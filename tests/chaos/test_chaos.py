@@ -492,7 +492,7 @@ class Chaos:
 
         async def joined() -> bool:
             if self.stateless:  # no heartbeats: its sources' loops started
-                return logged(victim, "publishing 4 source(s)", since)()
+                return logged(victim, r"publishing 4 source\(s\)", since)()
             return await self.heartbeat(fault.target) > beat
 
         await until(joined, f"{fault.target} to join again", replicas=self.replicas)
@@ -552,7 +552,8 @@ class Chaos:
             except BaseException:
                 self.nats_server.resume()
                 raise
-            source, target = "a source", "r1"
+            source, target = "", "r1"
+            self.note("nats-server frozen for a while; r1 most likely waits for acks")
             meanwhile = self.thaw_nats_later()
         elif kind_.endswith("-in-flight"):
             source, target = await self.in_flight()
@@ -595,7 +596,7 @@ class Chaos:
             return
         await self.leased(startup)
         startup.lifted = startup.end = time.monotonic()
-        self.note("3 replicas up, every initial state published")
+        self.note(f"{len(self.replicas.replicas)} replica(s) up, every initial state published")
 
         stop = asyncio.Event()
         changers = [
