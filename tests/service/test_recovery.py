@@ -21,7 +21,8 @@ from bridge.cloudevents import CloudEvent
 from bridge.errors import PublishError
 from bridge.service.delivery import SourceLoop, SourceSpec
 from bridge.sinks import Sink
-from bridge.sinks.nats import NatsSink
+from bridge.sinks.nats import NatsSink, NatsSinkConfig
+from bridge.sinks.nats_recovery import limit_warnings
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.sources.objects import ObjectStorePoller
 from bridge.sources.stores import MemoryStore
@@ -303,3 +304,16 @@ async def limited_stream(sink: NatsSink, *, max_msgs: int) -> None:
         await js.add_stream(stream)
     finally:
         await nc.close()
+
+
+def test_stream_limits_that_make_recovery_partial_are_named() -> None:
+    config = NatsSinkConfig(url="nats://127.0.0.1:1", stream="S").stream_config()
+    assert limit_warnings(config) == []  # the sink's defaults keep every item's last message
+    config.max_age = 3600.0
+    config.max_bytes = 1 << 30
+    config.max_msgs = 1000
+    warnings = limit_warnings(config)
+    assert len(warnings) == 3
+    assert "max_age 3600 s" in warnings[0]
+    assert "max_msgs 1000" in warnings[1]
+    assert "max_bytes 1073741824" in warnings[2]
