@@ -25,10 +25,11 @@ from bridge.sinks import Sink
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sinks.nats_recovery import limit_warnings
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
+from bridge.sources.http import HttpPoller
 from bridge.sources.objects import ObjectStorePoller
 from bridge.sources.stores import MemoryStore
 from bridge.state import MemoryStateStore
-from bridge.state.recovery import Published
+from bridge.state.recovery import UNKNOWN_VERSION, Published
 from bridge.watching import WatchConfig
 from tests.support.events import content_mode, nats_test_config
 
@@ -345,3 +346,15 @@ async def test_events_of_a_version_without_the_headers_are_announced_again_once(
     async with started(store, broker.sink()) as second:
         await step_ok(second)
     assert second.published == []
+
+
+def test_an_http_source_recovers_its_digest() -> None:
+    poller = HttpPoller("http://127.0.0.1:1/doc")
+    digest = "ab" * 32
+    assert poller.state_from_published({poller.url: f"sha256:{digest}"}) == {
+        "digest": digest,
+        "status": "200",
+    }
+    assert poller.state_from_published({"http://elsewhere/": f"sha256:{digest}"}) == {}
+    # an unknown version matches no body and still makes a valid Removed (digest pattern)
+    assert poller.state_from_published({poller.url: UNKNOWN_VERSION})["digest"] == "0" * 64
