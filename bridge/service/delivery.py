@@ -36,8 +36,9 @@ from bridge.errors import BridgeError, FencedError, StateError
 from bridge.events import ExternalEvent
 from bridge.service.vetting import Rejections, encode_checked
 from bridge.sinks import Sink, SizeLimitedSink
-from bridge.sources.base import Changeset, Replay, StatefulSource
+from bridge.sources.base import Changeset, Replay, StateDelta, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
+from bridge.state.recovery import recover
 from bridge.telemetry.hooks import SourceTelemetry
 from bridge.watching import (
     Clock,
@@ -257,6 +258,14 @@ class SourceLoop:
             await self.state.reset(self.spec.name)
             checkpoint = None
         if checkpoint is None:
+            # The broker is the fallback checkpoint (bridge.state.recovery).
+            recovered = await recover(source, self.sink, self.spec.name)
+            if recovered is not None:
+                delta: StateDelta = dict(recovered.state)
+                await self.state.commit(self.spec.name, recovered.revision, delta)
+                source.restore(recovered.state)
+                self.revision = recovered.revision
+                return
             # A new lineage of state starts at a random multiple of 2**32, persisted at once, so
             # the ids of its events never repeat those of a lost earlier state (the low 32 bits
             # count committed changesets).

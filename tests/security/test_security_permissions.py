@@ -263,6 +263,48 @@ async def test_bridge_on_redis_with_election_on_the_same_user(
     assert logs.warnings() == []
 
 
+@pytest.mark.parametrize("kind", ["nats", "redis"])
+async def test_restart_without_a_state_store_recovers_with_the_shipped_rights(
+    kind: str,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    admin_redis: Any,
+    drop: Path,
+) -> None:
+    """One replica, no state store: each start rebuilds the source's state from the broker
+    (README "Recovery from the broker") with nothing but the shipped rights."""
+    await fresh_stream(nats_server)
+    if kind == "nats":
+        broker = {
+            "url": nats_server.url,
+            "auth": {"username": "koprs-bridge", "password": BRIDGE_NATS},
+        }
+    else:
+        broker = {
+            "url": redis_server.url,
+            "auth": {"username": "koprs-bridge", "password": BRIDGE_REDIS},
+        }
+    config = {"broker": broker, "sources": source(drop)}
+    with recording_logs(logging.INFO) as logs:
+        async with running_bridge(config) as (bridge, first):
+            await first.wait_for(2)
+            await bridge.started.wait()
+            loop = bridge.loops["drop"]
+            async with asyncio.timeout(60):
+                await loop.wait_for_steps(loop.steps + 2)
+        (drop / "a.txt").write_text("a2 changed while stopped")
+        async with running_bridge(config) as (bridge, second):
+            await second.wait_for(1)
+            loop = bridge.loops["drop"]
+            async with asyncio.timeout(60):
+                await loop.wait_for_steps(loop.steps + 2)
+    assert [(e.type.split(".")[-2], e.subject) for _, e in second.events] == [("modified", "a.txt")]
+    assert "rebuilt the state of 2 live items" in logs.text()
+    assert await acl_log(admin_redis) == []
+    assert violations(nats_server) == []
+    assert logs.warnings() == []
+
+
 # -- a stream created beforehand --------------------------------------------------------------
 
 
