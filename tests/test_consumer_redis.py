@@ -200,7 +200,7 @@ async def test_no_gap_and_no_duplicate_between_the_list_and_live_changes(
 async def test_without_list_first_only_live_changes(sink: RedisSink, open_watch: OpenWatch) -> None:
     await sink.publish("files", events(["old"]))
     watch = open_watch(list_first=False)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await expect_sentinel(watch, sink)
 
 
@@ -287,7 +287,7 @@ async def test_a_dead_consumers_pending_entries_are_claimed(
     sink: RedisSink, client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     dead = open_watch(group="ops", consumer="dead", list_first=False)
-    assert await take(dead, 1) == [Synced(("files",))]
+    assert await take(dead, 1) == [Synced(("files",), listed=False)]
     await sink.publish("files", events(["x", "y"]))
     assert len(await take(dead, 2)) == 2  # never acknowledged
     await dead.aclose()
@@ -328,7 +328,7 @@ async def test_consumers_of_one_group_split_the_events(
     first = open_watch(group="ops", consumer="c1", list_first=False, batch_size=3)
     second = open_watch(group="ops", consumer="c2", list_first=False)
     for watch in (first, second):
-        assert await take(watch, 1) == [Synced(("files",))]
+        assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await sink.publish("files", events(keys))
     got_first = await take(first, 3)  # one read of at most 3 entries
     got_second = await take(second, 7)  # the rest
@@ -345,7 +345,7 @@ async def test_nak_delivers_again_and_stays_pending_until_acked(
     sink: RedisSink, client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     watch = open_watch(group="ops", consumer="c1", list_first=False)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await sink.publish("files", events(["a"]))
     [first] = await take(watch, 1)
     assert isinstance(first, Delivery)
@@ -523,7 +523,7 @@ async def test_without_list_first_a_lost_stream_is_read_from_its_start(
 ) -> None:
     await sink.publish("files", events(["a"]))
     watch = open_watch(group=group, list_first=False)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await read_an_entry_from_the_future(watch, client)
     await asyncio.to_thread(redis_server.restart)
     await sink.publish("files", events(["b", "c"]))
@@ -571,7 +571,7 @@ async def test_closing_ends_a_blocked_iteration(
     client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     watch = open_watch(group="ops", list_first=False, block_s=60)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     blocked = asyncio.create_task(anext(watch))
 
     async def read_blocked() -> None:  # polled until the server reports the read blocked

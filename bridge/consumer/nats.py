@@ -80,10 +80,11 @@ from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from bridge.connections import connect_nats, describe_error
 from bridge.consumer.nats_config import ErrorPolicy, NatsWatchConfig
-from bridge.consumer.nats_consumers import NatsConsumers
+from bridge.consumer.nats_consumers import NatsConsumers, drops_from_the_front
 from bridge.consumer.nats_messages import RETRYABLE, Session, Stopped, error_text
 from bridge.errors import BridgeError
 from bridge.secrets import redact_url
@@ -148,6 +149,11 @@ class NatsWatch(NatsConsumers):
         return self.config.sources
 
     @property
+    def durable_name(self) -> str | None:
+        """The durable consumer's name (None: ephemeral), e.g. for metrics labels."""
+        return self.config.durable
+
+    @property
     def consumer_name(self) -> str | None:
         """The name of the consumer in use (the durable name, or the server's ephemeral name)."""
         return self._session.consumer if self._session is not None else self.config.durable
@@ -201,8 +207,18 @@ class NatsWatch(NatsConsumers):
             self._session = await self._open(None)
             return
         session = self._session
+        if session.then_bind is not None and not session.listing:
+            self._session = await self._continue_durable(session)
+            return
         msgs = await self._fetch(session)
         if self._reconnects() != session.reconnects:
+            if session.then_bind is not None:
+                log.info(
+                    "NATS %s reconnected during the list: listing again", self._where
+                )  # fmt: skip
+                await self._drop(session)
+                self._session = await self._open(None)
+                return
             if self.config.durable is None:
                 # the server may have restarted, and it does not keep an ephemeral consumer's
                 # position: discard what it gave (it is not settled: it comes again), recreate
@@ -214,12 +230,17 @@ class NatsWatch(NatsConsumers):
                 return
             session.reconnects = self._reconnects()
             session.strict = False  # a list goes on from the durable position, as a catch-up
+        if msgs and await self._lost_before(session, msgs):
+            return
         if msgs:
             for msg in msgs:
                 await self._accept(session, msg)
             return
         info = await self._consumer_info(session.consumer)
-        if info is None:
+        if info is None and session.then_bind is not None:
+            log.warning("the list's consumer %s is gone: listing again", session.consumer)
+            self._session = await self._open(None)
+        elif info is None:
             log.warning(
                 "consumer %s of stream %s on %s is gone: creating it again",
                 session.consumer, self.config.stream, self._where,
@@ -227,6 +248,36 @@ class NatsWatch(NatsConsumers):
             self._session = await self._open(session)
         elif session.listing and info.num_pending == 0:
             self._end_listing(session)
+
+    async def _lost_before(self, session: Session, msgs: list[Msg]) -> bool:
+        """Whether messages between the watch's position and ``msgs`` expired or were trimmed
+        (a sequence gap reaching before the stream's first message): then list again, the
+        messages not accepted (True). Without ``list_first`` the loss is logged (False)."""
+        first_seq = msgs[0].metadata.sequence.stream
+        if session.listing or session.position is None or first_seq <= session.position + 1:
+            return False
+        stream = await self._stream_info()
+        start = stream.state.first_seq
+        if start <= session.position + 1 or not drops_from_the_front(stream):
+            return False  # the sequences in between are other subjects' (or kept)
+        cfg = self.config
+        log.warning(
+            "messages of stream %s after sequence %d expired or were trimmed before the watch "
+            "read them (the stream starts at %d now): %s",
+            cfg.stream, session.position, start,
+            "listing again" if cfg.list_first else "going on, they are lost",
+        )  # fmt: skip
+        if not cfg.list_first:
+            return False
+        if cfg.durable is None:
+            self._session = await self._open(session)  # its resume plan lists again
+            return True
+        for msg in msgs:  # they come again, after the list (covered by it, or later)
+            with contextlib.suppress(*RETRYABLE):
+                await msg.nak()
+        await self._drop(session)
+        self._session = await self._prelist(stream, "messages were lost")
+        return True
 
     async def _connect(self) -> None:
         if self._nc is None or (self._owns_client and self._nc.is_closed):

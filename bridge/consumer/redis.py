@@ -74,8 +74,6 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import os
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
@@ -100,20 +98,27 @@ __all__ = ["SNAPSHOT_SCRIPT", "RedisWatch", "RedisWatchConfig", "watch_redis"]
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SCRIPT = """
--- KEYS[1] stream, KEYS[2] items hash; ARGV[1] group ('' for none), ARGV[2] '1' to list
--- returns {last entry id, 1 if the stream has the group, else 0, HGETALL of the items (or {}
--- when not listing or the group exists)}: one atomic read, consistent with the sink's writes
-local last, has_group = '0-0', 0
+-- KEYS[1] stream, KEYS[2] items hash; ARGV[1] group ('' for none), ARGV[2] '1' to list when
+-- the stream lacks the group, '2' to list in any case, '0' not to list
+-- returns {last entry id, 1 if the stream has the group, else 0, HGETALL of the items (or {}),
+-- max deleted entry id, the group's last delivered id, the group's lag (-1: unknown)}: one
+-- atomic read, consistent with the sink's writes
+local last, has_group, deleted, delivered, lag = '0-0', 0, '0-0', '0-0', -1
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'stream' then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
+    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
   end
   if ARGV[1] ~= '' then
     for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-      for i = 1, #group, 2 do
-        if group[i] == 'name' and group[i + 1] == ARGV[1] then has_group = 1 end
+      local fields = {}
+      for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+      if fields['name'] == ARGV[1] then
+        has_group = 1
+        delivered = fields['last-delivered-id']
+        if fields['lag'] then lag = fields['lag'] end
       end
     end
   end
@@ -121,9 +126,27 @@ elseif kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
 local items = {}
-if ARGV[2] == '1' and has_group == 0 then items = redis.call('HGETALL', KEYS[2]) end
-return {last, has_group, items}
+if ARGV[2] == '2' or (ARGV[2] == '1' and has_group == 0) then
+  items = redis.call('HGETALL', KEYS[2])
+end
+return {last, has_group, items, deleted, delivered, lag}
 """
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StreamState:
+    """What :data:`SNAPSHOT_SCRIPT` tells of one stream."""
+
+    last: str
+    has_group: bool
+    items: dict[str, str]
+    max_deleted: str
+    """The highest id deleted or trimmed from the stream (``0-0``: none)."""
+    group_position: str
+    """The group's last delivered id."""
+    lag: int | None
+    """Entries not yet delivered to the group (None: unknown)."""
+
 
 _LIST_BATCH = 256
 """Entries of the list fetched in one pipelined round trip."""
@@ -187,7 +210,6 @@ class RedisWatch(RedisEntries):
         else:
             super().__init__(config, url_or_client)
             self._owns_client, self._where = False, "Redis"
-        self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
         self._listing: deque[tuple[str, str, str]] = deque()
         """(stream, item key, entry id) still to fetch for the list."""
         self._to_create: dict[str, str] = {}
@@ -197,9 +219,10 @@ class RedisWatch(RedisEntries):
         self._claim_from = dict.fromkeys(self._sources, "0-0")
         self._next_claim = 0.0
         self._started = self._synced = False
-        self._check_streams = False
-        """Set after a Redis error or an idle read: look for streams (or groups) the server
-        lost."""
+        self._listed = True
+        """Whether the last start listed every stream (``Synced.listed``)."""
+        self._relist: set[str] = set()
+        """Streams to list again at the next start, even though they have the group."""
 
     async def _fill(self) -> None:
         while not self._ready:
@@ -213,9 +236,14 @@ class RedisWatch(RedisEntries):
                 await self._retrying(self._create_groups)
                 if not self._closed:
                     self._synced = True
-                    self._ready.append(Synced(tuple(self._sources.values())))
+                    self._ready.append(Synced(tuple(self._sources.values()), listed=self._listed))
             else:
                 await self._retrying(self._read_live)
+
+    @property
+    def durable_name(self) -> str | None:
+        """The group's name (None: no group), e.g. for metrics labels."""
+        return self.group
 
     async def _release(self) -> None:
         """Close the client the watch made."""
@@ -225,33 +253,59 @@ class RedisWatch(RedisEntries):
     # -- phases --
 
     async def _start(self) -> None:
-        snapshots = await self._snapshot(list_items=self.config.list_first)
+        cfg = self.config
+        snapshots = await self._snapshot(list_items=cfg.list_first, force=self._relist)
         self._own_pending.clear()
         self._to_create.clear()
+        self._listed_upto.clear()
         self._claim_from = dict.fromkeys(self._sources, "0-0")
         listing: list[tuple[str, str, str]] = []
-        for stream, (last, has_group, items) in snapshots.items():
-            self._cursor[stream] = last
-            if self.group is not None and has_group:
+        self._listed = cfg.list_first
+        for stream, state in snapshots.items():
+            self._cursor[stream] = state.last
+            resumed = self.group is not None and state.has_group
+            listed = cfg.list_first and (
+                not resumed or cfg.list_on_resume or stream in self._relist
+            )
+            self._listed = self._listed and listed
+            if resumed:
                 self._own_pending[stream] = "0-0"
+                if listed:  # the group's entries up to here are covered by the list
+                    self._listed_upto[stream] = state.last
             elif self.group is not None:
-                self._to_create[stream] = last
-            listing += sorted(((stream, key, entry) for key, entry in items.items()), key=_by_id)
+                self._to_create[stream] = state.last
+            if listed:
+                items = state.items.items()
+                listing += sorted(((stream, key, entry) for key, entry in items), key=_by_id)
+        self._relist.clear()
+        self._pending_trimmed.clear()
         self._listing = deque(listing)
         self._started = True
 
-    async def _snapshot(self, *, list_items: bool) -> dict[str, tuple[str, bool, dict[str, str]]]:
-        """Per stream: (last entry id, has the group, {item key: entry id} when listed)."""
+    async def _snapshot(
+        self, *, list_items: bool, force: set[str] | None = None
+    ) -> dict[str, _StreamState]:
+        """Per stream: what :data:`SNAPSHOT_SCRIPT` returns (items: those listed)."""
         pipe = self._client.pipeline(transaction=False)
         for stream in self._sources:
             keys = (stream, items_key(self._sources[stream], self.config.stream_prefix))
-            args = (self.group or "", "1" if list_items else "0")
-            pipe.execute_command("EVAL", SNAPSHOT_SCRIPT, 2, *keys, *args)
+            always = self.config.list_on_resume or stream in (force or ())
+            how = ("2" if always else "1") if list_items else "0"
+            pipe.execute_command("EVAL", SNAPSHOT_SCRIPT, 2, *keys, self.group or "", how)
         replies = await keep_cancellation(pipe.execute())
         result = {}
-        for stream, (last, has_group, flat) in zip(self._sources, replies, strict=True):
+        for stream, reply in zip(self._sources, replies, strict=True):
+            last, has_group, flat, deleted, delivered, lag = reply
             items = {text(k): text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-            result[stream] = (text(last), bool(has_group), items)
+            lag_n = int(lag)
+            result[stream] = _StreamState(
+                last=text(last),
+                has_group=bool(has_group),
+                items=items,
+                max_deleted=text(deleted),
+                group_position=text(delivered),
+                lag=lag_n if lag_n >= 0 else None,
+            )
         return result
 
     async def _fetch_list(self) -> None:
@@ -272,7 +326,9 @@ class RedisWatch(RedisEntries):
             envelope = self._decode(stream, entry_id, found[0][1])
             if envelope is not None:
                 added = dataclasses.replace(envelope, event=Added(envelope.event.resource))
-                self._ready.append(self._delivery(stream, entry_id, added, initial=True))
+                self._ready.append(
+                    self._delivery(stream, entry_id, added, fields=found[0][1], initial=True)
+                )
 
     async def _create_groups(self) -> None:
         assert self.group is not None or not self._to_create
@@ -293,10 +349,9 @@ class RedisWatch(RedisEntries):
         await self._release_retries(loop.time())
         if self._ready:
             return
-        if self._check_streams:
-            await self._recover_lost_streams()
-            if not self._started:  # to list again
-                return
+        await self._check_history()
+        if not self._started:  # to list again
+            return
         if self.group is not None:
             if self._own_pending:
                 await self._read_own_pending()
@@ -304,6 +359,7 @@ class RedisWatch(RedisEntries):
             if loop.time() >= self._next_claim:
                 self._next_claim = loop.time() + self.config.claim_idle_s
                 await self._autoclaim()
+                await self._prune_consumers()
                 if self._ready:
                     return
         wait = self.config.block_s
@@ -323,11 +379,8 @@ class RedisWatch(RedisEntries):
                 "COUNT", self.config.batch_size, "BLOCK", block_ms,
                 "STREAMS", *self._cursor, *([">"] * len(self._cursor)),
             )  # fmt: skip
-        got = _per_stream(reply)
-        for stream, entries in got:
-            await self._accept(stream, entries)
-        # idle: the time to notice a stream the server lost (read from where it no longer is)
-        self._check_streams = not got
+        for stream, entries in _per_stream(reply):
+            await self._accept(stream, entries, lag=self._lag.get(stream))
 
     async def _read_own_pending(self) -> None:
         streams = list(self._own_pending)
@@ -342,7 +395,7 @@ class RedisWatch(RedisEntries):
                 del self._own_pending[stream]
                 continue
             self._own_pending[stream] = text(entries[-1][0])
-            await self._accept(stream, entries)
+            await self._accept(stream, entries, counts=await self._counts(stream, entries))
 
     async def _autoclaim(self) -> None:
         idle_ms = int(self.config.claim_idle_s * 1000)
@@ -359,7 +412,7 @@ class RedisWatch(RedisEntries):
                 )  # fmt: skip
             if reply[1]:
                 log.info("claimed %d idle pending entries of %s", len(reply[1]), stream)
-            await self._accept(stream, reply[1])
+            await self._accept(stream, reply[1], counts=await self._counts(stream, reply[1]))
 
     async def _release_retries(self, now: float) -> None:
         """Deliver again what was nak'ed and is due (an ``XCLAIM`` first, with a group)."""
@@ -377,33 +430,87 @@ class RedisWatch(RedisEntries):
             if not claimed:
                 log.debug("%s of %s: acknowledged or claimed by another consumer since its nak",
                           retry.entry_id, retry.stream)  # fmt: skip
-            await self._accept(retry.stream, claimed)
+            counts = await self._counts(retry.stream, claimed)
+            await self._accept(retry.stream, claimed, counts=counts)
 
-    async def _recover_lost_streams(self) -> None:
-        """Look for streams (or groups) the server lost: list again, or without ``list_first``
-        read them from their start (a missing group is created again)."""
+    async def _prune_consumers(self) -> None:
+        """Delete the group's consumers with nothing pending, idle for ``prune_idle_s``."""
+        idle_s = self.config.prune_idle_s
+        if idle_s is None or self.group is None:
+            return
+        for stream in self._sources:
+            consumers = await keep_cancellation(self._client.xinfo_consumers(stream, self.group))
+            for consumer in consumers:
+                name = text(consumer["name"])
+                if name == self.consumer or int(consumer["pending"]) > 0:
+                    continue
+                if int(consumer["idle"]) < idle_s * 1000:
+                    continue
+                await self._command("XGROUP", "DELCONSUMER", stream, self.group, name)
+                log.info(
+                    "deleted consumer %r of group %r of %s (nothing pending, idle %.0f s)",
+                    name, self.group, stream, int(consumer["idle"]) / 1000,
+                )  # fmt: skip
+
+    async def _counts(self, stream: str, entries: list[Any]) -> dict[str, int]:
+        """Per entry id: how many times the group delivered it (``XPENDING``)."""
+        if self.group is None or not entries:
+            return {}
+        ids = sorted((text(entry[0]) for entry in entries), key=parse_id)
+        rows = await keep_cancellation(
+            self._client.xpending_range(
+                stream, self.group, ids[0], ids[-1], len(entries) * 2, self.consumer
+            )
+        )
+        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows or ()}
+
+    async def _check_history(self) -> None:
+        """Before a read: look for streams (or groups) the server lost, and for entries trimmed
+        (``MAXLEN``) before this watch read them. List those streams again, or without
+        ``list_first`` read them from their start (a missing group is created again); trimmed
+        entries without ``list_first`` are logged as lost."""
         snapshots = await self._snapshot(list_items=False)
-        self._check_streams = False
-        lost = {
-            stream: last
-            for stream, (last, has_group, _items) in snapshots.items()
-            if parse_id(last) < parse_id(self._cursor[stream])
-            or (self.group is not None and not has_group)
-        }
-        for stream, last in lost.items():
+        lost: dict[str, str] = {}
+        trimmed: dict[str, str] = {}
+        for stream, state in snapshots.items():
+            self._lag[stream] = state.lag
+            cursor = self._cursor[stream]
+            if parse_id(state.last) < parse_id(cursor):
+                lost[stream] = f"it ends at {state.last}, before {cursor} already read"
+                continue
+            if self.group is not None and not state.has_group:
+                lost[stream] = f"group {self.group!r} is missing"
+                continue
+            position = max(
+                parse_id(state.group_position if self.group is not None else cursor),
+                parse_id(self._listed_upto.get(stream, "0-0")),
+                parse_id(self._known_gap.get(stream, "0-0")),
+            )
+            if parse_id(state.max_deleted) > position:
+                trimmed[stream] = (
+                    f"entries up to {state.max_deleted} were trimmed before this watch read "
+                    f"them (it had read up to {'-'.join(map(str, position))})"
+                )
+                self._known_gap[stream] = state.max_deleted
+            elif stream in self._pending_trimmed:
+                trimmed[stream] = "entries delivered but not acknowledged were trimmed"
+        self._pending_trimmed.clear()
+        for stream, why in {**lost, **trimmed}.items():
             log.warning(
-                "%s on %s: %s; %s", stream, self._where,
-                f"group {self.group!r} is missing"
-                if parse_id(last) >= parse_id(self._cursor[stream])
-                else f"it ends at {last}, before {self._cursor[stream]} already read",
-                "listing again" if self.config.list_first else "reading it from its start",
+                "%s on %s: %s; %s", stream, self._where, why,
+                "listing again"
+                if self.config.list_first
+                else "reading it from its start" if stream in lost else "they are lost",
             )  # fmt: skip
-        if lost and self.config.list_first:
+        if (lost or trimmed) and self.config.list_first:
+            self._relist |= set(trimmed)
             self._started = self._synced = False
             self._retries.clear()  # stale: the list brings every item's latest event
             return
-        for stream, last in lost.items():
-            if parse_id(last) < parse_id(self._cursor[stream]):
+        for stream, state in snapshots.items():
+            if stream not in lost:
+                continue
+            if parse_id(state.last) < parse_id(self._cursor[stream]):
                 self._cursor[stream] = "0-0"
             if self.group is not None:
                 await self._create_group(stream, self._cursor[stream])
@@ -424,12 +531,10 @@ class RedisWatch(RedisEntries):
                 log.warning(
                     "Redis %s: %s; trying again in %.2f s", self._where, describe_error(exc), delay
                 )
-                self._check_streams = True
             except redis.exceptions.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
                 log.warning("Redis %s: %s; recreating it", self._where, exc)
-                self._check_streams = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, max(self.config.retry_max_s, 0.05))
 
