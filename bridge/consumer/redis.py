@@ -99,17 +99,29 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_SCRIPT = """
 -- KEYS[1] stream, KEYS[2] items hash; ARGV[1] group ('' for none), ARGV[2] '1' to list when
--- the stream lacks the group, '2' to list in any case, '0' not to list
--- returns {last entry id, 1 if the stream has the group, else 0, HGETALL of the items (or {}),
--- max deleted entry id, the group's last delivered id, the group's lag (-1: unknown)}: one
--- atomic read, consistent with the sink's writes
-local last, has_group, deleted, delivered, lag = '0-0', 0, '0-0', '0-0', -1
+-- the stream lacks the group or entries after the group's position were trimmed, '2' to list
+-- in any case, '0' not to list
+-- returns {last entry id, 1 if the stream has the group else 0, HGETALL of the items (or {}),
+-- entries ever added, length, the group's last delivered id, the group's entries-read (-1:
+-- unknown), the group's lag (-1: unknown), 1 if entries after the group's position were
+-- trimmed else 0, the first entry id}: one atomic read, consistent with the sink's writes
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local last, has_group, added, length, first = '0-0', 0, 0, 0, '0-0'
+local delivered, entries_read, lag, trimmed = '0-0', -1, -1, 0
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'stream' then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+    local name = info[i]
+    if name == 'last-generated-id' then last = info[i + 1]
+    elseif name == 'entries-added' then added = info[i + 1]
+    elseif name == 'length' then length = info[i + 1]
+    elseif name == 'recorded-first-entry-id' then first = info[i + 1] end
   end
   if ARGV[1] ~= '' then
     for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
@@ -118,18 +130,26 @@ if kind == 'stream' then
       if fields['name'] == ARGV[1] then
         has_group = 1
         delivered = fields['last-delivered-id']
+        if fields['entries-read'] then entries_read = fields['entries-read'] end
         if fields['lag'] then lag = fields['lag'] end
       end
+    end
+  end
+  if has_group == 1 and length > 0 then
+    if entries_read >= 0 then
+      if added - length > entries_read then trimmed = 1 end
+    elseif before(delivered, first) and added > length then
+      trimmed = 1
     end
   end
 elseif kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
 local items = {}
-if ARGV[2] == '2' or (ARGV[2] == '1' and has_group == 0) then
+if ARGV[2] == '2' or (ARGV[2] == '1' and (has_group == 0 or trimmed == 1)) then
   items = redis.call('HGETALL', KEYS[2])
 end
-return {last, has_group, items, deleted, delivered, lag}
+return {last, has_group, items, added, length, delivered, entries_read, lag, trimmed, first}
 """
 
 
@@ -140,12 +160,22 @@ class _StreamState:
     last: str
     has_group: bool
     items: dict[str, str]
-    max_deleted: str
-    """The highest id deleted or trimmed from the stream (``0-0``: none)."""
+    added: int
+    """Entries ever added to the stream."""
+    length: int
     group_position: str
     """The group's last delivered id."""
+    entries_read: int | None
+    """The group's count of entries read (None: unknown to the server)."""
     lag: int | None
     """Entries not yet delivered to the group (None: unknown)."""
+    trimmed: bool
+    """Entries after the group's position were trimmed before the group read them."""
+
+    @property
+    def removed(self) -> int:
+        """Entries trimmed (or deleted) from the front so far."""
+        return self.added - self.length
 
 
 _LIST_BATCH = 256
@@ -165,6 +195,10 @@ def watch_redis(
     block_s: float = 5.0,
     claim_idle_s: float = 60.0,
     retry_max_s: float = 5.0,
+    list_on_resume: bool = False,
+    max_deliveries: int | None = 5,
+    dead_letters: bool = True,
+    prune_idle_s: float | None = 3600.0,
     tls: TlsConfig | None = None,
     auth: AuthConfig | None = None,
 ) -> RedisWatch:
@@ -180,6 +214,10 @@ def watch_redis(
         block_s=block_s,
         claim_idle_s=claim_idle_s,
         retry_max_s=retry_max_s,
+        list_on_resume=list_on_resume,
+        max_deliveries=max_deliveries,
+        dead_letters=dead_letters,
+        prune_idle_s=prune_idle_s,
         tls=tls,
         auth=auth,
     )
@@ -212,8 +250,9 @@ class RedisWatch(RedisEntries):
             self._owns_client, self._where = False, "Redis"
         self._listing: deque[tuple[str, str, str]] = deque()
         """(stream, item key, entry id) still to fetch for the list."""
-        self._to_create: dict[str, str] = {}
-        """Per stream: the id to create the group at once the list is through."""
+        self._to_create: dict[str, tuple[str, int]] = {}
+        """Per stream: the id to create the group at once the list is through, and the count of
+        entries up to it."""
         self._own_pending: dict[str, str] = {}
         """Per stream: where the next read of this consumer's pending entries starts."""
         self._claim_from = dict.fromkeys(self._sources, "0-0")
@@ -246,8 +285,9 @@ class RedisWatch(RedisEntries):
         return self.group
 
     async def _release(self) -> None:
-        """Close the client the watch made."""
+        """Close the client the watch made (once acknowledgements in flight are through)."""
         if self._owns_client:
+            await self._acks_done(timeout_s=2.0)
             await self._client.aclose()
 
     # -- phases --
@@ -264,16 +304,27 @@ class RedisWatch(RedisEntries):
         for stream, state in snapshots.items():
             self._cursor[stream] = state.last
             resumed = self.group is not None and state.has_group
+            trimmed = resumed and state.trimmed
+            if trimmed and cfg.list_first:
+                log.warning(
+                    "%s on %s: entries after %s were trimmed before group %r read them; "
+                    "listing again",
+                    stream, self._where, state.group_position, self.group,
+                )  # fmt: skip
             listed = cfg.list_first and (
-                not resumed or cfg.list_on_resume or stream in self._relist
+                not resumed or cfg.list_on_resume or trimmed or stream in self._relist
             )
             self._listed = self._listed and listed
+            self._entries_read[stream] = state.added
             if resumed:
                 self._own_pending[stream] = "0-0"
                 if listed:  # the group's entries up to here are covered by the list
                     self._listed_upto[stream] = state.last
+                    self._entries_read[stream] = state.added
+                else:
+                    self._entries_read.pop(stream, None)
             elif self.group is not None:
-                self._to_create[stream] = state.last
+                self._to_create[stream] = (state.last, state.added)
             if listed:
                 items = state.items.items()
                 listing += sorted(((stream, key, entry) for key, entry in items), key=_by_id)
@@ -295,16 +346,18 @@ class RedisWatch(RedisEntries):
         replies = await keep_cancellation(pipe.execute())
         result = {}
         for stream, reply in zip(self._sources, replies, strict=True):
-            last, has_group, flat, deleted, delivered, lag = reply
+            last, has_group, flat, added, length, delivered, read, lag, trimmed, _first = reply
             items = {text(k): text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-            lag_n = int(lag)
             result[stream] = _StreamState(
                 last=text(last),
                 has_group=bool(has_group),
                 items=items,
-                max_deleted=text(deleted),
+                added=int(added),
+                length=int(length),
                 group_position=text(delivered),
-                lag=lag_n if lag_n >= 0 else None,
+                entries_read=int(read) if int(read) >= 0 else None,
+                lag=int(lag) if int(lag) >= 0 else None,
+                trimmed=bool(trimmed),
             )
         return result
 
@@ -332,13 +385,18 @@ class RedisWatch(RedisEntries):
 
     async def _create_groups(self) -> None:
         assert self.group is not None or not self._to_create
-        for stream, position in list(self._to_create.items()):
-            await self._create_group(stream, position)
+        for stream, (position, entries_read) in list(self._to_create.items()):
+            await self._create_group(stream, position, entries_read)
             del self._to_create[stream]
 
-    async def _create_group(self, stream: str, position: str) -> None:
+    async def _create_group(self, stream: str, position: str, entries_read: int | None) -> None:
+        """``XGROUP CREATE``; with ``entries_read`` (the count of entries up to ``position``)
+        the server keeps the group's count of entries read, which tells trimmed entries."""
+        counted = () if entries_read is None else ("ENTRIESREAD", entries_read)
         try:
-            await self._command("XGROUP", "CREATE", stream, self.group, position, "MKSTREAM")
+            await self._command(
+                "XGROUP", "CREATE", stream, self.group, position, "MKSTREAM", *counted
+            )
         except redis.exceptions.ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
@@ -481,17 +539,12 @@ class RedisWatch(RedisEntries):
             if self.group is not None and not state.has_group:
                 lost[stream] = f"group {self.group!r} is missing"
                 continue
-            position = max(
-                parse_id(state.group_position if self.group is not None else cursor),
-                parse_id(self._listed_upto.get(stream, "0-0")),
-                parse_id(self._known_gap.get(stream, "0-0")),
-            )
-            if parse_id(state.max_deleted) > position:
+            if self._trimmed(stream, state):
                 trimmed[stream] = (
-                    f"entries up to {state.max_deleted} were trimmed before this watch read "
-                    f"them (it had read up to {'-'.join(map(str, position))})"
+                    f"{state.removed} entries were trimmed from its front, some before this "
+                    "watch read them"
                 )
-                self._known_gap[stream] = state.max_deleted
+                self._entries_read[stream] = state.removed  # reported once
             elif stream in self._pending_trimmed:
                 trimmed[stream] = "entries delivered but not acknowledged were trimmed"
         self._pending_trimmed.clear()
@@ -513,8 +566,22 @@ class RedisWatch(RedisEntries):
             if parse_id(state.last) < parse_id(self._cursor[stream]):
                 self._cursor[stream] = "0-0"
             if self.group is not None:
-                await self._create_group(stream, self._cursor[stream])
+                await self._create_group(stream, self._cursor[stream], None)
                 self._claim_from[stream] = "0-0"
+            self._entries_read[stream] = 0 if self._cursor[stream] == "0-0" else state.added
+
+    def _trimmed(self, stream: str, state: _StreamState) -> bool:
+        """Whether entries were trimmed from the stream before this watch (its group) read them:
+        more were removed from the front than had been read."""
+        if state.length == 0:
+            return False
+        known = self._entries_read.get(stream)
+        if self.group is None:
+            return known is not None and state.removed > known
+        read = state.entries_read
+        if read is None and known is None:
+            return state.trimmed  # the server's estimate from ids
+        return state.removed > max(read or 0, known or 0)
 
     # -- errors --
 

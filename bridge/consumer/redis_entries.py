@@ -8,6 +8,7 @@ behaviour is described there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import logging
@@ -70,12 +71,16 @@ class RedisEntries(QueuedWatch):
         self._listed_upto: dict[str, str] = {}
         """Per stream resumed with a list: the group's entries up to this id are covered by
         the list (acknowledged quietly, not delivered)."""
-        self._known_gap: dict[str, str] = {}
-        """Per stream: trimmed entries already reported, up to this id."""
+        self._entries_read: dict[str, int] = {}
+        """Per stream: how many entries of the stream this watch has read (without a group),
+        or had been when it last listed (with one): more trimmed from the front than this
+        means entries it never read are gone."""
         self._pending_trimmed: set[str] = set()
         """Streams where a delivered, unacknowledged entry was found trimmed."""
         self._lag: dict[str, int | None] = {}
         """Per stream: the group's lag at the last check."""
+        self._acking = 0
+        self._acked = asyncio.Event()
 
     async def _accept(
         self,
@@ -119,6 +124,8 @@ class RedisEntries(QueuedWatch):
         last = max((text(entry[0]) for entry in entries), key=parse_id)
         if parse_id(last) > parse_id(self._cursor[stream]):
             self._cursor[stream] = last
+            if self.group is None and stream in self._entries_read:
+                self._entries_read[stream] += len(entries)
         await self._ack(stream, *skipped)
 
     def _decode(self, stream: str, entry_id: str, fields: Any) -> Envelope | None:
@@ -211,6 +218,7 @@ class RedisEntries(QueuedWatch):
         """``XACK``; a failure is logged, not raised: the entry stays pending (at least once)."""
         if self.group is None or self._closed or not entry_ids:  # closed: stays pending
             return
+        self._acking += 1
         try:
             try:
                 await self._command("XACK", stream, self.group, *entry_ids)
@@ -221,6 +229,17 @@ class RedisEntries(QueuedWatch):
                 "could not acknowledge entries %s of %s (delivered again later): %s",
                 ", ".join(entry_ids), stream, exc,
             )  # fmt: skip
+        finally:
+            self._acking -= 1
+            if not self._acking:
+                self._acked.set()
+
+    async def _acks_done(self, timeout_s: float) -> None:
+        """Wait (bounded) for acknowledgements in flight, e.g. before closing the client."""
+        if self._acking:
+            self._acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._acked.wait(), timeout_s)
 
     async def _command(self, *args: Any) -> Any:
         command = self._client.execute_command(*args)  # type: ignore[no-untyped-call]
