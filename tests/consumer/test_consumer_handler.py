@@ -28,7 +28,7 @@ from bridge.errors import DecodeError
 from bridge.events import EventKind, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sources.stores import StoredObject
-from tests.test_consumer_reflector import ScriptedWatch, envelope
+from tests.consumer.test_consumer_reflector import ScriptedWatch, envelope
 from tests.test_sinks_contract import nats_test_config, object_events
 
 
