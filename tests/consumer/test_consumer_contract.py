@@ -55,6 +55,7 @@ from bridge.errors import DecodeError
 from bridge.events import Added, EventKind, ExternalEvent, Modified, Removed
 from bridge.sinks.nats import NatsSink
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
+from bridge.sources.stores import StoredObject
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
 from bridge.telemetry.metrics import ConsumerMetrics
 from tests.replicas import until
@@ -330,9 +331,11 @@ async def test_lists_live_items_then_synced_then_live_changes(
         ("files", "added", "b", "e2", True),  # its latest state, as an Added
         ("web", "added", "w", "e1", True),
     ]
+    assert [s[2] for s in seen(listed) if s[0] == "files"] == ["a", "b"]  # stream order
     assert listed[3] == Synced(("files", "web"), listed=True)
     [listed_b] = [i for i in listed if isinstance(i, Delivery) and i.envelope.key == "b"]
     assert isinstance(listed_b.envelope.event, Added)
+    assert isinstance(listed_b.envelope.event.resource, StoredObject)
     assert listed_b.envelope.type == "dev.koprs.external.modified.v1"  # the context is kept
     assert listed_b.envelope.id == modified[0].id
     await settle(listed)
@@ -347,13 +350,18 @@ async def test_lists_live_items_then_synced_then_live_changes(
     assert sorted(d.envelope.id for d in live if isinstance(d, Delivery)) == sorted(
         e.id for e in later
     )
-    assert isinstance(next(d for d in live if isinstance(d, Delivery)).envelope.event, Modified)
+    by_key = {d.envelope.key: d.envelope.event for d in live if isinstance(d, Delivery)}
+    assert isinstance(by_key["a"], Modified)
+    assert isinstance(by_key["w"], Removed)
     await settle(live)
     await expect_sentinel(watch, backend)
 
 
-async def test_nothing_published_gives_synced_at_once(backend: Backend) -> None:
-    watch = backend.watch()
+@pytest.mark.parametrize("durable", DURABLES)
+async def test_nothing_published_gives_synced_at_once(
+    backend: Backend, durable: str | None
+) -> None:
+    watch = backend.watch(durable=durable)
     assert await take(watch, 1) == [Synced(("files",), listed=True)]
     await expect_sentinel(watch, backend, "a")
 
@@ -705,8 +713,9 @@ async def test_an_old_retry_is_not_applied_after_a_newer_event_of_its_item(
         await until(dropped, "the stale retry to be dropped")
         await backend.publish(events(["b"]))
         await until(  # counted once acknowledged
-            lambda: metrics.value("consumer_events_handled_total", consumer="ops", source="files")
-            == 2,
+            lambda: (
+                metrics.value("consumer_events_handled_total", consumer="ops", source="files") == 2
+            ),
             "b handled",
         )
     assert applied == [("a", "v2"), ("b", "e1")]  # never v1 after v2

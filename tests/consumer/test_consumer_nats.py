@@ -27,7 +27,6 @@ from bridge.consumer.nats import NatsWatchConfig
 from bridge.errors import ConfigError, DecodeError, PublishError
 from bridge.events import Added, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
-from bridge.sources.stores import StoredObject
 from tests.servers import NatsServer
 from tests.test_sinks_contract import nats_test_config, object_events
 
@@ -166,44 +165,6 @@ async def next_item(it: AsyncIterator[WatchItem]) -> WatchItem:
 
 
 # -- list, then watch -------------------------------------------------------------------------
-
-
-async def test_lists_live_items_then_synced_then_changes(
-    sink: NatsSink, config: NatsSinkConfig
-) -> None:
-    ev = Events()
-    await ev.publish(sink, ev.make(Added, ["a", "b", "c"]))
-    modified = await ev.publish(sink, ev.make(Modified, ["b"], etag="e2"))
-    await ev.publish(sink, ev.make(Removed, ["c"]))
-    async with collecting(watch(config)) as seen:
-        await seen.wait_for(lambda s: s.synced == 1)
-        later = await ev.publish(sink, ev.make(Added, ["d"]))
-        later += await ev.publish(sink, ev.make(Removed, ["a"]))
-        await seen.wait_for(lambda s: len(s.deliveries) == 4)
-    assert [summary(i) for i in seen.items] == [
-        ("added", "a", True),
-        ("modified", "b", True),
-        "synced",
-        ("added", "d", False),
-        ("removed", "a", False),
-    ]
-    listed_b = seen.deliveries[1].envelope
-    assert isinstance(listed_b.event, Added)  # a listed item is an Added, whatever it was
-    assert listed_b.id == modified[0].id  # ... of the latest event, with its id and type
-    assert isinstance(listed_b.event.resource, StoredObject)
-    assert listed_b.event.resource.etag == "e2"
-    assert isinstance(seen.deliveries[3].envelope.event, Removed)
-    assert seen.ids[2:] == [e.id for e in later]
-    assert seen.items[2] == Synced(("files",))
-
-
-async def test_empty_stream_gives_synced_at_once(sink: NatsSink, config: NatsSinkConfig) -> None:
-    ev = Events()
-    async with collecting(watch(config)) as seen:
-        await seen.wait_for(lambda s: s.synced == 1)
-        await ev.publish(sink, ev.make(Added, ["a"]))
-        await seen.wait_for(lambda s: len(s.deliveries) == 1)
-    assert [summary(i) for i in seen.items] == ["synced", ("added", "a", False)]
 
 
 async def test_other_sources_are_not_watched(sink: NatsSink, config: NatsSinkConfig) -> None:

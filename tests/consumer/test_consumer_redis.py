@@ -25,7 +25,7 @@ from bridge.cloudevents import CloudEvent
 from bridge.consumer import RedisWatch, watch_redis
 from bridge.consumer.base import Delivery, Synced, WatchItem
 from bridge.errors import ConfigError, DecodeError
-from bridge.events import Added, ExternalEvent, Modified, Removed
+from bridge.events import Added, ExternalEvent
 from bridge.sinks.redis import RedisSink, RedisSinkConfig, items_key
 from bridge.subjects import redis_stream_key
 from tests.servers import RedisServer
@@ -137,79 +137,6 @@ async def expect_sentinel(watch: RedisWatch, sink: RedisSink, key: str = "sentin
 
 
 # -- list-then-watch --
-
-
-@pytest.mark.parametrize("group", GROUPS)
-async def test_lists_live_items_then_synced_then_live_changes(
-    sink: RedisSink, open_watch: OpenWatch, group: str | None
-) -> None:
-    await sink.publish("files", events(["a", "b", "c"]))
-    await sink.publish("files", events(["b"], Modified, etag="e2"))
-    await sink.publish("files", events(["c"], Removed))
-    await sink.publish("web", events(["w"], source="web"))
-    watch = open_watch("files", "web", group=group)
-
-    listed = await take(watch, 4)
-    assert seen(listed) == [
-        ("files", "added", "a", "e1", True),
-        ("files", "added", "b", "e2", True),  # its latest state, as an Added
-        ("web", "added", "w", "e1", True),
-        "synced",
-    ]
-    assert listed[3] == Synced(("files", "web"))
-    modified = listed[1]
-    assert isinstance(modified, Delivery)
-    assert isinstance(modified.envelope.event, Added)
-    assert modified.envelope.type == "dev.koprs.external.modified.v1"  # the context is kept
-    await settle(listed)
-
-    await sink.publish("files", events(["a"], Modified, etag="e3"))
-    await sink.publish("web", events(["w"], Removed, source="web"))
-    live = await take(watch, 2)
-    assert sorted(seen(live), key=str) == [
-        ("files", "modified", "a", "e3", False),
-        ("web", "removed", "w", "e1", False),
-    ]
-    await settle(live)
-    await expect_sentinel(watch, sink)
-
-
-@pytest.mark.parametrize("group", GROUPS)
-async def test_no_gap_and_no_duplicate_between_the_list_and_live_changes(
-    sink: RedisSink, open_watch: OpenWatch, group: str | None
-) -> None:
-    await sink.publish("files", events(["a", "b"]))
-    watch = open_watch(group=group)
-    first = await take(watch, 1)  # the snapshot is taken before the first item
-    # published after the snapshot and before the live phase (and before the group exists)
-    await sink.publish("files", events(["a"], Modified, etag="e2"))
-    await sink.publish("files", events(["c"]))
-
-    rest = await take(watch, 4)
-    assert seen(first + rest) == [
-        ("files", "added", "a", "e1", True),
-        ("files", "added", "b", "e1", True),
-        "synced",
-        ("files", "modified", "a", "e2", False),
-        ("files", "added", "c", "e1", False),
-    ]
-    await settle(first + rest)
-    await expect_sentinel(watch, sink)
-
-
-async def test_without_list_first_only_live_changes(sink: RedisSink, open_watch: OpenWatch) -> None:
-    await sink.publish("files", events(["old"]))
-    watch = open_watch(list_first=False)
-    assert await take(watch, 1) == [Synced(("files",), listed=False)]
-    await expect_sentinel(watch, sink)
-
-
-async def test_empty_redis_lists_nothing_then_watches(
-    sink: RedisSink, open_watch: OpenWatch
-) -> None:
-    watch = open_watch(group="ops")
-    assert await take(watch, 1) == [Synced(("files",))]
-    await expect_sentinel(watch, sink)
 
 
 async def test_a_list_longer_than_one_fetch(sink: RedisSink, open_watch: OpenWatch) -> None:
