@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -28,6 +28,7 @@ from bridge.errors import ConfigError, DecodeError
 from bridge.events import Added, ExternalEvent
 from bridge.sinks.redis import RedisSink, RedisSinkConfig, items_key
 from bridge.subjects import redis_stream_key
+from tests.replicas import until
 from tests.servers import RedisServer
 from tests.test_sinks_contract import object_events, xrange
 
@@ -557,3 +558,43 @@ async def test_one_cancel_stops_a_handler_right_after_it_handled(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await watch.aclose()
+
+
+async def test_a_dead_consumer_is_pruned_once_its_entries_are_claimed(
+    sink: RedisSink, open_watch: OpenWatch, client: redis.asyncio.Redis
+) -> None:
+    dead = open_watch(group="ops", consumer="dead", list_first=False)
+    assert await take(dead, 1) == [Synced(("files",), listed=False)]
+    await sink.publish("files", events(["a"]))
+    [got] = await take(dead, 1)  # delivered, never acknowledged: it "died"
+    assert isinstance(got, Delivery)
+    await dead.aclose()
+
+    live = open_watch(group="ops", consumer="live", claim_idle_s=0.05, prune_idle_s=0)
+    claimed = await take(live, 2)
+    assert claimed[0] == Synced(("files",), listed=False)
+    assert isinstance(claimed[1], Delivery)
+    assert claimed[1].envelope.id == got.envelope.id
+    assert claimed[1].attempt == 2  # the group's delivery count
+    await settle(claimed)
+
+    async def names() -> set[str]:
+        consumers = await client.xinfo_consumers(FILES, "ops")
+        return {c["name"].decode() for c in consumers}
+
+    async def consume() -> None:
+        async for item in live:
+            await settle([item])
+
+    task = asyncio.create_task(consume())
+    try:
+        await until(lambda: _only_live(names), "the dead consumer pruned")
+    finally:
+        await live.aclose()
+        async with asyncio.timeout(10):
+            await task
+    assert await pending(client, "ops") == 0
+
+
+async def _only_live(names: Callable[[], Awaitable[set[str]]]) -> bool:
+    return await names() == {"live"}
