@@ -43,6 +43,20 @@ memory wants the list on every start: give it no durable name (or a new one). Fa
 durable name gets every event; watches sharing one name (other tasks, other processes) share its
 messages, each message going to one of them. An existing consumer with other filter subjects is
 a :class:`~bridge.errors.ConfigError` (delete it, or pick another name).
+With ``list_on_resume=True`` an existing durable lists too: through a short-lived consumer
+(``LAST_PER_SUBJECT``, no acknowledgements), after which the durable goes on after the list's
+last message (what it holds up to there is acknowledged quietly, the list covers it); its
+:class:`Synced` has ``listed=True``, a resume without a list ``listed=False``.
+
+**Expired history**: when a durable's acknowledgement floor is before the stream's first
+message at start, or a pull jumps past the watch's position to after the stream's first
+message while running (messages expired or dropped by the stream's age, size or count limits
+before they were read), the watch logs it and lists again (the durable goes on after the list,
+as above); without ``list_first`` the loss is logged.
+
+**Poison messages**: deliveries carry ``num_delivered`` (``attempt``), bounded by
+``max_deliveries`` (see :func:`~bridge.consumer.run_handler`); a dead letter goes to the stream
+``<stream>_DEADLETTER`` (:mod:`bridge.consumer.dead_letters`).
 
 **Without a durable name** an ephemeral consumer is used; the server deletes it
 ``inactive_threshold_s`` after the watch stopped pulling, and :meth:`NatsWatch.aclose` deletes

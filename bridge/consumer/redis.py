@@ -53,8 +53,23 @@ lacks) and goes on after that list, creating the group again at its position. Wi
 ``list_first`` it reads such a stream from its start instead (everything in it is new), and
 creates a missing group again at the last entry id read if the stream still holds it, else at
 ``0``. A reply lost with a broken connection leaves its entries pending in the group:
-``XAUTOCLAIM`` delivers them after ``claim_idle_s``. Entries trimmed by ``MAXLEN`` before this
-watch read them are not noticed: size ``maxlen`` for the slowest consumer.
+``XAUTOCLAIM`` delivers them after ``claim_idle_s``.
+
+**Trimmed history**: before each read the watch compares how many entries were trimmed from the
+stream's front (``entries-added`` - ``length``) with how many it (its group: the server's
+``entries-read``, kept since groups are created with ``ENTRIESREAD``) had read. More trimmed
+than read means entries it never got are gone: it logs that and lists that stream again (then
+the group's entries up to the list's position are acknowledged quietly: the list covers them);
+a pending entry found trimmed does the same. Without ``list_first`` the loss is logged. Still,
+size ``maxlen`` for the slowest consumer.
+
+``list_on_resume=True`` lists a stream that has the group too (a cache that starts empty wants
+it), with :class:`Synced` ``listed=True``; a resumed group otherwise sends ``listed=False``.
+Deliveries carry the group's delivery count (``attempt``, ``XPENDING`` for redeliveries and
+claims), bounded by ``max_deliveries`` (see :func:`~bridge.consumer.run_handler`); a dead letter
+goes to the stream ``koprs:deadletter:<source>`` (:mod:`bridge.consumer.dead_letters`). With a
+group, consumers with nothing pending idle for ``prune_idle_s`` are deleted from it at each
+claim round.
 
 Entries that do not decode (not a koprs CloudEvent, unknown type or version) are logged and
 skipped, and acknowledged with a group; with ``on_decode_error="raise"`` the
