@@ -758,6 +758,13 @@ def test_config_is_checked() -> None:
         NatsWatchConfig(batch_size=0)
     with pytest.raises(ConfigError, match="fetch_timeout_s"):
         NatsWatchConfig(fetch_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_deliveries"):
+        NatsWatchConfig(max_deliveries=0)
+    config = NatsWatchConfig(stream="S", subject_prefix="acme.koprs.external")
+    assert (config.dead_letter_stream, config.dead_letter_prefix) == (
+        "S_DEADLETTER",
+        "acme.koprs.deadletter",
+    )
     assert NatsWatchConfig(sources=("b", "a")).filter_subjects == [
         "koprs.external.a.>",
         "koprs.external.b.>",

@@ -523,6 +523,8 @@ async def test_closing_ends_a_blocked_iteration(
         (["files"], {"on_decode_error": "ignore"}, "on_decode_error"),
         (["files"], {"batch_size": 0}, "batch_size"),
         (["files"], {"claim_idle_s": -1}, "claim_idle_s"),
+        (["files"], {"max_deliveries": 0}, "max_deliveries"),
+        (["files"], {"prune_idle_s": -1}, "prune_idle_s"),
     ],
 )
 def test_invalid_configuration(sources: list[str], options: dict[str, Any], message: str) -> None:
