@@ -275,6 +275,8 @@ class RedisWatch(RedisEntries):
         self._started = self._synced = False
         self._listed = True
         """Whether the last start listed every stream (``Synced.listed``)."""
+        self._prune_idle_s = config.prune_idle_s
+        self._said_no_counts = False
         self._relist: set[str] = set()
         """Streams to list again at the next start, even though they have the group."""
 
@@ -508,11 +510,18 @@ class RedisWatch(RedisEntries):
 
     async def _prune_consumers(self) -> None:
         """Delete the group's consumers with nothing pending, idle for ``prune_idle_s``."""
-        idle_s = self.config.prune_idle_s
+        idle_s = self._prune_idle_s
         if idle_s is None or self.group is None:
             return
         for stream in self._sources:
-            consumers = await keep_cancellation(self._client.xinfo_consumers(stream, self.group))
+            try:
+                consumers = await keep_cancellation(
+                    self._client.xinfo_consumers(stream, self.group)
+                )
+            except redis.exceptions.NoPermissionError as exc:
+                log.warning("not pruning dead consumers of group %r: %s", self.group, exc)
+                self._prune_idle_s = None
+                return
             for consumer in consumers:
                 name = text(consumer["name"])
                 if name == self.consumer or int(consumer["pending"]) > 0:
@@ -530,11 +539,17 @@ class RedisWatch(RedisEntries):
         if self.group is None or not entries:
             return {}
         ids = sorted((text(entry[0]) for entry in entries), key=parse_id)
-        rows = await keep_cancellation(
-            self._client.xpending_range(
-                stream, self.group, ids[0], ids[-1], len(entries) * 2, self.consumer
+        try:
+            rows = await keep_cancellation(
+                self._client.xpending_range(
+                    stream, self.group, ids[0], ids[-1], len(entries) * 2, self.consumer
+                )
             )
-        )
+        except redis.exceptions.NoPermissionError as exc:
+            if not self._said_no_counts:
+                self._said_no_counts = True
+                log.warning("delivery counts unknown (redeliveries are not bounded): %s", exc)
+            return {}
         return {text(row["message_id"]): int(row["times_delivered"]) for row in rows or ()}
 
     async def _check_history(self) -> None:
