@@ -94,6 +94,11 @@ class NatsWatchConfig:
                 raise ConfigError(
                     f"nats watch: {name} must be 'skip' or 'raise', not {getattr(self, name)!r}"
                 )
+        if self.dead_letter_prefix == self.subject_prefix:
+            raise ConfigError(
+                f"nats watch: subject_prefix {self.subject_prefix!r} ends in 'deadletter', the "
+                "token of the dead-letter subjects: pick another"
+            )
         if self.max_deliveries is not None and (
             not isinstance(self.max_deliveries, int) or self.max_deliveries < 1
         ):

@@ -760,6 +760,8 @@ def test_config_is_checked() -> None:
         NatsWatchConfig(fetch_timeout_s=0)
     with pytest.raises(ConfigError, match="max_deliveries"):
         NatsWatchConfig(max_deliveries=0)
+    with pytest.raises(ConfigError, match="dead-letter"):
+        NatsWatchConfig(subject_prefix="koprs.deadletter")
     config = NatsWatchConfig(stream="S", subject_prefix="acme.koprs.external")
     assert (config.dead_letter_stream, config.dead_letter_prefix) == (
         "S_DEADLETTER",
