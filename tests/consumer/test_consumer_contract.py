@@ -470,41 +470,73 @@ async def test_durable_resumes_without_listing_and_redelivers_only_unacked(
 
 
 async def test_every_durable_gets_every_event(backend: Backend) -> None:
-    one, two = backend.watch(durable="one"), backend.watch(durable="two")
-    for watch in (one, two):
-        assert await take(watch, 1) == [Synced(("files",), listed=True)]
     await backend.publish(events(["a", "b"]))
-    for watch in (one, two):
-        got = await take(watch, 2)
-        assert [d.envelope.key for d in got if isinstance(d, Delivery)] == ["a", "b"]
-        await settle(got)
+    watches = [backend.watch(durable="one"), backend.watch(durable="two"), backend.watch()]
+    for watch in watches:
+        listed = await take(watch, 3)
+        assert seen(listed) == [
+            ("files", "added", "a", "e1", True),
+            ("files", "added", "b", "e1", True),
+            "synced",
+        ]
+        await settle(listed)
+    later = await backend.publish(events(["a"], Modified, etag="e2"))
+    later += await backend.publish(events(["c"]))
+    for watch in watches:
+        live = await take(watch, 2)
+        assert seen(live) == [
+            ("files", "modified", "a", "e2", False),
+            ("files", "added", "c", "e1", False),
+        ]
+        assert [d.envelope.id for d in live if isinstance(d, Delivery)] == [e.id for e in later]
+        await settle(live)
+    for watch in watches:
+        await expect_sentinel(watch, backend, f"sentinel-{watches.index(watch)}")
+        for other in watches:  # each sentinel reaches every watch
+            if other is not watch:
+                [item] = await take(other, 1)
+                await settle([item])
 
 
 async def test_watches_sharing_a_durable_split_the_events(backend: Backend) -> None:
-    first = backend.watch(durable="ops", consumer="c1", list_first=False, batch_size=1)
-    second = backend.watch(durable="ops", consumer="c2", list_first=False, batch_size=1)
-    for watch in (first, second):
-        assert await take(watch, 1) == [Synced(("files",), listed=False)]
-    keys = [f"k{i}" for i in range(20)]
-    await backend.publish(events(keys))
     got: dict[str, list[str]] = {"c1": [], "c2": []}
+    has_one = {"c1": asyncio.Event(), "c2": asyncio.Event()}
+    synced = {"c1": asyncio.Event(), "c2": asyncio.Event()}
+    done = asyncio.Event()
+    expected: set[str] = set()
 
-    async def drain(name: str, watch: Watch) -> None:
+    async def consume(name: str, other: str) -> None:
+        watch = backend.watch(durable="workers", consumer=name, batch_size=1)
         async for item in watch:
-            assert isinstance(item, Delivery)
-            got[name].append(item.envelope.key)
+            if isinstance(item, Synced):
+                synced[name].set()
+                continue
+            got[name].append(item.envelope.id)
+            has_one[name].set()
+            await has_one[other].wait()  # hold it: the other one must get the next events
             await item.ack()
-            if len(got["c1"]) + len(got["c2"]) == len(keys):
-                return
+            if expected and set(got["c1"]) | set(got["c2"]) >= expected:
+                done.set()
 
-    tasks = [asyncio.create_task(drain("c1", first)), asyncio.create_task(drain("c2", second))]
-    async with asyncio.timeout(20):
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for watch in (first, second):
-        await watch.aclose()
-    async with asyncio.timeout(10):
-        await asyncio.gather(*tasks)
-    assert sorted(got["c1"] + got["c2"]) == sorted(keys)  # each event to one of them
+    tasks = [asyncio.create_task(consume("c1", "c2")), asyncio.create_task(consume("c2", "c1"))]
+    try:
+        async with asyncio.timeout(30):
+            await synced["c1"].wait()
+            await synced["c2"].wait()
+            batch = events([f"k{i}" for i in range(20)])
+            expected.update(e.id for e in batch)
+            await backend.publish(batch)
+            await done.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert got["c1"]
+    assert got["c2"]
+    assert set(got["c1"]) | set(got["c2"]) == expected
+    assert not set(got["c1"]) & set(got["c2"])
+    assert len(got["c1"]) + len(got["c2"]) == len(expected)
+    assert await backend.unsettled("workers") == 0
 
 
 # -- a Reflector across restarts (issue 17.1) ---------------------------------------------------

@@ -233,23 +233,7 @@ async def test_a_dead_consumers_pending_entries_are_claimed(
     assert consumers == {b"dead": 0, b"heir": 0}
 
 
-async def test_two_groups_each_get_every_event(sink: RedisSink, open_watch: OpenWatch) -> None:
-    await sink.publish("files", events(["a"]))
-    one, two = open_watch(group="one"), open_watch(group="two")
-    for watch in (one, two):
-        assert seen(await take(watch, 2)) == [("files", "added", "a", "e1", True), "synced"]
-    await sink.publish("files", events(["b", "c"]))
-    for watch in (one, two):
-        live = await take(watch, 2)
-        assert [s[2] for s in seen(live) if isinstance(s, tuple)] == ["b", "c"]
-        await settle(live)
-    await sink.publish("files", events(["sentinel"]))
-    for watch in (one, two):
-        [item] = await take(watch, 1)
-        assert seen([item]) == [("files", "added", "sentinel", "e1", False)]
-
-
-async def test_consumers_of_one_group_split_the_events(
+async def test_one_read_takes_at_most_batch_size_entries_of_the_group(
     sink: RedisSink, client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     keys = [f"k{i}" for i in range(10)]
