@@ -456,13 +456,15 @@ async def test_durable_resumes_without_listing_and_redelivers_only_unacked(
     await got[0].ack()  # "e" is left unacknowledged
     await watch.aclose()
 
+    down = await backend.publish(events(["g"]))  # while it is down
     again = backend.watch(durable="ops", ack_wait_s=1.0)
-    resumed = await take(again, 2)
+    resumed = await take(again, 3)
     assert resumed[0] == Synced(("files",), listed=False)  # resumed: no list
-    assert isinstance(resumed[1], Delivery)
-    assert resumed[1].envelope.id == live[1].id
-    assert not resumed[1].initial
-    assert resumed[1].attempt == 2  # the broker's count
+    got = {d.envelope.id: d for d in resumed[1:] if isinstance(d, Delivery)}
+    assert set(got) == {live[1].id, down[0].id}  # the unacknowledged one and the new one
+    assert not any(d.initial for d in got.values())
+    assert got[live[1].id].attempt == 2  # the broker's count
+    assert got[down[0].id].attempt == 1
     await settle(resumed)
     await expect_sentinel(again, backend)
     assert await backend.unsettled("ops") == 0
