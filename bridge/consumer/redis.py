@@ -46,7 +46,8 @@ replica, loading) is logged and the step tried again with exponential backoff, f
 other Redis error (a key of the wrong type...) is raised. After an error, and after every read
 that waited ``block_s`` for nothing, the watch checks whether the server lost data (restarted
 without persistence, failed over to an empty replica, a stream deleted): a stream whose last
-entry id is below the last one read, or (with a group) that lacks the group. Then, like the NATS
+entry id is below the last one read, whose count of entries ever added is below what the watch
+read (created again), or (with a group) that lacks the group. Then, like the NATS
 watch and kube-rs' watcher after a gap, it **lists again** (initial deliveries, then a new
 :class:`Synced`, so a :class:`~bridge.consumer.reflector.Reflector` drops what the new list
 lacks) and goes on after that list, creating the group again at its position. Without
@@ -569,6 +570,13 @@ class RedisWatch(RedisEntries):
             if self.group is not None and not state.has_group:
                 lost[stream] = f"group {self.group!r} is missing"
                 continue
+            read = self._entries_read.get(stream)
+            if self.group is None and read is not None and state.added < read:
+                lost[stream] = (
+                    f"it was created again ({state.added} entries added, fewer than the {read} "
+                    "this watch knew)"
+                )
+                continue
             if self._trimmed(stream, state):
                 trimmed[stream] = (
                     f"{state.removed} entries were trimmed from its front, some before this "
@@ -593,7 +601,9 @@ class RedisWatch(RedisEntries):
         for stream, state in snapshots.items():
             if stream not in lost:
                 continue
-            if parse_id(state.last) < parse_id(self._cursor[stream]):
+            read = self._entries_read.get(stream)
+            recreated = self.group is None and read is not None and state.added < read
+            if parse_id(state.last) < parse_id(self._cursor[stream]) or recreated:
                 self._cursor[stream] = "0-0"
             if self.group is not None:
                 await self._create_group(stream, self._cursor[stream], None)

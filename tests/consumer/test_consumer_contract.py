@@ -51,7 +51,7 @@ from bridge.consumer.dead_letters import (
     read_redis_dead_letter,
     redis_dead_letter_prefix,
 )
-from bridge.errors import DecodeError
+from bridge.errors import DecodeError, PublishError
 from bridge.events import Added, EventKind, ExternalEvent, Modified, Removed
 from bridge.sinks.nats import NatsSink
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
@@ -91,6 +91,8 @@ class Backend:
     stream: str = ""
     """NATS: the test's stream."""
     subject_prefix: str = ""
+    server: Any = None
+    """The broker's server process (tests.servers)."""
     watches: list[Watch] = field(default_factory=list)
 
     def watch(
@@ -132,6 +134,30 @@ class Backend:
     async def publish(self, batch: list[CloudEvent], source: str = "files") -> list[CloudEvent]:
         await self.sink.publish(source, batch)
         return batch
+
+    async def publish_retrying(self, batch: list[CloudEvent]) -> list[CloudEvent]:
+        """Publish once the broker answers again (after a restart)."""
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    return await self.publish(batch)
+                except PublishError:
+                    await asyncio.sleep(0.05)  # the sink reconnects meanwhile
+
+    async def restart(self) -> None:
+        """Restart the broker (NATS keeps its data; this Redis keeps none)."""
+        await asyncio.to_thread(self.server.restart)
+
+    async def fresh_list(self) -> dict[str, str]:
+        """key -> etag of what a new watch lists now."""
+        watch = self.watch()
+        items = await take(watch, 1)
+        while not isinstance(items[-1], Synced):
+            items += await take(watch, 1)
+        await watch.aclose()
+        return {
+            i.envelope.key: i.envelope.event.resource.etag for i in items if isinstance(i, Delivery)
+        }
 
     async def trim(self, keep: int) -> None:
         """Drop all but the newest ``keep`` events from the history (NATS: a message limit
@@ -229,11 +255,14 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         await nats_sink.connect()
         made = Backend(
             "nats", config.url, nats_sink, stream=config.stream,
-            subject_prefix=config.subject_prefix,
+            subject_prefix=config.subject_prefix, server=request.getfixturevalue("nats_server"),
         )  # fmt: skip
     else:
         url = request.getfixturevalue("redis_url")
-        made = Backend("redis", url, RedisSink(RedisSinkConfig(url=url)))
+        made = Backend(
+            "redis", url, RedisSink(RedisSinkConfig(url=url)),
+            server=request.getfixturevalue("redis_server"),
+        )  # fmt: skip
     try:
         yield made
     finally:
@@ -460,11 +489,11 @@ async def test_durable_resumes_without_listing_and_redelivers_only_unacked(
     again = backend.watch(durable="ops", ack_wait_s=1.0)
     resumed = await take(again, 3)
     assert resumed[0] == Synced(("files",), listed=False)  # resumed: no list
-    got = {d.envelope.id: d for d in resumed[1:] if isinstance(d, Delivery)}
-    assert set(got) == {live[1].id, down[0].id}  # the unacknowledged one and the new one
-    assert not any(d.initial for d in got.values())
-    assert got[live[1].id].attempt == 2  # the broker's count
-    assert got[down[0].id].attempt == 1
+    by_id = {d.envelope.id: d for d in resumed[1:] if isinstance(d, Delivery)}
+    assert set(by_id) == {live[1].id, down[0].id}  # the unacknowledged one and the new one
+    assert not any(d.initial for d in by_id.values())
+    assert by_id[live[1].id].attempt == 2  # the broker's count
+    assert by_id[down[0].id].attempt == 1
     await settle(resumed)
     await expect_sentinel(again, backend)
     assert await backend.unsettled("ops") == 0
@@ -539,6 +568,30 @@ async def test_watches_sharing_a_durable_split_the_events(backend: Backend) -> N
     assert not set(got["c1"]) & set(got["c2"])
     assert len(got["c1"]) + len(got["c2"]) == len(expected)
     assert await backend.unsettled("workers") == 0
+
+
+# -- broker restart ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("durable", DURABLES)
+async def test_after_a_broker_restart_a_reflector_equals_a_fresh_list(
+    backend: Backend, durable: str | None
+) -> None:
+    """NATS keeps its data over the restart, this Redis loses it (no persistence): either way the
+    watch recovers by itself and its Reflector ends up equal to what a new watch lists."""
+    await backend.publish(events(["a", "b"]))
+    reflector = Reflector()
+    async with reflecting(backend.watch(durable=durable), reflector):
+        async with asyncio.timeout(15):
+            await reflector.wait_synced()
+        await backend.restart()
+        await backend.publish_retrying(events(["c"]))
+        async with asyncio.timeout(30):
+            await reflector.wait_for(lambda r: r.get("files", "c") is not None)
+            expected = await backend.fresh_list()
+            await reflector.wait_for(lambda r: etags(r) == expected)
+    assert "c" in expected
+    assert ("a" in expected) == (backend.kind == "nats")
 
 
 # -- a Reflector across restarts (issue 17.1) ---------------------------------------------------

@@ -584,3 +584,19 @@ async def test_a_dead_consumer_is_pruned_once_its_entries_are_claimed(
 
 async def _only_live(names: Callable[[], Awaitable[set[str]]]) -> bool:
     return await names() == {"live"}
+
+
+async def test_a_stream_emptied_and_written_again_between_reads_is_listed_again(
+    sink: RedisSink, open_watch: OpenWatch, client: redis.asyncio.Redis
+) -> None:
+    """Without a group, entry ids say nothing (the new entries' ids are later): the count of
+    entries ever added, below what the watch read, tells the stream was created again."""
+    await sink.publish("files", events(["a", "b"]))
+    watch = open_watch()
+    assert len(await take(watch, 3)) == 3  # a, b, Synced
+    await client.flushall()  # as a restart without persistence would
+    await sink.publish("files", events(["c"]))
+    items = await take(watch, 2)
+    assert seen(items) == [("files", "added", "c", "e1", True), "synced"]
+    assert items[1] == Synced(("files",), listed=True)  # a Reflector drops a and b
+    await expect_sentinel(watch, sink)
