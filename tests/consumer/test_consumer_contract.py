@@ -842,9 +842,12 @@ async def test_a_position_trimmed_away_is_noticed_and_listed_again(
     await expect_sentinel(watch, backend)
 
 
-async def test_a_watch_falling_behind_trimming_lists_again(backend: Backend) -> None:
+@pytest.mark.parametrize("durable", DURABLES)
+async def test_a_watch_falling_behind_trimming_lists_again(
+    backend: Backend, durable: str | None
+) -> None:
     await backend.publish(events(["a", "b", "c", "d"]))
-    watch = backend.watch(durable="ops", batch_size=1)
+    watch = backend.watch(durable=durable, batch_size=1)
     listed = await take(watch, 5)
     await settle(listed)
     await backend.publish(events(["d"], Removed))
