@@ -5,7 +5,8 @@
 ``check --config FILE``   validate a config file and exit (2 when invalid)
 ``status --config FILE``  which replica leads which source (leader election in Redis)
 ``tail --config FILE | --broker URL [--source NAME ...] [--json] [--from-start]``
-                          follow the broker: one line per event (JSON lines with --json)
+                          follow the broker: one line per event (JSON lines with --json);
+                          ``--stats``: consumers and their lag; ``--dead-letters``: dead letters
 ``asyncapi --config FILE [--format json|yaml]``
                           print the AsyncAPI 3.0 document of what the bridge publishes
 ``config-schema``         print the JSON Schema of the config file (for editors and CI)
@@ -154,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--subject-prefix", help="with --broker nats://: subject prefix (default koprs.external)"
     )
+    shown = tail.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--stats", action="store_true", help="print the consumers (groups) and their lag, exit"
+    )
+    shown.add_argument(
+        "--dead-letters", action="store_true", help="follow the dead letters, not the events"
+    )
     asyncapi = command(
         "asyncapi", help="print the AsyncAPI 3.0 document of what the bridge publishes"
     )
@@ -238,6 +246,8 @@ def _tail(args: argparse.Namespace) -> int:
         as_json=args.json,
         from_start=args.from_start,
         subject_prefix=args.subject_prefix,
+        stats=args.stats,
+        dead_letters=args.dead_letters,
     )
     return run_tail(options)
 
