@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from tests.httpserver import _NGINX_CONF, NginxServer
+from tests.httpserver import _NGINX_CONF, Exchange, NginxServer
 from tests.servers import (
     LOOPBACK,
     NatsServer,
@@ -70,6 +70,7 @@ SWITCH = "KOPRS_TEST_CONTAINERS"
 LABEL = "org.koprs.test"
 _STOP_TIMEOUT_S = 10
 _POLL_INTERVAL_S = 0.05
+_NGINX_PROBE = "/.koprs-ready"  # the readiness probe's request, left out of exchanges()
 
 
 def containers_wanted() -> bool:
@@ -250,7 +251,12 @@ class RedisContainer(ContainerServer, RedisServer):
     def _container_command(self) -> list[str]:
         if self.tls or self.extra_args:
             raise ServerError("RedisContainer has no TLS or extra arguments: use RedisServer")
-        return ["redis-server", "--port", "6379", "--save", "", "--appendonly", "no"]
+        # protected mode would refuse the docker proxy's connections (not from loopback); the
+        # port is published on 127.0.0.1 only
+        return [
+            "redis-server", "--port", "6379", "--protected-mode", "no",
+            "--save", "", "--appendonly", "no",
+        ]  # fmt: skip
 
     def _container_ports(self) -> dict[int, int]:
         return {6379: self.port}
@@ -349,12 +355,16 @@ class NginxContainer(NginxServer):
             raise ServerError(f"cannot start an nginx container ({image}): {exc}") from exc
         self._tc = container
         deadline = time.monotonic() + start_timeout_s
-        while not _tcp_exchange(self.port, b"HEAD / HTTP/1.0\r\n\r\n", b"HTTP/1."):
+        probe = f"HEAD {_NGINX_PROBE} HTTP/1.0\r\n\r\n".encode()
+        while not _tcp_exchange(self.port, probe, b"HTTP/1."):  # the proxy accepts at once
             if time.monotonic() > deadline:
                 out, err = container.get_logs()
                 self.close()
                 raise ServerError(f"nginx container did not answer: {(out + err).decode()[-2000:]}")
             time.sleep(_POLL_INTERVAL_S)
+
+    def _logged(self) -> list[Exchange]:
+        return [e for e in super()._logged() if e.path != _NGINX_PROBE]
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
