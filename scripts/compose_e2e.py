@@ -112,6 +112,7 @@ class Stack:
         text = config.read_text()
         self.lease_ttl_s = parse_duration(_yaml_value(text, "lease_ttl"))
         self.interval_s = max(parse_duration(v) for v in _yaml_values(text, "interval"))
+        self._states: dict[str, str] = {}
 
     # -- containers --
 
@@ -141,6 +142,12 @@ class Stack:
                 raise CheckFailed(f"s3-init exited {init['ExitCode']}:\n{self.logs('s3-init')}")
             tail = self.inspect("tail")["State"]["Status"]
             self._states = {**states, "s3-init": init["Status"], "tail": tail}
+            sick = [service for service, state in states.items() if state == "unhealthy"]
+            if sick:
+                raise CheckFailed(
+                    f"{', '.join(sick)} unhealthy; states: {self._states}; "
+                    f"{sick[0]} logs:\n{self.logs(sick[0])}"
+                )
             return (
                 all(s == "healthy" for s in states.values())
                 and init["Status"] == "exited"
@@ -150,6 +157,8 @@ class Stack:
         try:
             wait_for("every service healthy", all_healthy, timeout_s, 1.0)
         except CheckFailed as exc:
+            if not str(exc).startswith("timed out"):
+                raise
             raise CheckFailed(f"{exc}; states: {self._states}") from None
 
     def logs(self, service: str) -> str:
