@@ -385,11 +385,13 @@ def main() -> int:
     step("restart of the whole stack")
     before = stack.stream_state()
     run([*compose, "stop", "--timeout", "10"], timeout=300)
+    step("stack stopped; up again")
     if _sabotage == "republish":
         run([*compose, "start", "s3"])
         run([*put, "--put", "prod/example.yaml", "kind: Changed"])
     stack.up()
     stack.wait_healthy()
+    step("stack healthy again; waiting for two polls of each source")
 
     def polled_twice() -> bool:
         for source in (DOCUMENT_SOURCE, BUCKET_SOURCE):
