@@ -1,6 +1,8 @@
 """Fixtures shared by the whole test suite.
 
-Servers (see ``tests/support/servers.py``), each started once per session on its own loopback port:
+Servers (see ``tests/support/servers.py``), each started once per session on its own loopback
+port, as local binaries, or as containers with ``KOPRS_TEST_CONTAINERS=1``
+(``tests/support/containers.py``: the same classes and lifecycle, so the same test code):
 
 - ``redis_server`` (:class:`RedisServer`): ``.url``, ``.port``, ``stop()``, ``start()``,
   ``restart()``, ``pause()``, ``resume()``, ``flushall()``.
@@ -35,6 +37,7 @@ import pytest
 import pytest_asyncio
 
 from bridge.telemetry.logs import quiet_asyncio_tls_notice
+from tests.support import containers
 from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
 if TYPE_CHECKING:
@@ -71,17 +74,17 @@ def _ensure_running(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    yield from _session_server(RedisServer())
+    yield from _session_server(containers.redis_server())
 
 
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
-    yield from _session_server(NatsServer())
+    yield from _session_server(containers.nats_server())
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    yield from _session_server(S3Server())
+    yield from _session_server(containers.s3_server())
 
 
 @pytest.fixture
