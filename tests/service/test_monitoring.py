@@ -99,10 +99,10 @@ def test_rules_are_well_formed() -> None:
     alerts = rule_expressions()
     names = [alert for alert, _, _ in alerts]
     assert len(names) == len(set(names)), "alert names repeat"
-    for alert, expr, annotations in alerts:
+    for alert, expr, notes in alerts:
         assert alert.startswith("KoprsBridge"), alert
         assert METRIC.search(expr), f"{alert} names no koprs_bridge metric"
-        assert {"summary", "description"} <= annotations.keys(), alert
+        assert {"summary", "description"} <= notes.keys(), alert
     groups = yaml.safe_load(RULES.read_text())["groups"]
     for group in groups:
         for rule in group["rules"]:
@@ -190,7 +190,7 @@ def declared_labels() -> dict[str, set[str]]:
     labelled counter with no child yet has no sample on /metrics)."""
     labels: dict[str, set[str]] = {}
     for collector in Metrics().registry._collector_to_names:
-        for family in collector.describe():
+        for family in collector.describe():  # type: ignore[attr-defined]
             names = getattr(collector, "_labelnames", ())
             suffixes = {
                 "counter": ("_total",),
