@@ -10,6 +10,12 @@ The library layer (the Python form of the Rust crate ``koprs-external``)::
             case Removed(resource): ...
 
 Everything public is importable from here; ``__all__`` is the public API (a test pins it).
+
+Layout, imports pointing one way (``tests/test_import_graph.py``): foundations (``events``,
+``errors``, ``aio``, ``tls``, ``jsonable``, ``secrets``) → ``sources/`` → ``cloudevents`` →
+``sinks/``, with ``state/``, ``ha/`` and ``connections`` beside them; ``service/``
+(``factories`` builds, ``runner`` supervises) and ``telemetry/``; ``consumer/``, ``tail`` and
+``cli`` on top.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -18,14 +24,18 @@ from bridge.errors import (
     BodyTooLargeError,
     BridgeError,
     ConfigError,
+    ConnectError,
     DecodeError,
     FencedError,
     HttpStatusError,
+    MissingExtraError,
     PublishError,
+    RedirectError,
     SourceError,
     SourceUnavailableError,
     StateError,
     StoreError,
+    UnknownEventTypeError,
 )
 from bridge.events import Added, ExternalEvent, Modified, Removed, Resource
 from bridge.sources import (
@@ -52,6 +62,7 @@ __all__ = [
     "BridgeError",
     "Changeset",
     "ConfigError",
+    "ConnectError",
     "DecodeError",
     "ExternalEvent",
     "ExternalSource",
@@ -61,10 +72,12 @@ __all__ = [
     "HttpStatusError",
     "LocalStore",
     "MemoryStore",
+    "MissingExtraError",
     "Modified",
     "ObjectStore",
     "ObjectStorePoller",
     "PublishError",
+    "RedirectError",
     "Removed",
     "Resource",
     "S3Store",
@@ -74,6 +87,7 @@ __all__ = [
     "StatefulSource",
     "StoreError",
     "StoredObject",
+    "UnknownEventTypeError",
     "WatchConfig",
     "__version__",
     "watch_external",
@@ -82,8 +96,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "S3Store":  # aioboto3 is the optional `s3` extra: import it only when asked
-        from bridge.sources.stores.s3 import S3Store
+    if name == "S3Store":  # the optional `s3` extra: see bridge.sources.stores
+        from bridge.sources import stores
 
-        return S3Store
+        return stores.S3Store
     raise AttributeError(f"module 'bridge' has no attribute {name!r}")

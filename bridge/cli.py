@@ -11,17 +11,16 @@
 ``init [--http URL] [--s3 s3://BUCKET/PREFIX] [--local PATH] [--broker URL] [--redis URL]``
                           write a commented starter bridge.yaml for those sources
 
-Invalid configs exit with status 2 and one message naming the file, key and problem.
+``--log-level`` goes before or after the subcommand. Invalid configs exit with status 2 and
+one message naming the file, key and problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,10 +40,9 @@ EXIT_INVALID = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or "info").upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    from bridge.telemetry.logs import basic_logging
+
+    basic_logging(args.log_level or "info")
     try:
         if args.command == "check":
             return _check(args.config)
@@ -75,14 +73,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="koprs-bridge",
         description="Poll external sources and publish their changes as CloudEvents.",
     )
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL"),
-        choices=["debug", "info", "warning", "error"],
-        help="default: $KOPRS_BRIDGE_LOG_LEVEL, else the config's logging.level, else info",
-    )
+    _shared_options(parser, default=os.environ.get("KOPRS_BRIDGE_LOG_LEVEL"))
+    # The same options after the subcommand (`run --log-level debug`): defaults suppressed, so
+    # that a subcommand without them keeps what was given before it (or the default above).
+    shared = argparse.ArgumentParser(add_help=False)
+    _shared_options(shared, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command")
-    run = commands.add_parser("run", help="run the bridge")
+
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[shared], help=help, description=description)
+
+    run = command("run", help="run the bridge")
     run.add_argument(
         "--config",
         type=Path,
@@ -109,12 +110,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how often the config file is checked for changes, which are applied without a "
         "restart (default: $KOPRS_BRIDGE_RELOAD_INTERVAL or 5; 0: never)",
     )
-    check = commands.add_parser("check", help="validate a config file")
+    check = command("check", help="validate a config file")
     check.add_argument("--config", type=Path, required=True)
-    status = commands.add_parser("status", help="show which replica leads which source")
+    status = command("status", help="show which replica leads which source")
     status.add_argument("--config", type=Path, required=True)
     status.add_argument("--json", action="store_true", help="print JSON")
-    tail = commands.add_parser(
+    tail = command(
         "tail",
         help="follow a broker: one line per event",
         description="Print what the bridge publishes, one line per event, until Ctrl-C.",
@@ -138,12 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--subject-prefix", help="with --broker nats://: subject prefix (default koprs.external)"
     )
-    asyncapi = commands.add_parser(
+    asyncapi = command(
         "asyncapi", help="print the AsyncAPI 3.0 document of what the bridge publishes"
     )
     asyncapi.add_argument("--config", type=Path, required=True)
     asyncapi.add_argument("--format", choices=["json", "yaml"], default="json")
-    init = commands.add_parser(
+    init = command(
         "init",
         help="write a commented starter bridge.yaml",
         description="Write a starter config for the sources named (at least one); "
@@ -193,10 +194,22 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shared_options(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    """The options every subcommand takes, before or after its name."""
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help="default: $KOPRS_BRIDGE_LOG_LEVEL, else the config's logging.level, else info",
+    )
+
+
 def _check(path: Path) -> int:
+    from bridge.extras import check_config_extras
     from bridge.service.config import load_config
 
     config = load_config(path)
+    check_config_extras(config)
     print(f"{path}: OK, broker {config.broker.description}, {len(config.sources)} source(s):")
     for source in config.sources:
         print(f"  {source.name}: {source.kind} every {source.interval_s:g}s")
@@ -206,11 +219,8 @@ def _check(path: Path) -> int:
 async def _status(path: Path, *, as_json: bool) -> int:
     import json
 
-    import redis.exceptions
-
-    from bridge.connections import describe_error, redis_client
+    from bridge.connections import redis_session
     from bridge.ha.sharing import election_status
-    from bridge.secrets import redact_url
     from bridge.service.config import load_config
 
     config = load_config(path)
@@ -218,18 +228,9 @@ async def _status(path: Path, *, as_json: bool) -> int:
         print(f"{path}: no leader_election configured: one replica leads every source")
         return 0
     election = config.leader_election
-    url = election.redis_url.reveal()
-    client = redis_client(
-        url, election.tls, election.auth, socket_timeout=5, socket_connect_timeout=5
-    )
-    try:
+    url, doing = election.redis_url.reveal(), "read the election state from Redis"
+    async with redis_session(url, election.tls, election.auth, doing=doing, timeout_s=5) as client:
         status = await election_status(client, [s.name for s in config.sources])
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot read the election state from Redis {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
@@ -264,29 +265,31 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from bridge.service.config import load_config
+    from bridge.aio import stop_on_signals
     from bridge.service.runner import Bridge
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         if args.config is not None:
             if args.reload_interval <= 0:
-                await Bridge(_logging_from(load_config(args.config), args)).run(stop)
+                await Bridge(_logging_from(_load_for_run(args.config), args)).run(stop)
                 return 0
             from bridge.service.reload import ConfigWatcher, run_with_reload
 
             watcher = ConfigWatcher(args.config, interval_s=args.reload_interval)  # before loading
-            config = _logging_from(load_config(args.config), args)
+            config = _logging_from(_load_for_run(args.config), args)
             await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
+
+
+def _load_for_run(path: Path) -> BridgeConfig:
+    """The config, refused if a part of it needs an extra that is not installed."""
+    from bridge.extras import check_config_extras
+    from bridge.service.config import load_config
+
+    config = load_config(path)
+    check_config_extras(config)
+    return config
 
 
 def _logging_from(config: BridgeConfig, args: argparse.Namespace) -> BridgeConfig:

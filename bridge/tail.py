@@ -11,12 +11,15 @@ it down. Lines look like::
 Keys with blanks or control characters are printed JSON-quoted. ``--json`` prints one JSON
 object per event instead: ``time``, ``kind``, ``source_name``, ``key``, ``id``, ``type``,
 ``source``, ``dataschema``, ``initial`` and ``resource`` (the decoded resource; an HTTP body as
-text, or base64 when it is not UTF-8).
+text, or base64 when it is not UTF-8). ``kind`` is always the kind of ``type``, the event as
+published.
 
 Without ``--from-start`` only changes published after the start are shown. With it, first the
-current state of every item (list-then-watch: one ``added`` line per live item, marked
-``initial``), then a ``synced`` line (``{"synced": [...sources]}`` with ``--json``), then live
-changes. Nothing is durable: tailing never disturbs other consumers. NATS is read with
+current state of every item (list-then-watch: one line per live item, its latest event, marked
+``(initial)``, ``"initial": true`` in JSON: ``modified`` for an item whose latest event was a
+modification, though the watch delivers it as ``Added``), then a ``synced`` line
+(``{"synced": [...sources]}`` with ``--json``), then live changes. Nothing is durable:
+tailing never disturbs other consumers. NATS is read with
 :func:`~bridge.consumer.nats.watch_nats` (an ephemeral consumer, deleted on exit; the stream is
 the config's, or the one that captures the subject prefix), Redis with
 :func:`~bridge.consumer.redis.watch_redis` (no group). Events that do not decode are logged on
@@ -32,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -40,10 +42,12 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
-from bridge.connections import describe_error, redis_client
+from bridge.aio import stop_on_signals, stop_with_grace
+from bridge.connections import describe_error, redis_session
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
+from bridge.jsonable import jsonable
 from bridge.secrets import redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sources.http import HttpResource
@@ -148,11 +152,18 @@ def _details(resource: Any) -> str:
     return ""
 
 
+def _kind(envelope: Envelope) -> str:
+    """The kind the event was published with (from its ``type``): a watch delivers an item of
+    its initial list as ``Added`` whatever its latest event was; tail shows that event."""
+    published = envelope.type.split(".")[-2:-1]  # dev.koprs.external.<kind>.v1, as decoded
+    return published[0] if published else envelope.kind
+
+
 def format_line(envelope: Envelope, *, initial: bool = False) -> str:
     """The readable line of one event."""
     parts = [
         _time(envelope.time),
-        f"{envelope.kind:<8}",
+        f"{_kind(envelope):<8}",
         envelope.source_name or envelope.source,
         _quoted(envelope.key),
     ]
@@ -173,13 +184,7 @@ def _jsonable(value: Any) -> Any:
             body = {"encoding": "base64", "data": base64.b64encode(value.body).decode("ascii")}
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {**fields, "body": body, "size": len(value.body)}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    return value
+    return jsonable(value)
 
 
 def format_json(envelope: Envelope, *, initial: bool = False) -> str:
@@ -187,7 +192,7 @@ def format_json(envelope: Envelope, *, initial: bool = False) -> str:
     return json.dumps(
         {
             "time": _time(envelope.time),
-            "kind": envelope.kind,
+            "kind": _kind(envelope),
             "source_name": envelope.source_name,
             "key": envelope.key,
             "id": envelope.id,
@@ -206,27 +211,16 @@ def format_json(envelope: Envelope, *, initial: bool = False) -> str:
 
 async def _redis_sources(options: TailOptions) -> tuple[str, ...]:
     """The sources whose streams exist now (``koprs:external:<name>`` keys of type stream)."""
-    import redis.exceptions
-
-    url = options.url
-    client = redis_client(
-        url, options.tls, options.auth, socket_timeout=10, socket_connect_timeout=10
-    )
-    try:
-        names = []
+    names = []
+    doing = "list the streams of"
+    async with redis_session(options.url, options.tls, options.auth, doing=doing) as client:
         async for key in client.scan_iter(match=f"{REDIS_STREAM_PREFIX}*", _type="stream"):
             name = (key.decode() if isinstance(key, bytes) else str(key))[
                 len(REDIS_STREAM_PREFIX) :
             ]
             with contextlib.suppress(ValueError):
                 names.append(validate_source_name(name))
-        return tuple(sorted(names))
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot list the streams of {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
+    return tuple(sorted(names))
 
 
 Closer = Callable[[], Awaitable[None]]
@@ -339,11 +333,7 @@ async def _follow(watch: Watch, options: TailOptions, out: TextIO) -> None:
 
 
 async def _main(options: TailOptions) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         watch, close = await (_open_nats if options.kind == "nats" else _open_redis)(options)
         follow = asyncio.create_task(_follow(watch, options, sys.stdout))
         stopping = asyncio.create_task(stop.wait())
@@ -354,25 +344,13 @@ async def _main(options: TailOptions) -> int:
             # Closing the watch ends an iteration waiting in the other task: a cancellation
             # alone can be lost in a client library that swallows CancelledError.
             await watch.aclose()
-            await _finished(follow)
+            await stop_with_grace([follow], grace_s=10.0)
             await close()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
     if not follow.cancelled() and (error := follow.exception()) is not None:
         if isinstance(error, BrokenPipeError):  # e.g. `koprs-bridge tail ... | head`
             return 0
         raise error
     return 0
-
-
-async def _finished(task: asyncio.Task[None], grace_s: float = 10.0) -> None:
-    """Wait for ``task``, which was told to stop; cancel it if it does not within the grace."""
-    done, _ = await asyncio.wait({task}, timeout=grace_s)
-    while not done:
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=1.0)
 
 
 def run_tail(options: TailOptions) -> int:

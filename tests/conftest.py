@@ -34,12 +34,15 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 import pytest_asyncio
 
+from bridge.telemetry.logs import quiet_asyncio_tls_notice
 from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
 pytest_plugins = ("pytester",)
+
+quiet_asyncio_tls_notice()  # as the logging set-up of the command line does
 
 _SERVER_FIXTURES = frozenset(
     {"redis_server", "nats_server", "s3_server", "redis_url", "nats_url", "s3_bucket"}

@@ -24,7 +24,7 @@ from typing import Any
 import jsonschema
 
 from bridge.cloudevents import SCHEMA_BASE_URI, TYPE_PREFIX, header_value
-from bridge.errors import DecodeError
+from bridge.errors import DecodeError, UnknownEventTypeError
 from bridge.events import Added, EventKind, ExternalEvent, Modified, Removed
 from bridge.schemas import load_schema, schemas_by_id
 from bridge.sources.http import HttpResource
@@ -47,10 +47,6 @@ _KINDS: dict[str, type[ExternalEvent[Any]]] = {
     "modified": Modified,
     "removed": Removed,
 }
-
-
-class UnknownEventTypeError(DecodeError):
-    """A well-formed CloudEvent whose type or schema version this version does not know."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,7 +85,8 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from bridge.connections import describe_error, keep_cancellation, redis_client
+from bridge.aio import Backoff, keep_cancellation
+from bridge.connections import describe_error, redis_client
 from bridge.consumer.base import Synced
 from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
@@ -413,7 +414,8 @@ class RedisWatch(RedisEntries):
 
     async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run ``step`` until it succeeds or the watch is closed; back off after errors."""
-        delay = 0.05
+        backoff = Backoff(0.05, max(self.config.retry_max_s, 0.05))
+        delay = backoff.next()
         while not self._closed:
             try:
                 await step()
@@ -431,7 +433,7 @@ class RedisWatch(RedisEntries):
                 log.warning("Redis %s: %s; recreating it", self._where, exc)
                 self._check_streams = True
             await asyncio.sleep(delay)
-            delay = min(delay * 2, max(self.config.retry_max_s, 0.05))
+            delay = backoff.next()
 
 
 def _per_stream(reply: Any) -> list[tuple[str, list[Any]]]:

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from bridge.aio import stop_with_grace
 from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.errors import BridgeError, FencedError, StateError
 from bridge.sinks import Sink
@@ -33,7 +34,7 @@ from bridge.watching import (
     log_poll_failure,
 )
 
-__all__ = ["PublishedCallback", "SourceLoop", "SourceSpec"]
+__all__ = ["PublishedCallback", "SourceLoop", "SourceSpec", "stop_loops"]
 
 log = logging.getLogger("bridge.delivery")
 
@@ -316,3 +317,19 @@ class SourceLoop:
             "pending_events": sum(len(p.changeset.events) for p in self._queue),
             "steps": self.steps,
         }
+
+
+async def stop_loops(
+    running: Sequence[tuple[SourceLoop, asyncio.Task[Any]]],
+    grace_s: float,
+    *,
+    on_late: Callable[[asyncio.Task[Any]], None] | None = None,
+) -> None:
+    """Stop source loops, each running in its task: an idle loop's task is cancelled at once;
+    one in the middle of a step (a publish) finishes it within ``grace_s``, then its task is
+    cancelled (``on_late`` is told first). Safe: state is committed only after acks."""
+    for loop, task in running:
+        loop.stop()
+        if not loop.busy:
+            task.cancel()
+    await stop_with_grace([task for _, task in running], grace_s, on_late=on_late)

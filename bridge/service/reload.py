@@ -16,26 +16,25 @@ is logged with its :class:`~bridge.errors.ConfigError` message and the running c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from bridge import aio
 from bridge.errors import ConfigError
+from bridge.extras import check_config_extras
 from bridge.secrets import Secret
 from bridge.service.config import BridgeConfig, SourceConfig, load_config
-
-if TYPE_CHECKING:
-    from bridge.service.runner import Bridge
 
 __all__ = [
     "RESTART_SECTIONS",
     "ConfigWatcher",
     "ReloadPlan",
+    "Reloadable",
     "plan_reload",
     "run_with_reload",
     "same_source",
@@ -144,6 +143,14 @@ def _comparable(value: Any) -> Any:
     return value
 
 
+class Reloadable(Protocol):
+    """What a :class:`ConfigWatcher` reloads: a :class:`~bridge.service.runner.Bridge`."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    async def reload(self, config: BridgeConfig) -> ReloadPlan: ...
+
+
 class ConfigWatcher:
     """Polls a config file and reloads the bridge when its content changes.
 
@@ -178,21 +185,17 @@ class ConfigWatcher:
         except OSError:
             return None
 
-    async def run(self, bridge: Bridge, stop: asyncio.Event) -> None:
+    async def run(self, bridge: Reloadable, stop: asyncio.Event) -> None:
         """Check every ``interval_s`` until ``stop`` is set."""
         log.info(
             "watching %s for changes every %gs (sources are reloaded without a restart)",
             self.path,
             self.interval_s,
         )
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            if stop.is_set():
-                break
+        while not await aio.sleep(self.interval_s, stop):
             await self.check(bridge)
 
-    async def check(self, bridge: Bridge) -> ReloadPlan | None:
+    async def check(self, bridge: Reloadable) -> ReloadPlan | None:
         """Reload if the file changed since the last check; the plan applied, if any."""
         try:
             return await self._check(bridge)
@@ -201,7 +204,7 @@ class ConfigWatcher:
                 self.checks += 1
                 self._checked.notify_all()
 
-    async def _check(self, bridge: Bridge) -> ReloadPlan | None:
+    async def _check(self, bridge: Reloadable) -> ReloadPlan | None:
         try:
             digest: str | None = hashlib.sha256(self.path.read_bytes()).hexdigest()
         except OSError as exc:
@@ -219,6 +222,7 @@ class ConfigWatcher:
         self._digest = digest
         try:
             config = load_config(self.path, self.env)
+            check_config_extras(config)  # an s3: source added without the `s3` extra
         except ConfigError as exc:
             self.rejected += 1
             self.last_error = str(exc)
@@ -244,7 +248,7 @@ class ConfigWatcher:
             await self._checked.wait_for(predicate)
 
 
-async def run_with_reload(bridge: Bridge, watcher: ConfigWatcher, stop: asyncio.Event) -> None:
+async def run_with_reload(bridge: Reloadable, watcher: ConfigWatcher, stop: asyncio.Event) -> None:
     """Run ``bridge`` until ``stop`` is set, reloading it when ``watcher``'s file changes."""
     watching = asyncio.create_task(watcher.run(bridge, stop), name="config-watcher")
     try:

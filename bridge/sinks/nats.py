@@ -116,8 +116,11 @@ class NatsSink:
     """Publishes to JetStream; see the module docstring. ``publish()`` connects if needed.
 
     Acknowledgements come to one inbox subscription of the sink (``<inbox>.<batch>.<index>``)
-    and are counted per batch: far cheaper per message than nats-py's ``publish_async``, which
-    makes a future, a token and a callback for each.
+    and are recorded per message of the batch. That is what lets a batch survive a reconnect:
+    the sink knows which messages are still unacknowledged and sends exactly those again, in
+    order, on the new connection (see the module docstring). It is not there for speed: against
+    nats-py's ``publish_async`` of the same messages, encoded beforehand, throughput is
+    0.91-1.01x (bench/RESULTS.md, the JetStream ``publish`` rows, sink only).
     """
 
     def __init__(self, config: NatsSinkConfig | None = None) -> None:

@@ -31,7 +31,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from bridge.errors import ConfigError
+from bridge.errors import MissingExtraError
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
@@ -154,22 +154,18 @@ def build_provider(config: TracingConfig) -> tuple[SdkTracerProvider, SpanExport
             SpanExportResult,
         )
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    except ImportError as exc:  # pragma: no cover - depends on the installed extras
-        raise ConfigError(
-            f"tracing.exporter {config.exporter!r} needs the OpenTelemetry SDK: "
-            "pip install 'koprs-bridge[otel]'"
-        ) from exc
+    except ModuleNotFoundError as exc:  # the `otel` extra (tests/service/test_base_install.py)
+        feature = f"tracing.exporter {config.exporter!r}"
+        raise MissingExtraError(feature, "otel", exc.name or "opentelemetry.sdk") from exc
     exporter: SpanExporter
     if config.exporter == "console":
         exporter = ConsoleSpanExporter(service_name=config.service_name)
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise ConfigError(
-                "tracing.exporter 'otlp' needs opentelemetry-exporter-otlp-proto-http: "
-                "pip install 'koprs-bridge[otel]'"
-            ) from exc
+        except ModuleNotFoundError as exc:  # the `otel` extra
+            module = exc.name or "opentelemetry.exporter.otlp.proto.http"
+            raise MissingExtraError("tracing.exporter 'otlp'", "otel", module) from exc
         endpoint = otlp_traces_endpoint(config.endpoint) if config.endpoint else None
         exporter = OTLPSpanExporter(endpoint=endpoint)
 

@@ -218,11 +218,14 @@ async def test_nats_from_start_lists_then_follows_as_json(nats_url: str) -> None
     items = sorted((e["source_name"], e["key"], e["kind"], e["initial"]) for e in listed[:3])
     assert items == [
         ("files", "a", "added", True),
-        ("files", "c", "added", True),  # its latest event was a modification: listed as added
+        ("files", "c", "modified", True),  # its latest event: the kind of its type
         ("web", "page", "added", True),
     ]
     c_line = next(e for e in listed if e["key"] == "c")
     assert c_line["id"] == published[4].id
+    assert c_line["type"] == "dev.koprs.external.modified.v1"
+    for line in listed[:3]:  # kind and type never contradict each other
+        assert line["type"] == f"dev.koprs.external.{line['kind']}.v1"
     assert c_line["resource"] == {
         "path": "c",
         "etag": "e-Modified",
@@ -331,11 +334,13 @@ def test_bad_arguments_exit_2() -> None:
 # -- formatting ---------------------------------------------------------------------------------
 
 
-def envelope(event: ExternalEvent[Any], key: str, source_name: str | None = "web") -> Envelope:
+def envelope(
+    event: ExternalEvent[Any], key: str, source_name: str | None = "web", published: str = ""
+) -> Envelope:
     return Envelope(
         event=event,
         id="0" * 32,
-        type=f"dev.koprs.external.{event.kind}.v1",
+        type=f"dev.koprs.external.{published or event.kind}.v1",
         source="https://cfg.test/app.json",
         source_name=source_name,
         subject=key,
@@ -360,3 +365,21 @@ def test_format_of_http_events_and_odd_keys() -> None:
     assert data["source_name"] is None
     fields = re.split(r"\s{2,}", format_line(envelope(Added(resource), "k", source_name=None)))
     assert fields[2] == "https://cfg.test/app.json"
+
+
+def test_an_initial_item_keeps_the_kind_of_its_type() -> None:
+    """A watch lists an item whose latest event was a modification as ``Added``: tail shows
+    the event as published (``modified``, its type) and marks it initial."""
+    resource = HttpResource("https://cfg.test/app.json", 200, b"{}", '"e"', None, None)
+    listed = envelope(Added(resource), "k", published="modified")
+    data = json.loads(format_json(listed, initial=True))
+    assert (data["kind"], data["type"], data["initial"]) == (
+        "modified",
+        "dev.koprs.external.modified.v1",
+        True,
+    )
+    line = format_line(listed, initial=True)
+    assert re.split(r"\s{2,}", line)[1] == "modified"
+    assert line.endswith("(initial)")
+    live = json.loads(format_json(envelope(Modified(resource), "k")))
+    assert (live["kind"], live["initial"]) == ("modified", False)

@@ -17,7 +17,7 @@ from operator import attrgetter
 from pathlib import Path
 
 from bridge.errors import StoreError
-from bridge.sources.stores import StoredObject
+from bridge.sources.stores.base import StoredObject
 
 __all__ = ["LocalStore"]
 

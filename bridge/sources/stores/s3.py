@@ -29,29 +29,32 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-import aioboto3
-from aiobotocore.credentials import (
-    AioAssumeRoleWithWebIdentityCredentialFetcher,
-    AioCredentials,
-    AioDeferredRefreshableCredentials,
-)
-from aiobotocore.session import AioSession
-from botocore.config import Config
-from botocore.credentials import ReadOnlyCredentials
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    CredentialRetrievalError,
-    InvalidConfigError,
-    NoCredentialsError,
-    PartialCredentialsError,
-    ProfileNotFound,
-    UnknownCredentialError,
-)
-
-from bridge.errors import SourceUnavailableError, StoreError
+from bridge.errors import MissingExtraError, SourceUnavailableError, StoreError
 from bridge.secrets import Secret, redact_url
-from bridge.sources.stores import StoredObject
+from bridge.sources.stores.base import StoredObject
+
+try:
+    import aioboto3
+    from aiobotocore.credentials import (
+        AioAssumeRoleWithWebIdentityCredentialFetcher,
+        AioCredentials,
+        AioDeferredRefreshableCredentials,
+    )
+    from aiobotocore.session import AioSession
+    from botocore.config import Config
+    from botocore.credentials import ReadOnlyCredentials
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        CredentialRetrievalError,
+        InvalidConfigError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ProfileNotFound,
+        UnknownCredentialError,
+    )
+except ModuleNotFoundError as exc:  # the `s3` extra is not installed
+    raise MissingExtraError("S3Store", "s3", exc.name or "aioboto3") from exc
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
