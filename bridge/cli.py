@@ -10,9 +10,10 @@
                           print the AsyncAPI 3.0 document of what the bridge publishes
 ``init [--http URL] [--s3 s3://BUCKET/PREFIX] [--local PATH] [--broker URL] [--redis URL]``
                           write a commented starter bridge.yaml for those sources
+``config-schema``         print the JSON Schema of the config file (for editors and CI)
 
 ``--log-level`` goes before or after the subcommand. Invalid configs exit with status 2 and
-one message naming the file, key and problem.
+one line per problem naming the file (or the environment variable), the key and the problem.
 """
 
 from __future__ import annotations
@@ -56,8 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _asyncapi(args.config, args.format)
         if args.command == "init":
             return _init(args)
+        if args.command == "config-schema":
+            return _config_schema()
     except ConfigError as exc:
-        print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
+        problems = str(exc).splitlines()  # one per line, each naming its file or variable
+        if len(problems) > 1:
+            problems.insert(0, f"{len(problems)} problems:")
+        print("koprs-bridge: invalid config: " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_INVALID
     except BridgeError as exc:
         print(f"koprs-bridge: {exc}", file=sys.stderr)
@@ -162,6 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output", type=Path, default=Path("bridge.yaml"), help="file to write; - for stdout"
     )
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    command("config-schema", help="print the JSON Schema of the config file")
     return parser
 
 
@@ -247,6 +254,15 @@ def _asyncapi(path: Path, fmt: str) -> int:
 
     document = asyncapi_document(load_config(path))
     sys.stdout.write(render(document, "yaml" if fmt == "yaml" else "json"))
+    return 0
+
+
+def _config_schema() -> int:
+    import json
+
+    from bridge.service.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 

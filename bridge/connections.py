@@ -2,8 +2,8 @@
 
 Every NATS and Redis connection of koprs-bridge (the sinks, the leader election's Redis client,
 ``koprs-bridge status``, the consumers and ``koprs-bridge tail``) is made here, from a URL plus
-an optional :class:`~bridge.service.config.TlsConfig` and
-:class:`~bridge.service.config.AuthConfig`:
+an optional :class:`~bridge.connection_settings.TlsConfig` and
+:class:`~bridge.connection_settings.AuthConfig`:
 
 * :func:`ssl_context`: an :class:`ssl.SSLContext` from a ``TlsConfig`` (custom CA, client
   certificate for mutual TLS, ``verify: false``), from the cache of :mod:`bridge.tls` shared
@@ -52,9 +52,9 @@ from bridge.connection_errors import (
     TlsNotOffered,
     describe_error,
 )
+from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 from bridge.errors import BridgeError, ConfigError
 from bridge.secrets import Secret, redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.tls import client_context
 
 __all__ = [
@@ -301,7 +301,7 @@ class TlsConnection(Connection):
 async def redis_session(
     url: str,
     tls: TlsConfig | None = None,
-    auth: AuthConfig | None = None,
+    auth: RedisAuthConfig | None = None,
     *,
     doing: str,
     timeout_s: float = 10.0,
@@ -321,7 +321,7 @@ async def redis_session(
 
 
 def redis_client(
-    url: str, tls: TlsConfig | None = None, auth: AuthConfig | None = None, **options: Any
+    url: str, tls: TlsConfig | None = None, auth: RedisAuthConfig | None = None, **options: Any
 ) -> redis.asyncio.Redis:
     """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
 

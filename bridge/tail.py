@@ -43,13 +43,13 @@ from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
 from bridge.aio import stop_on_signals, stop_with_grace
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.connections import describe_error, redis_session
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
 from bridge.jsonable import jsonable
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, REDIS_STREAM_PREFIX, validate_source_name

@@ -86,13 +86,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bridge.aio import Backoff, keep_cancellation
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.connections import describe_error, redis_client
 from bridge.consumer.base import Synced
 from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sinks.redis_config import items_key
 from bridge.subjects import REDIS_STREAM_PREFIX
 

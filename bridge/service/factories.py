@@ -146,7 +146,9 @@ def build_state_store(config: BridgeConfig) -> StateStore:
     if config.state_path is not None:
         from bridge.state.files import FileStateStore
 
-        return FileStateStore(Path(config.state_path))
+        # one process per folder; with leader election the state is in Redis
+        exclusive = config.leader_election is None
+        return FileStateStore(Path(config.state_path), exclusive=exclusive)
     return MemoryStateStore()
 
 

@@ -24,6 +24,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import BaseModel
+
 from bridge import aio
 from bridge.errors import ConfigError
 from bridge.extras import check_config_extras
@@ -127,14 +129,10 @@ def _comparable(value: Any) -> Any:
         if value.origin.startswith("file:"):
             return ("secret", value.origin)
         return ("secret", value.origin, hashlib.sha256(value.reveal().encode()).hexdigest())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if isinstance(value, BaseModel):
         return (
             type(value).__name__,
-            tuple(
-                (f.name, _comparable(getattr(value, f.name)))
-                for f in dataclasses.fields(value)
-                if f.name != "origin"
-            ),
+            tuple((name, _comparable(getattr(value, name))) for name in type(value).model_fields),
         )
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), _comparable(v)) for k, v in value.items()))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from bridge import aio
@@ -24,7 +23,7 @@ from bridge.service.config import BridgeConfig, LeaderElectionConfig
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
 from bridge.service.factories import build_sink, build_source, build_state_store, replica_id
 from bridge.sinks import Sink
-from bridge.state import StateStore
+from bridge.state import MemoryStateStore, StateStore
 from bridge.telemetry import Telemetry
 from bridge.telemetry.service import broker_ready
 
@@ -76,6 +75,11 @@ class Bridge:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop within about ``shutdown_grace_s``."""
         await self.telemetry.start()  # /healthz answers (and /readyz says why not) at once
+        if isinstance(self.state, MemoryStateStore) and self.config.leader_election is None:
+            log.warning(
+                "source state is kept in memory only (no state.path): a restart publishes "
+                "every item again as Added, under new event ids; set state.path to keep it"
+            )
         try:
             if not await self._connect(stop):
                 return
@@ -178,7 +182,7 @@ class Bridge:
             for name in plan.removed:
                 self.telemetry.metrics.forget(name)
             self.specs = specs
-            self.config = replace(self.config, sources=config.sources)
+            self.config = self.config.model_copy(update={"sources": config.sources})
             if self.coordinator is None and self._phase == "running":
                 for spec in specs:
                     if spec.name not in self._tasks:

@@ -82,6 +82,13 @@ class SourceTelemetry:
             return _NULL
         return _PublishScope(self, events)
 
+    def rejected(self, reason: str) -> None:
+        """One item was left out of a batch (``reason``: see ``REJECTION_REASONS``)."""
+        if self.metrics is not None:
+            counter = self.metrics.rejected.get(reason)
+            if counter is not None:
+                counter.inc()
+
     def set_lease_held(self, held: bool) -> None:
         if self.metrics is not None:
             self.metrics.set_lease_held(held)

@@ -17,17 +17,6 @@ import pytest
 PACKAGE = "bridge"
 ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
-TOLERATED: frozenset[tuple[str, str]] = frozenset(
-    {
-        # load_config's deferred imports of the hand-written readers, which import the config
-        # dataclasses back: gone with the configuration on pydantic (issue 13, part 1)
-        ("bridge.service.config", "bridge.service.config_document"),
-        ("bridge.service.config", "bridge.service.config_reader"),
-    }
-)
-"""Edges left out of the scan until the change that removes them is merged; each must still
-exist (``test_tolerated_edges_still_exist``), so the list cannot outlive its reason."""
-
 
 def module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
@@ -138,10 +127,7 @@ def one_cycle(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 
 def test_no_import_cycle_among_bridge_modules() -> None:
-    graph = import_graph()
-    for importer, imported in TOLERATED:
-        graph[importer].discard(imported)
-    found = cycles(graph)
+    found = cycles(import_graph())
     assert not found, "import cycles among bridge modules:\n" + "\n".join(
         "  " + " -> ".join(cycle) for cycle in found
     )
@@ -189,12 +175,6 @@ def test_layers_point_one_way(lower: str, never: tuple[str, ...]) -> None:
         if reached.startswith(never)
     )
     assert not wrong, "imports against the layering:\n  " + "\n  ".join(wrong)
-
-
-def test_tolerated_edges_still_exist() -> None:
-    graph = import_graph()
-    stale = sorted(edge for edge in TOLERATED if edge[1] not in graph.get(edge[0], set()))
-    assert not stale, f"no longer imported: remove from TOLERATED: {stale}"
 
 
 def test_the_scan_sees_every_kind_of_import(tmp_path: Path) -> None:
