@@ -1,10 +1,19 @@
 """``LocalStore``: a directory tree as an object store.
 
-Paths are relative to the root with ``/`` separators, listed in key order. The ETag is
-``<mtime_ns>-<size>`` in hex: listing never reads file contents, so a large tree stays cheap to
-poll. A rewrite that keeps both the size and the nanosecond mtime (only possible by resetting
-the mtime on purpose) is not seen. Symbolic links are followed to files, not into directories;
-files that vanish while the tree is walked are skipped.
+Paths are relative to the root with ``/`` separators, listed in key order. The ETag is, by
+``etag``:
+
+* ``"mtime"`` (the default): ``<mtime_ns>-<size>`` in hex. Listing never reads file contents,
+  so a large tree stays cheap to poll; a ``touch`` (or a rewrite with the same bytes) is a
+  change. A rewrite that keeps both the size and the nanosecond mtime (only possible by
+  resetting the mtime on purpose) is not seen.
+* ``"content"``: a BLAKE2b-128 digest of the bytes, in hex. A file is read again only when its
+  mtime, size or inode moved since the last listing (the digests are cached per file), so a
+  poll of an unchanged tree costs what ``"mtime"`` costs plus a cache lookup; the first poll,
+  and every changed file, costs a full read. The cache holds about 150 bytes per file.
+
+Symbolic links are followed to files, not into directories; files that vanish while the tree
+is walked are skipped.
 
 File names are bytes; keys are text. A name that is valid UTF-8 is its own key. A name that is
 not (``bad\\xff.json``) is listed under a key where every byte that is not part of valid UTF-8
@@ -20,18 +29,24 @@ that one is listed and the other skipped, with a warning.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote_to_bytes
 
 from bridge.errors import StoreError
 from bridge.sources.stores.base import StoredObject
 
-__all__ = ["LocalStore", "file_key", "file_name"]
+__all__ = ["LocalEtag", "LocalStore", "file_key", "file_name"]
+
+LocalEtag = Literal["mtime", "content"]
+"""What a local file's ETag is made of (see the module docstring)."""
+_READ_CHUNK = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +92,14 @@ def _name_part(part: str) -> str:
 class LocalStore:
     """Objects are the files under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, etag: LocalEtag = "mtime") -> None:
+        if etag not in ("mtime", "content"):
+            raise ValueError(f"etag must be 'mtime' or 'content', not {etag!r}")
         self.root = Path(root).absolute()
         self.uri = self.root.as_uri()
+        self.etag: LocalEtag = etag
+        self._digests: dict[str, tuple[int, int, int, str]] = {}
+        """With etag "content": path -> (mtime_ns, size, inode, digest) of the last listing."""
 
     async def put(self, path: str, data: bytes) -> None:
         target = self._resolve(path)
@@ -108,6 +128,7 @@ class LocalStore:
         # Paths here are keys (file_key of each name); directories are walked by their real path.
         start_rel = prefix.rpartition("/")[0]
         found: list[StoredObject] = []
+        digests: dict[str, tuple[int, int, int, str]] = {}
         escaped: set[int] = set()
         """The ids of the objects whose path has an escaped part (see _without_clashes)."""
         start = file_name(start_rel)
@@ -132,7 +153,7 @@ class LocalStore:
                         st = entry.stat()
                         obj = StoredObject(
                             path,
-                            f"{st.st_mtime_ns:x}-{st.st_size:x}",
+                            self._etag(path, entry.path, st, digests),
                             st.st_size,
                             datetime.fromtimestamp(st.st_mtime, UTC),
                         )
@@ -142,7 +163,34 @@ class LocalStore:
                 except FileNotFoundError:
                     continue
         found.sort(key=attrgetter("path"))  # in key order, as S3 lists: the poller merges
+        if self.etag == "content":
+            self._digests = digests  # files gone since the last listing are forgotten
         return _without_clashes(found, escaped) if escaped else found
+
+    def _etag(
+        self,
+        key: str,
+        path: str,
+        st: os.stat_result,
+        digests: dict[str, tuple[int, int, int, str]],
+    ) -> str:
+        if self.etag == "mtime":
+            return f"{st.st_mtime_ns:x}-{st.st_size:x}"
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._digests.get(key)
+        fresh = cached is not None and cached[:3] == stamp
+        digest = cached[3] if cached is not None and fresh else _file_digest(path)
+        digests[key] = (*stamp, digest)
+        return digest
+
+
+def _file_digest(path: str) -> str:
+    """BLAKE2b-128 of the file's bytes, in hex (read in chunks: any size)."""
+    hasher = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as file:
+        while chunk := file.read(_READ_CHUNK):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _without_clashes(found: list[StoredObject], escaped: set[int]) -> list[StoredObject]:
