@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.service.config import parse_config
 from bridge.service.runner import Bridge
 from bridge.telemetry import Metrics
+from bridge.telemetry.metrics import ConsumerMetrics
 from tests.support.servers import LOOPBACK, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -188,9 +189,11 @@ async def running_bridge(redis_url: str, nats_url: str, folder: Path) -> AsyncIt
 
 def declared_labels() -> dict[str, set[str]]:
     """The label names of every koprs_bridge sample name, from the collectors themselves (a
-    labelled counter with no child yet has no sample on /metrics)."""
+    labelled counter with no child yet has no sample on /metrics): the bridge's, and the
+    consumers' (:class:`ConsumerMetrics`, exported by the operator that runs the handler)."""
     labels: dict[str, set[str]] = {}
-    for collector in Metrics().registry._collector_to_names:
+    registries = (Metrics().registry, ConsumerMetrics().registry)
+    for collector in (c for r in registries for c in r._collector_to_names):
         for family in collector.describe():  # type: ignore[attr-defined]
             names = getattr(collector, "_labelnames", ())
             suffixes = {
@@ -238,7 +241,9 @@ async def test_every_metric_and_label_the_dashboard_and_rules_use_is_exported(
         available: set[str] = set(TARGET_LABELS)
         for metric in metrics:
             family = re.sub(r"_(total|bucket|count|sum)$", "", metric)
-            assert metric in exported or family in families, f"{where}: {metric} is not exported"
+            consumer_side = metric.startswith("koprs_bridge_consumer_")  # an operator's /metrics
+            exported_here = metric in exported or family in families
+            assert exported_here or consumer_side, f"{where}: {metric} is not exported"
             assert metric in declared, f"{where}: {metric} is no sample name of the bridge"
             available |= exported.get(metric, set()) | declared[metric]
         wanted = labels_used(expr) | legend_labels(legend)
