@@ -48,6 +48,7 @@ from bridge.watching import (
     Schedule,
     WatchConfig,
     log_poll_failure,
+    log_recovery,
 )
 
 __all__ = ["PublishedCallback", "SourceLoop", "SourceSpec", "stop_loops"]
@@ -195,6 +196,7 @@ class SourceLoop:
                 await self.clock.sleep(delay)
         due = self.clock.monotonic()
         schedule = Schedule(self.spec.watch, due, self.rng)
+        failing_since = 0.0
         while not self._stopping:
             async with self.slots or contextlib.nullcontext():
                 if self.lag is not None:
@@ -211,6 +213,10 @@ class SourceLoop:
                 break
             missed = schedule.missed
             now = self.clock.monotonic()
+            if error is None and schedule.failures:
+                log_recovery(self.spec.name, schedule.failures, now - failing_since)
+            elif error is not None and not schedule.failures:
+                failing_since = now
             delay = schedule.next_delay(now, ok=error is None)
             if self.lag is not None:
                 self.lag.skipped(schedule.missed - missed)
