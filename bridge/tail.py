@@ -253,6 +253,13 @@ async def _open_redis(options: TailOptions) -> tuple[Watch, Closer]:
             f"no koprs:external:* stream on {redact_url(options.url)} yet: name the sources "
             "with --source (their streams may be created later)"
         )
+    if not options.sources:  # Redis has no subject wildcard: the streams are named up front
+        print(
+            f"koprs-bridge tail: the streams that exist now are {', '.join(sources)}; a source "
+            "whose stream appears later is not followed: name it with --source, or start tail "
+            "again",
+            file=sys.stderr,
+        )
     watch = watch_redis(
         options.url,
         sources,

@@ -200,6 +200,9 @@ async def test_redis_live_lines_of_every_existing_stream(
         await sink.aclose()
     assert code == 0
     assert rest == ""
+    said = "".join(t.stderr)  # that a stream created later is not followed, and what to do
+    assert "the streams that exist now are files, web" in said
+    assert "name it with --source" in said
     assert (
         first == '2026-01-02T03:04:05.123456Z  modified  web  "page one"  size=10 etag=e-Modified'
     )
