@@ -110,6 +110,18 @@ def _removed_versions(part: Changeset, replay: Replay) -> dict[str, str]:
     return found
 
 
+def _leads(part: Changeset) -> dict[str, list[tuple[str, str]]]:
+    """The events of each item with more than one in the batch (a replay's: an earlier
+    intent's events again, then the change since), all but its last: see ``Intent.lead``."""
+    chains: dict[str, list[tuple[str, str]]] = {}
+    for event in part.events:
+        key = getattr(event.resource, "key", None)
+        version = getattr(event.resource, "version", None)
+        if isinstance(key, str) and isinstance(version, str):
+            chains.setdefault(key, []).append((event.kind, version))
+    return {key: chain[:-1] for key, chain in chains.items() if len(chain) > 1}
+
+
 class SourceLoop:
     """Runs one source until cancelled or :meth:`stop` is called."""
 
@@ -291,7 +303,7 @@ class SourceLoop:
             after = dict(checkpoint.state)
             apply_delta(after, intent.delta)
             source.restore(after)
-            replay = Replay(checkpoint.state, intent.delta, intent.removed)
+            replay = Replay(checkpoint.state, intent.delta, intent.removed, intent.lead)
             self._replay = (replay, intent.revision)
         else:
             source.restore(checkpoint.state)
@@ -342,15 +354,18 @@ class SourceLoop:
             if part.events and stateful:
                 delta = part.delta
                 removed: dict[str, str] = {}
+                lead: dict[str, list[tuple[str, str]]] = {}
                 if replay is not None and len(parts) > 1:
                     # Until every batch of a replay is committed, the unsettled rest of the old
                     # intent stays recorded: those events may have been published.
                     later = {k for p in parts[index + 1 :] for k in p.delta if k in replay.delta}
                     delta = {**{k: replay.delta[k] for k in later}, **part.delta}
                     removed = {k: replay.removed[k] for k in later if k in replay.removed}
-                if replay is not None:
+                    lead = {k: list(replay.lead[k]) for k in later if k in replay.lead}
+                if replay is not None:  # only a replay emits more than one event of an item
                     removed.update(_removed_versions(part, replay))
-                pending.intent = Intent(target, delta, removed)
+                    lead.update(_leads(part))
+                pending.intent = Intent(target, delta, removed, lead)
             batches.append(pending)
         return batches
 

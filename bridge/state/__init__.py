@@ -52,6 +52,10 @@ class Intent:
     """The version of each item the batch removes that the committed state does not hold: one
     a replay found in an earlier intent (maybe published) and gone since. A later replay needs
     it to emit that ``Removed`` again with the same id."""
+    lead: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per item, the (kind, version) of the events the batch emits before its last one: a
+    replay emits an earlier intent's events again before the change since (see
+    ``bridge.sources.base.replay_chain``); a later replay emits them again too."""
 
 
 @dataclass(slots=True)
@@ -103,6 +107,8 @@ def intent_to_record(intent: Intent) -> dict[str, Any]:
     record: dict[str, Any] = {"rev": intent.revision, "delta": intent.delta}
     if intent.removed:
         record["removed"] = intent.removed
+    if intent.lead:
+        record["lead"] = {k: [list(e) for e in events] for k, events in intent.lead.items()}
     return record
 
 
@@ -118,7 +124,19 @@ def intent_from_record(record: Mapping[str, Any]) -> Intent:
         isinstance(k, str) and isinstance(v, str) for k, v in removed.items()
     ):
         raise ValueError("an intent's removed versions must map strings to strings")
-    return Intent(int(record["rev"]), dict(delta), dict(removed))
+    lead = record.get("lead", {})
+    if not isinstance(lead, dict) or not all(
+        isinstance(k, str)
+        and isinstance(events, list)
+        and all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(p, str) for p in e)
+            for e in events
+        )
+        for k, events in lead.items()
+    ):
+        raise ValueError("an intent's lead must map strings to lists of [kind, version]")
+    chains = {k: [(e[0], e[1]) for e in events] for k, events in lead.items()}
+    return Intent(int(record["rev"]), dict(delta), dict(removed), chains)
 
 
 class MemoryStateStore:
