@@ -243,7 +243,6 @@ class Coordinator:
                 task = asyncio.create_task(self._give_up(led))
                 self._leaving.add(task)
                 task.add_done_callback(self._leaving.discard)
-                task.add_done_callback(lambda _, n=name, g=led: self._gave_up(n, g))
         others = [left for member, left in beat.live.items() if member != self.replica]
         self._retry_in_s = min(others) if others else None  # a member dying this period
         want = share - len(self.led)
@@ -320,11 +319,11 @@ class Coordinator:
 
     async def _give_up(self, led: _Led) -> None:
         """Stop leading a source: let a publish in flight finish (bounded), release the lease."""
-        await stop_loops([(led.loop, led.task)], self.shutdown_grace_s)
-
-    def _gave_up(self, name: str, led: _Led) -> None:
-        if self._giving_up.get(name) is led:
-            del self._giving_up[name]
+        try:
+            await stop_loops([(led.loop, led.task)], self.shutdown_grace_s)
+        finally:
+            if self._giving_up.get(led.lease.source) is led:
+                del self._giving_up[led.lease.source]
 
     def status(self) -> dict[str, Any]:
         return {
