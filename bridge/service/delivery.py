@@ -110,11 +110,16 @@ def _removed_versions(part: Changeset, replay: Replay) -> dict[str, str]:
     return found
 
 
-def _leads(part: Changeset) -> dict[str, list[tuple[str, str]]]:
-    """The events of each item with more than one in the batch (a replay's: an earlier
+def _key_of(event: ExternalEvent[Any]) -> str | None:
+    key = getattr(event.resource, "key", None)
+    return key if isinstance(key, str) else None
+
+
+def _leads(events: Sequence[ExternalEvent[Any]]) -> dict[str, list[tuple[str, str]]]:
+    """The events of each item with more than one among ``events`` (a replay's: an earlier
     intent's events again, then the change since), all but its last: see ``Intent.lead``."""
     chains: dict[str, list[tuple[str, str]]] = {}
-    for event in part.events:
+    for event in events:
         key = getattr(event.resource, "key", None)
         version = getattr(event.resource, "version", None)
         if isinstance(key, str) and isinstance(version, str):
@@ -347,6 +352,13 @@ class SourceLoop:
         else:
             replay, target = None, self.revision + 1 if changeset.events else self.revision
         parts = changeset.split(self.spec.max_batch_events)
+        # Only a replay emits more than one event of an item: its earlier intent's events
+        # again, then the change since (see Intent.lead), maybe across batches.
+        leads = _leads(changeset.events) if replay is not None and stateful else {}
+        ends: dict[str, int] = {}  # the batch with the last event of each such item
+        if leads:
+            for index, part in enumerate(parts):
+                ends.update({k: index for e in part.events if (k := _key_of(e)) in leads})
         batches: list[_Pending] = []
         for index, part in enumerate(parts):
             revision = target if index == len(parts) - 1 else self.revision
@@ -362,9 +374,10 @@ class SourceLoop:
                     delta = {**{k: replay.delta[k] for k in later}, **part.delta}
                     removed = {k: replay.removed[k] for k in later if k in replay.removed}
                     lead = {k: list(replay.lead[k]) for k in later if k in replay.lead}
-                if replay is not None:  # only a replay emits more than one event of an item
+                if replay is not None:
                     removed.update(_removed_versions(part, replay))
-                    lead.update(_leads(part))
+                if leads:
+                    lead.update({k: leads[k] for k, end in ends.items() if end == index})
                 pending.intent = Intent(target, delta, removed, lead)
             batches.append(pending)
         return batches

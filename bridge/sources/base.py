@@ -49,19 +49,29 @@ class Changeset:
     _on_commit: Callable[[], None] | None = field(default=None, repr=False)
 
     def split(self, max_events: int) -> list[Changeset]:
-        """Parts of at most ``max_events`` events, each with the delta entries of its events'
-        keys (the rest of the delta goes with the last part). Committing every part, in order,
-        is the same as committing this changeset."""
+        """Parts of at most ``max_events`` events, each with the delta entries of the keys
+        whose last event it holds (a replay may emit several events of one item; the rest of
+        the delta goes with the last part). Committing every part, in order, is the same as
+        committing this changeset."""
         if len(self.events) <= max_events:
             return [self]
         delta = dict(self.delta)
-        parts: list[Changeset] = []
-        for start in range(0, len(self.events), max_events):
-            events = self.events[start : start + max_events]
-            part: StateDelta = {}
+        chunks = [
+            self.events[start : start + max_events]
+            for start in range(0, len(self.events), max_events)
+        ]
+        last: dict[str, int] = {}
+        for index, events in enumerate(chunks):
             for event in events:
                 key = getattr(event.resource, "key", None)
                 if key is not None and key in delta:
+                    last[key] = index
+        parts: list[Changeset] = []
+        for index, events in enumerate(chunks):
+            part: StateDelta = {}
+            for event in events:
+                key = getattr(event.resource, "key", None)
+                if key is not None and last.get(key) == index and key in delta:
                     part[key] = delta.pop(key)
             parts.append(Changeset(events, part, self._state))
         parts[-1].delta.update(delta)

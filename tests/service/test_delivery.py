@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -545,3 +546,44 @@ async def test_http_lost_publish_replayed_after_changes_stays_consistent(
     checkpoint = state.checkpoints["files"]
     assert checkpoint.intent is None
     assert ("digest" in checkpoint.state) == (after is not None)
+
+
+async def test_a_replayed_chain_split_across_batches_is_settled_by_its_last_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replay's events of one item (the lost Added again, then the Removed since) can fall
+    in two batches: the item's state goes with the batch of its last event, whose intent holds
+    the whole chain, so a failure between the batches loses neither event."""
+    from bridge.errors import PublishError
+
+    store, sink, state = MemoryStore(), MemorySink(), MemoryStateStore()
+    loop, _ = make_loop(store, sink, state)
+    loop.spec.max_batch_events = 3
+    await store.put("k", b"1")
+    sink.fail_next()
+    assert await loop.step() is not None  # Added k: lost
+    await store.delete("k")
+    await store.put("a0", b"1")
+    await store.put("a1", b"1")
+    publish, calls = sink.publish, 0
+
+    async def second_fails(source: str, events: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise PublishError("injected")
+        await publish(source, events)
+
+    monkeypatch.setattr(sink, "publish", second_fails)
+    # [Added a0, Added a1, Added k] go out and are committed, [Removed k] fails
+    assert await loop.step() is not None
+    recorded = state.checkpoints["files"]
+    assert "k" not in recorded.state
+    assert recorded.intent is not None
+    assert recorded.intent.delta == {"k": None}
+    assert [kind for kind, _ in recorded.intent.lead["k"]] == ["added"]
+    assert await loop.step() is None
+    assert inconsistencies(sink) == []
+    assert kinds(sink)[-1] == ("removed", "k")
+    assert state.checkpoints["files"].intent is None
+    assert set(state.checkpoints["files"].state) == {"a0", "a1"}
