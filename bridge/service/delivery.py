@@ -4,10 +4,12 @@ State only advances after the broker acknowledged every event of a changeset. A 
 publish leaves the batch's intent recorded (see :mod:`bridge.state`); after a backoff the
 source's checkpoint is loaded again and the source polled again in replay mode, as after a
 restart: what is unchanged since goes out again with the same event ids (the broker drops
-whatever had landed), what changed meanwhile (a bad file deleted, say) is diffed against the
-intent's state, so no change is lost, none is reordered and a batch that cannot go out does
-not stall its source for ever. A plain :class:`~bridge.watching.ExternalSource` (no state to
-replay) gets its pending events published again instead. A failed state commit after
+whatever had landed), what changed meanwhile (a bad file deleted, say) goes out after the
+intent's events again (see ``replay_chain``), so no change is lost, none is reordered, every
+event is consistent with what consumers hold whether or not the failed batch had landed, and
+a batch that cannot go out does not stall its source for ever. A plain
+:class:`~bridge.watching.ExternalSource` (no state to replay) gets its pending events
+published again instead. A failed state commit after
 acknowledged publishes is retried without publishing or polling again. Cancelling the task at
 any point loses nothing: what was not committed is re-derived, with the same ids, by the next
 leader or the next start.

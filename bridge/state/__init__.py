@@ -8,10 +8,12 @@ are a function of source, key, kind, version and revision, all of which it fixes
 a checkpoint with an intent restores the state *with* the intent's delta and polls once in
 replay mode (:class:`~bridge.sources.base.Replay`): an entry still at the intent's version gets
 the intent's event again (same id, so the broker drops a copy that had landed), an entry that
-moved on is diffed against the intent's version, so a change published by a replica that died
-before its commit is never contradicted by silence (an item added, then deleted while no
-replica led, still gets its ``Removed``). A replayed event is re-encoded from the current poll:
-its ``time`` (and, for an HTTP ``Removed``, the last body) may differ from the lost copy's.
+moved on gets the intent's event again and then the change since, so a change published by a
+replica that died before its commit is never contradicted by silence (an item added, then
+deleted while no replica led, still gets its ``Removed``) and one that never landed is not
+skipped by what follows it (see ``bridge.sources.base.replay_chain``). A replayed event is
+re-encoded from the current poll: its ``time`` (and, for an HTTP ``Removed``, the last body)
+may differ from the lost copy's.
 
 Commits carry only the delta of one batch, so a one-object change in a large bucket writes one
 entry, not the listing. ``MemoryStateStore`` keeps nothing across restarts; ``FileStateStore``
