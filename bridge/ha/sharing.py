@@ -115,6 +115,9 @@ class Coordinator:
         self.state = RedisStateStore(redis, self.held)
         self.led: dict[str, _Led] = {}
         self._leaving: set[asyncio.Task[None]] = set()
+        self._giving_up: dict[str, _Led] = {}
+        """Sources given up by a rebalance whose loop (a publish in flight) and release are not
+        done yet: not free for this replica until then, and lost with the membership too."""
         self.live_replicas = 0
         self.rounds = 0
         self._round_done = asyncio.Condition()
@@ -172,7 +175,7 @@ class Coordinator:
             if left_s > 0:
                 await asyncio.sleep(left_s)
                 continue
-            for led in self.led.values():
+            for led in [*self.led.values(), *self._giving_up.values()]:
                 self.leases.lose(led.lease, "its replica's membership could not be renewed")
             await asyncio.sleep(self.period_s / 4)
 
@@ -215,9 +218,10 @@ class Coordinator:
         for name, led in list(self.led.items()):  # forget sources whose lease was lost
             if led.task.done():
                 self.led.pop(name)
-                self.held.pop(name, None)
+                if self.held.get(name) is led.lease:
+                    del self.held[name]
         beat = await self.leases.heartbeat(self._order)
-        for name, led in self.led.items():
+        for name, led in [*self.led.items(), *self._giving_up.items()]:
             if beat.tokens.get(name) != led.lease.token:
                 self.leases.lose(led.lease, "another replica holds it now")
         self.live_replicas = len(beat.live)
@@ -232,8 +236,11 @@ class Coordinator:
                     share,
                 )
                 # In the background: a publish in flight may take up to the grace period,
-                # and the heartbeat of this round must not wait for it.
-                task = asyncio.create_task(self._give_up(self.led.pop(name)))
+                # and the heartbeat of this round must not wait for it. Until it is done (the
+                # lease released) the source is not acquired again: two loops of one source
+                # would race, the old one's events landing after the new one's.
+                led = self._giving_up[name] = self.led.pop(name)
+                task = asyncio.create_task(self._give_up(led))
                 self._leaving.add(task)
                 task.add_done_callback(self._leaving.discard)
         others = [left for member, left in beat.live.items() if member != self.replica]
@@ -245,6 +252,7 @@ class Coordinator:
             name
             for name in self._order
             if name not in self.led
+            and name not in self._giving_up
             and ((holder := beat.holder(name)) is None or holder == self.replica
                  or holder not in beat.live)
         ]  # fmt: skip
@@ -295,7 +303,8 @@ class Coordinator:
             for task in (runner, lost):
                 task.cancel()
             await asyncio.gather(runner, lost, return_exceptions=True)
-            self.held.pop(lease.source, None)
+            if self.held.get(lease.source) is lease:
+                del self.held[lease.source]
             if not gone and lease not in self._released_together:  # else: run() does
                 await self.leases.release(lease)
 
@@ -310,7 +319,11 @@ class Coordinator:
 
     async def _give_up(self, led: _Led) -> None:
         """Stop leading a source: let a publish in flight finish (bounded), release the lease."""
-        await stop_loops([(led.loop, led.task)], self.shutdown_grace_s)
+        try:
+            await stop_loops([(led.loop, led.task)], self.shutdown_grace_s)
+        finally:
+            if self._giving_up.get(led.lease.source) is led:
+                del self._giving_up[led.lease.source]
 
     def status(self) -> dict[str, Any]:
         return {

@@ -4,10 +4,12 @@ State only advances after the broker acknowledged every event of a changeset. A 
 publish leaves the batch's intent recorded (see :mod:`bridge.state`); after a backoff the
 source's checkpoint is loaded again and the source polled again in replay mode, as after a
 restart: what is unchanged since goes out again with the same event ids (the broker drops
-whatever had landed), what changed meanwhile (a bad file deleted, say) is diffed against the
-intent's state, so no change is lost, none is reordered and a batch that cannot go out does
-not stall its source for ever. A plain :class:`~bridge.watching.ExternalSource` (no state to
-replay) gets its pending events published again instead. A failed state commit after
+whatever had landed), what changed meanwhile (a bad file deleted, say) goes out after the
+intent's events again (see ``replay_chain``), so no change is lost, none is reordered, every
+event is consistent with what consumers hold whether or not the failed batch had landed, and
+a batch that cannot go out does not stall its source for ever. A plain
+:class:`~bridge.watching.ExternalSource` (no state to replay) gets its pending events
+published again instead. A failed state commit after
 acknowledged publishes is retried without publishing or polling again. Cancelling the task at
 any point loses nothing: what was not committed is re-derived, with the same ids, by the next
 leader or the next start.
@@ -109,6 +111,23 @@ def _removed_versions(part: Changeset, replay: Replay) -> dict[str, str]:
         ):
             found[key] = version
     return found
+
+
+def _key_of(event: ExternalEvent[Any]) -> str | None:
+    key = getattr(event.resource, "key", None)
+    return key if isinstance(key, str) else None
+
+
+def _leads(events: Sequence[ExternalEvent[Any]]) -> dict[str, list[tuple[str, str]]]:
+    """The events of each item with more than one among ``events`` (a replay's: an earlier
+    intent's events again, then the change since), all but its last: see ``Intent.lead``."""
+    chains: dict[str, list[tuple[str, str]]] = {}
+    for event in events:
+        key = getattr(event.resource, "key", None)
+        version = getattr(event.resource, "version", None)
+        if isinstance(key, str) and isinstance(version, str):
+            chains.setdefault(key, []).append((event.kind, version))
+    return {key: chain[:-1] for key, chain in chains.items() if len(chain) > 1}
 
 
 class SourceLoop:
@@ -297,7 +316,7 @@ class SourceLoop:
             after = dict(checkpoint.state)
             apply_delta(after, intent.delta)
             source.restore(after)
-            replay = Replay(checkpoint.state, intent.delta, intent.removed)
+            replay = Replay(checkpoint.state, intent.delta, intent.removed, intent.lead)
             self._replay = (replay, intent.revision)
         else:
             source.restore(checkpoint.state)
@@ -341,6 +360,13 @@ class SourceLoop:
         else:
             replay, target = None, self.revision + 1 if changeset.events else self.revision
         parts = changeset.split(self.spec.max_batch_events)
+        # Only a replay emits more than one event of an item: its earlier intent's events
+        # again, then the change since (see Intent.lead), maybe across batches.
+        leads = _leads(changeset.events) if replay is not None and stateful else {}
+        ends: dict[str, int] = {}  # the batch with the last event of each such item
+        if leads:
+            for index, part in enumerate(parts):
+                ends.update({k: index for e in part.events if (k := _key_of(e)) in leads})
         batches: list[_Pending] = []
         for index, part in enumerate(parts):
             revision = target if index == len(parts) - 1 else self.revision
@@ -348,15 +374,19 @@ class SourceLoop:
             if part.events and stateful:
                 delta = part.delta
                 removed: dict[str, str] = {}
+                lead: dict[str, list[tuple[str, str]]] = {}
                 if replay is not None and len(parts) > 1:
                     # Until every batch of a replay is committed, the unsettled rest of the old
                     # intent stays recorded: those events may have been published.
                     later = {k for p in parts[index + 1 :] for k in p.delta if k in replay.delta}
                     delta = {**{k: replay.delta[k] for k in later}, **part.delta}
                     removed = {k: replay.removed[k] for k in later if k in replay.removed}
+                    lead = {k: list(replay.lead[k]) for k in later if k in replay.lead}
                 if replay is not None:
                     removed.update(_removed_versions(part, replay))
-                pending.intent = Intent(target, delta, removed)
+                if leads:
+                    lead.update({k: leads[k] for k, end in ends.items() if end == index})
+                pending.intent = Intent(target, delta, removed, lead)
             batches.append(pending)
         return batches
 

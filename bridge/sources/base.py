@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from bridge.events import ExternalEvent
+from bridge.events import Added, ExternalEvent, Modified, Removed
 from bridge.watching import ExternalSource
 
 __all__ = [
@@ -25,6 +25,8 @@ __all__ = [
     "StateDelta",
     "StateMapSource",
     "StatefulSource",
+    "chain_event",
+    "replay_chain",
 ]
 
 StateDelta = dict[str, str | None]
@@ -47,19 +49,29 @@ class Changeset:
     _on_commit: Callable[[], None] | None = field(default=None, repr=False)
 
     def split(self, max_events: int) -> list[Changeset]:
-        """Parts of at most ``max_events`` events, each with the delta entries of its events'
-        keys (the rest of the delta goes with the last part). Committing every part, in order,
-        is the same as committing this changeset."""
+        """Parts of at most ``max_events`` events, each with the delta entries of the keys
+        whose last event it holds (a replay may emit several events of one item; the rest of
+        the delta goes with the last part). Committing every part, in order, is the same as
+        committing this changeset."""
         if len(self.events) <= max_events:
             return [self]
         delta = dict(self.delta)
-        parts: list[Changeset] = []
-        for start in range(0, len(self.events), max_events):
-            events = self.events[start : start + max_events]
-            part: StateDelta = {}
+        chunks = [
+            self.events[start : start + max_events]
+            for start in range(0, len(self.events), max_events)
+        ]
+        last: dict[str, int] = {}
+        for index, events in enumerate(chunks):
             for event in events:
                 key = getattr(event.resource, "key", None)
                 if key is not None and key in delta:
+                    last[key] = index
+        parts: list[Changeset] = []
+        for index, events in enumerate(chunks):
+            part: StateDelta = {}
+            for event in events:
+                key = getattr(event.resource, "key", None)
+                if key is not None and last.get(key) == index and key in delta:
                     part[key] = delta.pop(key)
             parts.append(Changeset(events, part, self._state))
         parts[-1].delta.update(delta)
@@ -128,12 +140,52 @@ class Replay:
     the same event id, so the broker drops a copy that had landed). Its changeset's delta is
     relative to ``before``, so committing it settles the batch. ``removed``: the version of each
     item the delta removes that ``before`` does not hold (see ``bridge.state.Intent.removed``),
-    whose ``Removed`` is emitted again as long as the item is not listed.
+    whose ``Removed`` is emitted again as long as the item is not listed. ``lead``: per item,
+    the (kind, version) of the events the batch emitted before its last one (a replay's
+    batch: the earlier intent's events again, then the change since; see :func:`replay_chain`).
     """
 
     before: Mapping[str, str]
     delta: StateDelta
     removed: Mapping[str, str] = field(default_factory=dict)
+    lead: Mapping[str, Sequence[tuple[str, str]]] = field(default_factory=dict)
+
+
+def replay_chain(
+    before: str | None,
+    intent: str | None,
+    lead: Sequence[tuple[str, str]],
+    current: str | None,
+) -> list[tuple[str, str]]:
+    """The (kind, version) of the events a replay emits for one item of the intent.
+
+    ``before``: the item's version in the committed state (or the version a replayed earlier
+    intent's ``Removed`` carried, see ``Replay.removed``), ``intent``: its version in the intent
+    (None: removed), ``lead``: the events the intent's batch emitted before its last one,
+    ``current``: its version now (None: absent). The batch may have landed in full, in part or
+    not at all, so a consumer holds the state after any prefix of its events: the replay emits
+    them all again (same ids: the broker drops those that landed), then the change since, if
+    any. Each event is then consistent with what the consumer holds, whichever prefix that
+    was: an ``Added`` of an absent item, a ``Modified`` of a present one, a ``Removed``
+    carrying the version held.
+    """
+    chain = list(lead)
+    held = before
+    if chain:
+        kind, version = chain[-1]
+        held = None if kind == "removed" else version
+    for target in (intent, current):
+        if target == held:
+            continue
+        if target is None:
+            assert held is not None
+            chain.append(("removed", held))
+        elif held is None:
+            chain.append(("added", target))
+        else:
+            chain.append(("modified", target))
+        held = target
+    return chain
 
 
 @runtime_checkable
@@ -186,3 +238,14 @@ class StateMapSource:
 
     def restore(self, state: Mapping[str, str]) -> None:
         self._state = dict(state)
+
+
+def chain_event(kind: str, resource: Any) -> ExternalEvent[Any]:
+    """The event of ``kind`` (``added``, ``modified``, ``removed``) of ``resource``."""
+    if kind == "added":
+        return Added(resource)
+    if kind == "modified":
+        return Modified(resource)
+    if kind == "removed":
+        return Removed(resource)
+    raise ValueError(f"unknown event kind {kind!r}")

@@ -35,7 +35,14 @@ from bridge.errors import (
 )
 from bridge.events import Added, EventData, ExternalEvent, Modified, Removed
 from bridge.secrets import Secret, redact_url
-from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
+from bridge.sources.base import (
+    Changeset,
+    Replay,
+    StateDelta,
+    StateMapSource,
+    chain_event,
+    replay_chain,
+)
 from bridge.sources.http_auth import (
     FORWARDABLE,
     SCHEMES,
@@ -304,28 +311,33 @@ class HttpPoller(StateMapSource):
         return Changeset(events, delta, state, lambda: self._remember(resource))
 
     def _replayed(self, resource: HttpResource | None, replay: Replay) -> Changeset:
-        """The changes after a recorded intent (see Replay): diffed against the restored state,
-        or the intent's own event again, relative to ``replay.before``, if nothing changed."""
+        """The changes after a recorded intent (see Replay): the intent's event again (and the
+        events before it in its batch), then the change since, if any (see replay_chain); the
+        delta relative to ``replay.before``."""
         assert resource is not None  # an unconditional GET never gets 304
         state, before = self._state, replay.before
         stale = set(before) | set(state)
-        if resource.status in _GONE:
-            events: list[ExternalEvent[HttpResource]] = []
-            if "digest" in state:
-                events.append(Removed(self._from_state()))
-            elif "digest" in before:
-                events.append(Removed(self._from_state(before)))
+        gone = resource.status in _GONE
+        was = _version_of(before) or replay.removed.get(self.url)
+        intent = _version_of(state)  # the state was restored with the intent's delta
+        current = None if gone else resource.version
+        events: list[ExternalEvent[HttpResource]] = []
+        for kind, version in replay_chain(was, intent, replay.lead.get(self.url, ()), current):
+            if version == current:
+                known = resource
+            elif version == intent:
+                known = self._from_state()
+            elif version == _version_of(before):
+                known = self._from_state(before)
+            else:  # an earlier intent's version: no validators, no body
+                known = HttpResource(self.url, 200, b"", digest=version.removeprefix("sha256:"))
+            events.append(chain_event(kind, known))
+        if gone:
             return Changeset(events, dict.fromkeys(stale), state, self._forget)
         new_state = _state_of(resource)
         delta: StateDelta = {k: v for k, v in new_state.items() if before.get(k) != v}
         delta.update({k: None for k in stale if k not in new_state})
-        if "digest" not in state:
-            event: ExternalEvent[HttpResource] = Added(resource)
-        elif state["digest"] != resource.digest or "digest" in before:
-            event = Modified(resource)
-        else:
-            event = Added(resource)
-        return Changeset([event], delta, state, lambda: self._remember(resource))
+        return Changeset(events, delta, state, lambda: self._remember(resource))
 
     def _remember(self, resource: HttpResource) -> None:
         self._last = resource
@@ -497,6 +509,12 @@ async def _drain(response: httpx.Response) -> None:
         size += len(chunk)
         if size > _DRAIN_LIMIT:
             return
+
+
+def _version_of(state: Mapping[str, str]) -> str | None:
+    """The version of the document a state describes (None: absent)."""
+    digest = state.get("digest")
+    return None if digest is None else f"sha256:{digest}"
 
 
 def _state_of(resource: HttpResource) -> dict[str, str]:

@@ -23,7 +23,14 @@ from operator import lt
 from typing import Self
 
 from bridge.events import Added, ExternalEvent, Modified, Removed
-from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
+from bridge.sources.base import (
+    Changeset,
+    Replay,
+    StateDelta,
+    StateMapSource,
+    chain_event,
+    replay_chain,
+)
 from bridge.sources.packed import DIGEST_SIZE, EMPTY_SLOT, EMPTY_SLOT_HEX, PackedState
 from bridge.sources.stores import ObjectStore, StoredObject
 
@@ -234,40 +241,44 @@ class ListingDiff:
 
 
 class ReplayDiff(ListingDiff):
-    """A :class:`ListingDiff` that also emits again the events of a recorded intent whose
-    objects have not changed since (see :class:`~bridge.sources.base.Replay`)."""
+    """A :class:`ListingDiff` that emits, for each object of a recorded intent, the intent's
+    events again and then the change since (see :class:`~bridge.sources.base.Replay` and
+    :func:`~bridge.sources.base.replay_chain`)."""
 
     __slots__ = ("_listed", "_replay")
 
     def __init__(self, state: PackedState, replay: Replay) -> None:
         super().__init__(state)
         self._replay = replay
-        self._listed: set[str] = set()
-        """The listed paths of the intent."""
+        self._listed: dict[str, StoredObject] = {}
+        """The listed objects of the intent."""
 
     def feed(self, page: Sequence[StoredObject]) -> None:
         super().feed(page)
-        intent, before = self._replay.delta, self._replay.before
+        intent = self._replay.delta
         for obj in page:
-            path = obj.path
-            if path in intent:
-                self._listed.add(path)
-                if intent[path] == obj.etag and path not in self.delta:
-                    self._events.append(Modified(obj) if path in before else Added(obj))
-                    self.delta[path] = obj.etag
+            if obj.path in intent:
+                self._listed[obj.path] = obj
 
     def finish(self) -> Changeset:
         self._removals()
-        before, removed = self._replay.before, self._replay.removed
-        for path, value in sorted(self._replay.delta.items()):
-            if value is not None or path in self._listed:
-                continue
-            etag = before.get(path)
-            if etag is None:
-                etag = removed.get(path)
-            if etag is not None:
-                self._events.append(Removed(StoredObject(path, etag)))
-                self.delta[path] = None
+        replay = self._replay
+        intent, listed = replay.delta, self._listed
+        # The diff against the restored state (with the intent) is replaced, for the intent's
+        # objects, by their chain from the committed state.
+        events = [e for e in self._events if getattr(e.resource, "key", None) not in intent]
+        for path, value in sorted(intent.items()):
+            obj = listed.get(path)
+            before = replay.before.get(path)
+            if before is None:
+                before = replay.removed.get(path)
+            current = None if obj is None else obj.etag
+            chain = replay_chain(before, value, replay.lead.get(path, ()), current)
+            for kind, etag in chain:
+                resource = obj if obj is not None and obj.etag == etag else StoredObject(path, etag)
+                events.append(chain_event(kind, resource))
+            self.delta[path] = current
+        self._events = events
         return self._changeset()
 
 

@@ -8,10 +8,12 @@ are a function of source, key, kind, version and revision, all of which it fixes
 a checkpoint with an intent restores the state *with* the intent's delta and polls once in
 replay mode (:class:`~bridge.sources.base.Replay`): an entry still at the intent's version gets
 the intent's event again (same id, so the broker drops a copy that had landed), an entry that
-moved on is diffed against the intent's version, so a change published by a replica that died
-before its commit is never contradicted by silence (an item added, then deleted while no
-replica led, still gets its ``Removed``). A replayed event is re-encoded from the current poll:
-its ``time`` (and, for an HTTP ``Removed``, the last body) may differ from the lost copy's.
+moved on gets the intent's event again and then the change since, so a change published by a
+replica that died before its commit is never contradicted by silence (an item added, then
+deleted while no replica led, still gets its ``Removed``) and one that never landed is not
+skipped by what follows it (see ``bridge.sources.base.replay_chain``). A replayed event is
+re-encoded from the current poll: its ``time`` (and, for an HTTP ``Removed``, the last body)
+may differ from the lost copy's.
 
 Commits carry only the delta of one batch, so a one-object change in a large bucket writes one
 entry, not the listing. ``MemoryStateStore`` keeps nothing across restarts; ``FileStateStore``
@@ -52,6 +54,10 @@ class Intent:
     """The version of each item the batch removes that the committed state does not hold: one
     a replay found in an earlier intent (maybe published) and gone since. A later replay needs
     it to emit that ``Removed`` again with the same id."""
+    lead: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """Per item, the (kind, version) of the events the batch emits before its last one: a
+    replay emits an earlier intent's events again before the change since (see
+    ``bridge.sources.base.replay_chain``); a later replay emits them again too."""
 
 
 @dataclass(slots=True)
@@ -103,6 +109,8 @@ def intent_to_record(intent: Intent) -> dict[str, Any]:
     record: dict[str, Any] = {"rev": intent.revision, "delta": intent.delta}
     if intent.removed:
         record["removed"] = intent.removed
+    if intent.lead:
+        record["lead"] = {k: [list(e) for e in events] for k, events in intent.lead.items()}
     return record
 
 
@@ -118,7 +126,19 @@ def intent_from_record(record: Mapping[str, Any]) -> Intent:
         isinstance(k, str) and isinstance(v, str) for k, v in removed.items()
     ):
         raise ValueError("an intent's removed versions must map strings to strings")
-    return Intent(int(record["rev"]), dict(delta), dict(removed))
+    lead = record.get("lead", {})
+    if not isinstance(lead, dict) or not all(
+        isinstance(k, str)
+        and isinstance(events, list)
+        and all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(p, str) for p in e)
+            for e in events
+        )
+        for k, events in lead.items()
+    ):
+        raise ValueError("an intent's lead must map strings to lists of [kind, version]")
+    chains = {k: [(e[0], e[1]) for e in events] for k, events in lead.items()}
+    return Intent(int(record["rev"]), dict(delta), dict(removed), chains)
 
 
 class MemoryStateStore:

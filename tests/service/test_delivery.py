@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,11 +67,12 @@ async def test_failed_publish_is_retried_from_a_new_poll_against_the_checkpoint(
     sink.fail_next(2, landed=1)  # a broker that acknowledged one event, then failed (twice)
     assert await loop.step() is not None  # added a landed
     await store.delete("a")  # a change meanwhile: the retry polls again and sees it
-    assert await loop.step() is not None  # replay: added b (landed), removed a (lost)
+    # replay: added a again (landed: a duplicate), then removed a and added b (lost)
+    assert await loop.step() is not None
     assert poller.polls == 2
     assert await loop.step() is None  # replay of the replay: removed a is not forgotten
-    assert kinds(sink) == [("added", "a"), ("added", "b"), ("removed", "a")]
-    assert sink.duplicates == 1  # added b, published again with its id
+    assert kinds(sink) == [("added", "a"), ("removed", "a"), ("added", "b")]
+    assert sink.duplicates == 2  # added a, published again with its id (twice)
     checkpoint = state.checkpoints["files"]
     assert (list(checkpoint.state), checkpoint.intent) == (["b"], None)
     assert await loop.step() is None
@@ -303,7 +305,7 @@ async def test_replay_of_an_unsettled_batch(
         await store.delete("b")
     assert await successor.step() is None
     assert kinds(sink) == expected
-    assert sink.duplicates == (2 if change is None else 0)
+    assert sink.duplicates == 2  # the intent's events again, then the changes since
     assert [(e.id, e.subject) for e in sink.events("files")][:2] == first
     reloaded = await FileStateStore(tmp_path).load("files")
     assert reloaded is not None
@@ -326,7 +328,7 @@ async def test_replay_of_a_removal_and_of_a_recreation(tmp_path: Path) -> None:
     await store.put("back", b"2")  # recreated while no replica led
     assert await successor.step() is None
     assert kinds(sink)[2:] == [("removed", "back"), ("removed", "gone"), ("added", "back")]
-    assert sink.duplicates == 1  # Removed of "gone" again, same id
+    assert sink.duplicates == 2  # both Removed again, same ids, before the recreation
     reloaded = await FileStateStore(tmp_path).load("files")
     assert reloaded is not None
     assert set(reloaded.state) == {"back"}
@@ -367,8 +369,9 @@ async def test_replay_split_in_batches_keeps_the_rest_of_the_intent_recorded(
     ("after", "expected", "duplicates"),
     [
         (b"v2", [("modified", "doc")], 1),  # unchanged since the intent: the same event again
-        (b"v3", [("modified", "doc"), ("modified", "doc")], 0),  # changed again
-        (None, [("modified", "doc"), ("removed", "doc")], 0),  # gone since
+        # changed again, or gone since: the same event again first, then the change
+        (b"v3", [("modified", "doc"), ("modified", "doc")], 1),
+        (None, [("modified", "doc"), ("removed", "doc")], 1),
     ],
 )
 async def test_http_replay_of_an_unsettled_batch(
@@ -425,3 +428,162 @@ async def test_file_journal_round_trips_intents_and_stays_bounded(tmp_path: Path
     assert loaded is not None
     assert (loaded.revision, loaded.state["k1"], loaded.intent) == (2999, "2999", None)
     assert store.path("s").stat().st_size < 40_000  # uncompacted: over 100 KB
+
+
+def inconsistencies(sink: MemorySink) -> list[str]:
+    """What a consumer folding the events in order finds wrong: an ``Added`` of an item it
+    holds, a ``Modified`` of one it holds as absent (or to the version it holds), a ``Removed``
+    of one it holds as absent or carrying another version than the one it holds."""
+    held: dict[str, str] = {}
+    errors: list[str] = []
+    for n, event in enumerate(sink.events("files")):
+        kind = event.type.split(".")[-2]
+        version = str(event.data["digest"] if "digest" in event.data else event.data["etag"])
+        holds = held.get(event.subject)
+        if (
+            (kind == "added" and holds is not None)
+            or (kind == "modified" and holds in (None, version))
+            or (kind == "removed" and holds != version)
+        ):
+            errors.append(f"event {n}: {kind} {version[:16]} while holding {holds}")
+        if kind == "removed":
+            held.pop(event.subject, None)
+        else:
+            held[event.subject] = version
+    return errors
+
+
+@pytest.mark.parametrize(
+    ("committed", "changes", "expected"),
+    [
+        # the Added that did not land, then the object deleted: Added again before its Removed
+        ([], [b"1", None], ["added", "removed"]),
+        # ...or modified: Added again (not a Modified of an item the consumer never saw)
+        ([], [b"1", b"2"], ["added", "modified"]),
+        # a Modified that did not land, then deleted: the Removed's version is one consumers hold
+        ([b"1"], [b"2", None], ["added", "modified", "removed"]),
+        # a Removed that did not land, then the object recreated
+        ([b"1"], [None, b"2"], ["added", "removed", "added"]),
+        # two failed rounds, each with a change: the whole chain goes out, in order
+        ([], [b"1", b"2", None], ["added", "modified", "removed"]),
+        ([b"1"], [b"2", None, b"3"], ["added", "modified", "removed", "added"]),
+    ],
+)
+async def test_a_lost_publish_replayed_after_changes_stays_consistent_for_consumers(
+    committed: list[bytes], changes: list[bytes | None], expected: list[str]
+) -> None:
+    """A publish that failed (nothing landed) is re-derived by a poll in replay mode; if the
+    item changed meanwhile, the consumer may hold the state before the intent or the intent's:
+    the replay emits the intent's events again (same ids) before the change since, so either
+    way every event is consistent with what the consumer holds."""
+    store, sink, state = MemoryStore(), MemorySink(), MemoryStateStore()
+    loop, _ = make_loop(store, sink, state)
+    for first in committed:
+        await store.put("a", first)
+        assert await loop.step() is None
+    for n, body in enumerate(changes):
+        if body is None:
+            await store.delete("a")
+        else:
+            await store.put("a", body)
+        if n < len(changes) - 1:
+            sink.fail_next()
+            assert await loop.step() is not None
+    assert await loop.step() is None
+    assert [kind for kind, _ in kinds(sink)] == expected
+    assert inconsistencies(sink) == []
+    checkpoint = state.checkpoints["files"]
+    assert checkpoint.intent is None
+    assert checkpoint.state == {o.path: o.etag async for p in store.list() for o in p}
+    assert await loop.step() is None
+    assert [kind for kind, _ in kinds(sink)] == expected
+
+
+@pytest.mark.parametrize("landed", [0, 1])
+async def test_a_replay_of_a_replay_that_partly_landed_stays_consistent(landed: int) -> None:
+    store, sink, state = MemoryStore(), MemorySink(), MemoryStateStore()
+    loop, _ = make_loop(store, sink, state)
+    await store.put("a", b"1")
+    sink.fail_next()
+    assert await loop.step() is not None  # Added a (lost)
+    await store.put("a", b"2")
+    sink.fail_next(landed=landed)
+    assert await loop.step() is not None  # Added a, Modified a: the first landed, or not
+    await store.delete("a")
+    assert await loop.step() is None
+    assert [kind for kind, _ in kinds(sink)] == ["added", "modified", "removed"]
+    assert inconsistencies(sink) == []
+    assert sink.duplicates == landed
+
+
+@pytest.mark.parametrize("after", [None, b"v3"])
+async def test_http_lost_publish_replayed_after_changes_stays_consistent(
+    after: bytes | None,
+) -> None:
+    """The chaos failure: an HTTP document's Modified did not land (its publish, or the intent
+    write before it, failed), the document was deleted before the re-poll: the Removed must
+    carry the version consumers hold, so the Modified goes out again first."""
+    from bridge.sources.http import HttpPoller
+    from tests.support.httpserver import Documents
+
+    with Documents() as docs:
+        url = docs.url("doc")
+        poller = HttpPoller(url).with_name("files")
+        spec = SourceSpec(name="files", source=poller, watch=WatchConfig(1), source_uri=url)
+        sink, state = MemorySink(), MemoryStateStore()
+        loop = SourceLoop(spec, sink, state)
+        docs.set("doc", b"v1")
+        assert await loop.step() is None
+        docs.set("doc", b"v2")
+        sink.fail_next()
+        assert await loop.step() is not None
+        docs.set("doc", after)
+        assert await loop.step() is None
+        await poller.aclose()
+    expected = ["added", "modified", "removed" if after is None else "modified"]
+    assert [kind for kind, _ in kinds(sink)] == expected
+    assert inconsistencies(sink) == []
+    checkpoint = state.checkpoints["files"]
+    assert checkpoint.intent is None
+    assert ("digest" in checkpoint.state) == (after is not None)
+
+
+async def test_a_replayed_chain_split_across_batches_is_settled_by_its_last_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replay's events of one item (the lost Added again, then the Removed since) can fall
+    in two batches: the item's state goes with the batch of its last event, whose intent holds
+    the whole chain, so a failure between the batches loses neither event."""
+    from bridge.errors import PublishError
+
+    store, sink, state = MemoryStore(), MemorySink(), MemoryStateStore()
+    loop, _ = make_loop(store, sink, state)
+    loop.spec.max_batch_events = 3
+    await store.put("k", b"1")
+    sink.fail_next()
+    assert await loop.step() is not None  # Added k: lost
+    await store.delete("k")
+    await store.put("a0", b"1")
+    await store.put("a1", b"1")
+    publish, calls = sink.publish, 0
+
+    async def second_fails(source: str, events: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise PublishError("injected")
+        await publish(source, events)
+
+    monkeypatch.setattr(sink, "publish", second_fails)
+    # [Added a0, Added a1, Added k] go out and are committed, [Removed k] fails
+    assert await loop.step() is not None
+    recorded = state.checkpoints["files"]
+    assert "k" not in recorded.state
+    assert recorded.intent is not None
+    assert recorded.intent.delta == {"k": None}
+    assert [kind for kind, _ in recorded.intent.lead["k"]] == ["added"]
+    assert await loop.step() is None
+    assert inconsistencies(sink) == []
+    assert kinds(sink)[-1] == ("removed", "k")
+    assert state.checkpoints["files"].intent is None
+    assert set(state.checkpoints["files"].state) == {"a0", "a1"}

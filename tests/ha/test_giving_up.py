@@ -1,0 +1,82 @@
+"""A source given up by a rebalance is not taken again by the same replica until its old loop
+(a publish in flight) has ended and its lease is released."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from bridge import MemoryStore, ObjectStorePoller
+from bridge.ha.keys import replicas_key
+from bridge.ha.leases import LeaseClient
+from bridge.ha.sharing import Coordinator
+from bridge.service.delivery import SourceSpec
+from bridge.sinks.memory import MemorySink
+from bridge.watching import WatchConfig
+
+PREFIX = "koprs:bridge:"
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def test_a_source_being_given_up_is_not_acquired_again_until_released(
+    redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "bridge.ha")
+    stores = {name: MemoryStore() for name in ("s1", "s2")}
+    await stores["s2"].put("k", b"1")  # s2 (given up first) has an event to publish
+    specs = [
+        SourceSpec(
+            name=name,
+            source=ObjectStorePoller(store).with_name(name),
+            watch=WatchConfig(0.05),
+            source_uri="memory://t",
+        )
+        for name, store in stores.items()
+    ]
+    sink = MemorySink()
+    sink.block()
+    coordinator = Coordinator(specs, sink, redis_client, replica="b", lease_ttl_s=30, prefix=PREFIX)
+    await coordinator.round()  # alone: b leads both
+    assert set(coordinator.led) == {"s1", "s2"}
+    old = coordinator.led["s2"]
+    await sink.wait_for_calls(1)  # s2's publish is in flight
+
+    other = LeaseClient(redis_client, "a", ttl_s=30, prefix=PREFIX)
+    await other.heartbeat([])  # a replica joins: b's share is 1
+    await coordinator.round()
+    assert set(coordinator.led) == {"s1"}  # s2 given up, its publish still in flight
+    assert not old.task.done()
+
+    await redis_client.zrem(replicas_key(PREFIX), "a")  # it leaves again: b's share is 2
+    await coordinator.round()
+    # Not taken again while its old loop runs: two loops of s2 would race.
+    assert set(coordinator.led) == {"s1"}
+    assert not old.task.done()
+
+    sink.unblock()
+    await asyncio.wait_for(old.task, 10)
+    await asyncio.gather(*coordinator._leaving)
+    assert "released the lease on source 's2'" in caplog.text
+    await coordinator.round()
+    assert set(coordinator.led) == {"s1", "s2"}
+    new = coordinator.led["s2"]
+    assert new.lease.fence > old.lease.fence
+    assert coordinator.held["s2"] is new.lease
+    await stores["s2"].put("k", b"2")
+    async with asyncio.timeout(10):
+        await new.loop.wait_for_steps(new.loop.steps + 2)  # the new loop commits
+    assert [e.type.split(".")[-2] for e in sink.events("s2")] == ["added", "modified"]
+    stop = asyncio.Event()
+    stop.set()
+    await coordinator.run(stop)
+    assert coordinator.led == {}
