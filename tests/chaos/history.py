@@ -25,8 +25,9 @@ events with its true states:
 4. **Final state**: the consumer's last state of the item is the item's final true state.
 
 Faults make states skippable, never reorderable or duplicable: during a Redis outage or while a
-killed or frozen leader still holds its lease no replica can lead, and a broker outage holds the
-source's pending changeset (the source is not polled until it went out).
+killed or frozen leader still holds its lease no replica can lead, and during a broker outage a
+failed batch is replayed (its events again, same ids, then what changed since) rather than
+polled past, so a state seen by a poll that could not publish may be skipped, never reordered.
 """
 
 from __future__ import annotations
