@@ -324,7 +324,11 @@ async def keep_cancellation(awaitable: Awaitable[T]) -> T:
 
 def redis_tls_required(url: str, tls: TlsConfig | None) -> bool:
     """Whether TLS is used: a ``rediss://`` URL or a ``tls`` section."""
-    return tls is not None or urlsplit(url).scheme.lower() == "rediss"
+    return tls is not None or urlsplit(url).scheme.lower() in (
+        "rediss",
+        "rediss+cluster",
+        "rediss+sentinel",
+    )
 
 
 class _Credentials(CredentialProvider):
@@ -363,8 +367,17 @@ def redis_client(
     """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
     ``options`` are those of ``Redis.from_url`` (timeouts, ``retry``...). ``auth`` overrides
-    credentials in the URL. Nothing connects before the first command.
+    credentials in the URL. Nothing connects before the first command. ``redis+cluster://``
+    and ``redis+sentinel://`` URLs (and their ``rediss+`` forms) give a cluster client or a
+    client of the Sentinel-named primary: :mod:`bridge.connections_redis`.
     """
+    if "+" in urlsplit(url).scheme:
+        from bridge.connections_redis import clustered_client
+
+        provider = None
+        if auth is not None and auth.password is not None:
+            provider = _Credentials(auth.username, auth.password)
+        return clustered_client(url, tls, provider, {**options})
     try:
         kwargs: dict[str, Any] = {**_NO_CLIENT_INFO, **options, **parse_url(url)}
     except ValueError as exc:

@@ -81,6 +81,7 @@ from redis.backoff import NoBackoff
 
 from bridge.cloudevents import CloudEvent
 from bridge.connections import describe_error, redis_client
+from bridge.connections_redis import key_connection, topology_errors
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
 from bridge.sinks.redis_config import ContentMode, RedisSinkConfig, items_key, marker_key
@@ -117,7 +118,11 @@ server's memory until ``EXEC`` (one over ``client-query-buffer-limit`` would be 
 large ones are slower, and several parts let the next be encoded while the server works."""
 _REMOVED_TYPE_SUFFIX = ".removed.v1"
 _ATTEMPTS = 3
-"""Tries of one transaction: again after a dead pooled connection or a concurrent change."""
+"""Tries of one transaction: again after a dead pooled connection, a concurrent change, or a
+topology change (a slot moved, a primary that is a replica now)."""
+_RETRY_AT_ONCE = (redis.exceptions.WatchError, redis.exceptions.ConnectionError)
+_TOPOLOGY = topology_errors()
+_TOPOLOGY_PAUSE_S = 0.1
 
 READ_SCRIPT = """
 -- KEYS[1] stream, KEYS[2] items hash
@@ -232,23 +237,21 @@ class RedisSink:
         connection or a concurrent change of the watched keys. ``meanwhile`` is called while
         the server runs it (to pack the next part)."""
         assert self._client is not None
-        pool = self._client.connection_pool
         for attempt in range(1, _ATTEMPTS + 1):
-            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await self._transaction(conn, stream, events, meanwhile)
+                async with key_connection(self._client, stream) as conn:
+                    await self._transaction(conn, stream, events, meanwhile)
                 return
             except BaseException as exc:
-                # its state (WATCH, replies not read) is unknown: never hand it out again
-                await conn.disconnect(nowait=True)
-                retry = isinstance(
-                    exc, redis.exceptions.WatchError | redis.exceptions.ConnectionError
-                )
-                if not retry or attempt == _ATTEMPTS:
+                # key_connection dropped the connection (its state - WATCH, replies not read -
+                # is unknown) and, on a Cluster, re-reads the slot table after a failover
+                retry = isinstance(exc, _RETRY_AT_ONCE)
+                moved = isinstance(exc, _TOPOLOGY)
+                if not (retry or moved) or attempt == _ATTEMPTS:
                     raise
                 log.debug("Redis %s: trying a transaction again: %s", self.description, exc)
-            finally:
-                await pool.release(conn)
+                if moved:  # a failover in progress: give the cluster a moment
+                    await asyncio.sleep(_TOPOLOGY_PAUSE_S * attempt)
 
     async def _transaction(
         self,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from bridge.cloudevents import ContentMode
+from bridge.connections_redis import check_redis_url
 from bridge.errors import ConfigError
 from bridge.secrets import redact_url
 from bridge.service.config import AuthConfig, TlsConfig
@@ -20,7 +21,8 @@ class RedisSinkConfig:
     """Where and how :class:`~bridge.sinks.redis.RedisSink` publishes."""
 
     url: str = "redis://127.0.0.1:6379/0"
-    """``redis://`` or ``rediss://`` URL; may carry a password, which is never logged:
+    """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``
+    (:mod:`bridge.connections_redis`) URL; may carry a password, which is never logged:
     :attr:`RedisSink.description` shows it as ``***``."""
 
     stream_prefix: str = REDIS_STREAM_PREFIX
@@ -56,11 +58,8 @@ class RedisSinkConfig:
                 f"redis sink: content_mode must be 'binary' or 'structured', not "
                 f"{self.content_mode!r}"
             )
-        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"redis sink: url must start with redis://, rediss:// or unix://, "
-                f"not {redact_url(self.url)!r}"
-            )
+        if urlsplit(self.url).scheme != "unix" and (problem := check_redis_url(self.url)):
+            raise ConfigError(f"redis sink: url {redact_url(self.url)!r}: {problem}")
         if "{" in self.stream_prefix or "}" in self.stream_prefix:
             raise ConfigError(
                 f"redis sink: stream_prefix {self.stream_prefix!r} may not contain '{{' or '}}' "

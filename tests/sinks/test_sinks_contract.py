@@ -10,15 +10,15 @@ helpers of ``tests/support/events.py``.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import nats
 import nats.js.api
 import pytest
-import redis.asyncio
 
+from bridge.connections import redis_client
 from bridge.errors import PublishError
 from bridge.events import Modified, Removed
 from bridge.sinks import Sink
@@ -26,6 +26,7 @@ from bridge.sinks.memory import MemorySink
 from bridge.sinks.nats import NatsSink
 from bridge.sinks.redis import RedisSink, RedisSinkConfig, items_key
 from bridge.subjects import decode_item_token, redis_stream_key
+from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet
 from tests.support.events import (
     SPECIAL_KEYS,
     content_mode,
@@ -39,7 +40,7 @@ from tests.support.events import (
     validate,
     xrange,
 )
-from tests.support.servers import NatsServer, RedisServer
+from tests.support.servers import NatsServer, RedisServer, ServerProcess
 
 # -- backends --
 
@@ -80,11 +81,15 @@ def _validated(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-async def nats_backend(server: NatsServer, mode: str) -> Backend:
-    config = nats_test_config(server.url, content_mode=content_mode(mode))
+async def nats_backend(
+    server: NatsServer | NatsCluster, mode: str, *, replicas: int = 1, name: str = "nats"
+) -> Backend:
+    config = nats_test_config(server.url, content_mode=content_mode(mode), replicas=replicas)
     sink = NatsSink(config)
     await sink.connect()
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.05)
+    nc = await nats.connect(
+        server.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.05
+    )
     js = nc.jetstream()
 
     async def read(source: str) -> list[dict[str, Any]]:
@@ -119,15 +124,27 @@ async def nats_backend(server: NatsServer, mode: str) -> Backend:
         finally:
             await nc.close()
 
-    backend = Backend(f"nats-{mode}", sink, read, current, server.stop, server.start)
+    if isinstance(server, NatsCluster):
+        cluster = server
+
+        def recover() -> None:  # every node back, and the stream has elected its leader
+            cluster.ensure_running()
+            cluster.wait_stream_healthy(config.stream)
+
+        outage = _stop_all(server.nodes)
+    else:
+        outage, recover = server.stop, server.start
+    backend = Backend(f"{name}-{mode}", sink, read, current, outage, recover)
     backend.closers.append(close)
     return backend
 
 
-async def redis_backend(server: RedisServer, url: str, mode: str) -> Backend:
+async def redis_backend(
+    server: RedisServer | RedisClusterSet | SentinelSet, url: str, mode: str, name: str = "redis"
+) -> Backend:
     sink = RedisSink(RedisSinkConfig(url=url, content_mode=content_mode(mode), timeout_s=2.0))
     await sink.connect()
-    client = redis.asyncio.Redis.from_url(url)
+    client = redis_client(url)  # a cluster client for redis+cluster://
 
     async def read(source: str) -> list[dict[str, Any]]:
         entries = await xrange(client, redis_stream_key(source))
@@ -143,9 +160,26 @@ async def redis_backend(server: RedisServer, url: str, mode: str) -> Backend:
             latest[event["subject"]] = event
         return latest
 
-    backend = Backend(f"redis-{mode}", sink, read, current, server.stop, server.start)
+    if isinstance(server, RedisClusterSet):
+        outage, recover = _stop_all(server.nodes), server.restore
+    elif isinstance(server, SentinelSet):
+        outage, recover = _stop_all(server.data_nodes), server.restore
+    else:
+        outage, recover = server.stop, server.start
+    backend = Backend(f"{name}-{mode}", sink, read, current, outage, recover)
     backend.closers.append(client.aclose)
     return backend
+
+
+_CLUSTERS = (pytest.mark.servers, pytest.mark.clusters)
+
+
+def _stop_all(nodes: Sequence[ServerProcess]) -> Callable[[], None]:
+    def stop() -> None:
+        for node in nodes:
+            node.stop()
+
+    return stop
 
 
 BACKENDS = [
@@ -154,6 +188,10 @@ BACKENDS = [
     pytest.param("nats-structured", marks=pytest.mark.servers, id="nats-structured"),
     pytest.param("redis-binary", marks=pytest.mark.servers, id="redis-binary"),
     pytest.param("redis-structured", marks=pytest.mark.servers, id="redis-structured"),
+    # the clustered topologies (tests/support/clusters.py), binary content mode
+    pytest.param("nats_cluster-binary", marks=_CLUSTERS, id="nats-cluster-r3"),
+    pytest.param("redis_cluster-binary", marks=_CLUSTERS, id="redis-cluster"),
+    pytest.param("redis_sentinel-binary", marks=_CLUSTERS, id="redis-sentinel"),
 ]
 
 
@@ -162,6 +200,15 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     kind: str = request.param
     if kind == "memory":
         made = await memory_backend()
+    elif kind == "nats_cluster-binary":
+        request.getfixturevalue("nats_cluster_url")  # every node running
+        cluster = request.getfixturevalue("nats_cluster")
+        made = await nats_backend(cluster, "binary", replicas=3, name="nats-cluster")
+    elif kind in ("redis_cluster-binary", "redis_sentinel-binary"):
+        topology = kind.partition("-")[0]
+        url = request.getfixturevalue(f"{topology}_url")  # healthy and empty
+        server = request.getfixturevalue(topology)
+        made = await redis_backend(server, url, "binary", name=topology.replace("_", "-"))
     elif kind.startswith("nats-"):
         request.getfixturevalue("nats_url")  # a running server
         made = await nats_backend(request.getfixturevalue("nats_server"), kind[5:])

@@ -234,6 +234,23 @@ class NatsCluster:
         wait_until(elected, f"a leader of stream {stream}")
         return found[-1]
 
+    def wait_stream_healthy(self, stream: str) -> None:
+        """Until the stream has a leader and every running node reports it healthy
+        (``/healthz?account=$G&stream=...``: current, and reachable from that node)."""
+
+        def healthy() -> bool:
+            if self.stream_leader(stream) is None:
+                return False
+            for node in self.nodes:
+                if not node.running:
+                    continue
+                answer = _json(f"{node.monitor_url}/healthz?account=%24G&stream={stream}")
+                if answer is None or answer.get("status") != "ok":
+                    return False
+            return True
+
+        wait_until(healthy, f"stream {stream} healthy on every node")
+
     def wait_stream_current(self, stream: str, messages: int) -> None:
         """Until the stream's leader and every replica report ``messages`` messages."""
 
