@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from bridge.redis_urls import REDIS_SCHEMES, check_nats_urls, check_redis_url
 from bridge.secrets import redact_url
 from bridge.service.config import (
     BridgeConfig,
@@ -149,13 +150,17 @@ class DocumentReader(SourceReader):
         doc = self.mapping(raw, keys, {"url"})
         with self.at("url"):
             url = self.secret(doc["url"])
-            scheme = urlsplit(url.reveal()).scheme
-            kinds = {"nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
+            scheme = urlsplit(url.reveal()).scheme.lower()
+            kinds = {"nats": "nats", "tls": "nats", **dict.fromkeys(REDIS_SCHEMES, "redis")}
             if scheme not in kinds:
                 self.fail(
-                    f"must start with nats://, tls://, redis:// or rediss://, "
-                    f"got {redact_url(url.reveal())!r}"
+                    f"must start with nats://, tls://, redis://, rediss://, redis+cluster://, "
+                    f"redis+sentinel:// (or rediss+...), got {redact_url(url.reveal())!r}"
                 )
+            if kinds[scheme] == "redis" and (problem := check_redis_url(url.reveal())):
+                self.fail(f"{problem} (got {redact_url(url.reveal())!r})")
+            if kinds[scheme] == "nats" and (problem := check_nats_urls(url.reveal())):
+                self.fail(f"{problem} (got {redact_url(url.reveal())!r})")
         fields: dict[str, Any] = {"url": url, "kind": kinds[scheme]}
         if "stream" in doc:
             with self.at("stream"):
@@ -203,10 +208,8 @@ class DocumentReader(SourceReader):
         )
         with self.at("redis_url"):
             url = self.secret(doc["redis_url"])
-            if urlsplit(url.reveal()).scheme not in ("redis", "rediss"):
-                self.fail(
-                    f"must start with redis:// or rediss://, got {redact_url(url.reveal())!r}"
-                )
+            if problem := check_redis_url(url.reveal()):
+                self.fail(f"{problem} (got {redact_url(url.reveal())!r})")
         ttl = 10.0
         if "lease_ttl" in doc:
             with self.at("lease_ttl"):

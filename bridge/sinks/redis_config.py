@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from bridge.cloudevents import ContentMode
-from bridge.connections_redis import check_redis_url
 from bridge.errors import ConfigError
+from bridge.redis_urls import check_redis_url
 from bridge.secrets import redact_url
 from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
