@@ -107,8 +107,9 @@ class BrokerConfig:
     """NATS: drop messages older than this (default: keep)."""
     max_msgs_per_subject: int | None = 16
     """NATS: messages kept per item subject (0: unlimited)."""
-    replicas: int = 1
-    """NATS: JetStream replicas of the stream."""
+    replicas: int | None = None
+    """NATS: JetStream replicas of the stream (default 1). Redis: copies each write must
+    reach before it counts (``WAIT replicas-1``; default 2 on Cluster/Sentinel, else 1)."""
     maxlen: int = 100_000
     """Redis: approximate MAXLEN of each source's stream."""
     ack_timeout_s: float = 5.0

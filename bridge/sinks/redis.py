@@ -101,6 +101,7 @@ __all__ = [
     "MARKER_SCRIPT",
     "READ_SCRIPT",
     "ContentMode",
+    "NotReplicated",
     "RedisSink",
     "RedisSinkConfig",
     "items_key",
@@ -159,6 +160,10 @@ return #KEYS
 """
 
 
+class NotReplicated(redis.exceptions.ResponseError):
+    """A write reached fewer replicas than ``replicas`` asks for within the ``WAIT`` timeout."""
+
+
 class RedisSink:
     """Publishes to Redis Streams; see the module docstring. ``publish()`` connects if needed."""
 
@@ -170,6 +175,13 @@ class RedisSink:
         )
         self._maxlen = bulk(str(self.config.maxlen).encode())
         self._window = str(math.ceil(self.config.dedup_window_s)).encode()
+        self._wait_replicas = self.config.copies - 1
+        self._wait_ms = max(1, int(self.config.timeout_s * 500))  # half the publish's bound
+        self._wait: list[bytes] = (
+            [command(b"WAIT", b"%d" % self._wait_replicas, b"%d" % self._wait_ms)]
+            if self._wait_replicas > 0
+            else []
+        )
 
     @property
     def description(self) -> str:
@@ -297,9 +309,11 @@ class RedisSink:
                 if value is None
             ]
         if not new:
-            await conn.send_packed_command(command(b"UNWATCH"))
+            # published before, maybe by a try whose WAIT failed: wait for the replicas again
+            await conn.send_packed_command([command(b"UNWATCH"), *self._wait])
             if isinstance(reply := await _reply(conn), Exception):
                 raise reply
+            await self._replicated(conn)
             return
 
         # round trip 2: the transaction, as a list of byte strings (payloads referenced, not copied)
@@ -335,7 +349,7 @@ class RedisSink:
             commands.append(command(b"HDEL", items, *gone))
         # replies: MULTI's, one per queued command (XADDs, EVAL, HSET/HDEL), then EXEC's
         replies = 1 + len(new) + len(commands)
-        await conn.send_packed_command([*chunks, *commands, command(b"EXEC")])
+        await conn.send_packed_command([*chunks, *commands, command(b"EXEC"), *self._wait])
         meanwhile()
         queued = [await _reply(conn) for _ in range(replies)]
         try:
@@ -356,6 +370,22 @@ class RedisSink:
             raise redis.exceptions.ResponseError(
                 f"XADD returned other entry ids than the ones requested: "
                 f"{results[: len(new)]!r:.200} instead of {entry_ids!r:.200}"
+            )
+        await self._replicated(conn)
+
+    async def _replicated(self, conn: AbstractConnection) -> None:
+        """Read the reply of the ``WAIT`` sent after the transaction (if replicas are asked
+        for): fewer replicas than asked is a :class:`NotReplicated` error (the publish fails,
+        and its retry waits again; the markers keep it free of duplicates)."""
+        if not self._wait:
+            return
+        reply = await _reply(conn)
+        if isinstance(reply, Exception):
+            raise reply
+        if not isinstance(reply, int) or reply < self._wait_replicas:
+            raise NotReplicated(
+                f"the write reached {reply} of the {self._wait_replicas} replicas asked for "
+                f"(WAIT, {self._wait_ms} ms): not acknowledged, to be retried"
             )
 
     async def aclose(self) -> None:

@@ -46,6 +46,12 @@ class RedisSinkConfig:
     connect_timeout_s: float = 5.0
     """Bound on opening a connection."""
 
+    replicas: int | None = None
+    """Copies of every write (the primary and ``replicas - 1`` replicas) before a publish
+    counts as acknowledged: ``WAIT replicas-1`` after each transaction. None: 2 for a
+    ``redis+cluster://`` or ``redis+sentinel://`` URL (a promoted replica then has every
+    acknowledged event), 1 (no ``WAIT``) for a single server."""
+
     tls: TlsConfig | None = None
     """CA, client certificate (mTLS); given (or a ``rediss://`` URL), TLS is used."""
 
@@ -65,12 +71,21 @@ class RedisSinkConfig:
                 f"redis sink: stream_prefix {self.stream_prefix!r} may not contain '{{' or '}}' "
                 "(the stream key is the Redis Cluster hash tag of the sink's other keys)"
             )
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"redis sink: replicas must be >= 1, got {self.replicas!r}")
         if self.maxlen < 1:
             raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
         for name in ("dedup_window_s", "timeout_s", "connect_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"redis sink: {name} must be > 0 seconds, got {value!r}")
+
+    @property
+    def copies(self) -> int:
+        """``replicas``, or its default for the URL's topology."""
+        if self.replicas is not None:
+            return self.replicas
+        return 2 if "+" in urlsplit(self.url).scheme else 1
 
 
 def items_key(source_name: str, prefix: str = REDIS_STREAM_PREFIX) -> str:
