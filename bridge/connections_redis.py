@@ -168,13 +168,25 @@ class ClusterUnavailable(redis.exceptions.ConnectionError):
 class _Cluster(RedisCluster):
     """redis-py's cluster client, its "no node reachable" errors as :class:`ClusterUnavailable`."""
 
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True  # no command may connect again (redis-py would re-initialize)
+        await super().aclose()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClusterUnavailable("the Redis Cluster client is closed")
+
     async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        self._check_open()
         try:
             return await super().initialize(*args, **kwargs)
         except redis.exceptions.RedisClusterException as exc:
             raise ClusterUnavailable(str(exc)) from exc
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
         try:
             return await super().execute_command(*args, **kwargs)
         except redis.exceptions.RedisClusterException as exc:

@@ -86,7 +86,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from bridge.connections import describe_error, keep_cancellation, redis_client
+from bridge.connections_redis import is_cluster
 from bridge.consumer.base import Synced
+from bridge.consumer.redis_cluster_reads import ClusterReads
 from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
@@ -200,6 +202,10 @@ class RedisWatch(RedisEntries):
         self._check_streams = False
         """Set after a Redis error or an idle read: look for streams (or groups) the server
         lost."""
+        self._cluster_reads = (
+            ClusterReads() if is_cluster(self._client) and len(self._sources) > 1 else None
+        )
+        """Redis Cluster with several streams: no read may span two slots."""
 
     async def _fill(self) -> None:
         while not self._ready:
@@ -219,12 +225,16 @@ class RedisWatch(RedisEntries):
 
     async def _release(self) -> None:
         """Close the client the watch made."""
+        if self._cluster_reads is not None:
+            await self._cluster_reads.cancel()
         if self._owns_client:
             await self._client.aclose()
 
     # -- phases --
 
     async def _start(self) -> None:
+        if self._cluster_reads is not None:  # reads from old positions
+            await self._cluster_reads.cancel()
         snapshots = await self._snapshot(list_items=self.config.list_first)
         self._own_pending.clear()
         self._to_create.clear()
@@ -312,30 +322,64 @@ class RedisWatch(RedisEntries):
         if self.group is not None:
             wait = min(wait, self._next_claim - loop.time())
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
-        if self.group is None:
+        if self._cluster_reads is not None:  # one read per stream: each has its own slot
+            got = await self._read_each(block_ms, wait)
+        elif self.group is None:
             reply = await self._command(
                 "XREAD", "COUNT", self.config.batch_size, "BLOCK", block_ms,
                 "STREAMS", *self._cursor, *self._cursor.values(),
             )  # fmt: skip
+            got = _per_stream(reply)
         else:
             reply = await self._command(
                 "XREADGROUP", "GROUP", self.group, self.consumer,
                 "COUNT", self.config.batch_size, "BLOCK", block_ms,
                 "STREAMS", *self._cursor, *([">"] * len(self._cursor)),
             )  # fmt: skip
-        got = _per_stream(reply)
+            got = _per_stream(reply)
         for stream, entries in got:
             await self._accept(stream, entries)
         # idle: the time to notice a stream the server lost (read from where it no longer is)
         self._check_streams = not got
 
+    async def _read_each(self, block_ms: int, wait_s: float) -> list[tuple[str, list[Any]]]:
+        """Redis Cluster: a blocking read of each stream, left running between calls."""
+        assert self._cluster_reads is not None
+
+        def read(stream: str) -> Awaitable[Any]:
+            if self.group is None:
+                return self._command(
+                    "XREAD", "COUNT", self.config.batch_size, "BLOCK", block_ms,
+                    "STREAMS", stream, self._cursor[stream],
+                )  # fmt: skip
+            return self._command(
+                "XREADGROUP", "GROUP", self.group, self.consumer,
+                "COUNT", self.config.batch_size, "BLOCK", block_ms, "STREAMS", stream, ">",
+            )  # fmt: skip
+
+        replies = await self._cluster_reads.read(list(self._cursor), read, wait_s)
+        return [pair for _stream, reply in replies for pair in _per_stream(reply)]
+
     async def _read_own_pending(self) -> None:
         streams = list(self._own_pending)
-        reply = await self._command(
-            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.config.batch_size,
-            "STREAMS", *streams, *[self._own_pending[s] for s in streams],
-        )  # fmt: skip
-        got = dict(_per_stream(reply))
+        if self._cluster_reads is not None:
+
+            def pending(stream: str) -> Awaitable[Any]:
+                return self._command(
+                    "XREADGROUP", "GROUP", self.group, self.consumer,
+                    "COUNT", self.config.batch_size,
+                    "STREAMS", stream, self._own_pending[stream],
+                )  # fmt: skip
+
+            replies = await self._cluster_reads.gather(streams, pending)
+            got = {s: e for _stream, reply in replies for s, e in _per_stream(reply)}
+        else:
+            reply = await self._command(
+                "XREADGROUP", "GROUP", self.group, self.consumer,
+                "COUNT", self.config.batch_size,
+                "STREAMS", *streams, *[self._own_pending[s] for s in streams],
+            )  # fmt: skip
+            got = dict(_per_stream(reply))
         for stream in streams:
             entries = got.get(stream, [])
             if not entries:
@@ -398,6 +442,8 @@ class RedisWatch(RedisEntries):
                 else f"it ends at {last}, before {self._cursor[stream]} already read",
                 "listing again" if self.config.list_first else "reading it from its start",
             )  # fmt: skip
+        if lost and self._cluster_reads is not None:
+            await self._cluster_reads.cancel()
         if lost and self.config.list_first:
             self._started = self._synced = False
             self._retries.clear()  # stale: the list brings every item's latest event
