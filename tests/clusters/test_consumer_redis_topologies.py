@@ -58,7 +58,7 @@ async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
             per_node = await every_node(target_nodes=RedisCluster.ALL_NODES)
             return [entry for entries in per_node.values() for entry in entries]
 
-        made.client_list = client_list  # type: ignore[method-assign]
+        made.client_list = client_list
     try:
         yield made
     finally:
