@@ -1,0 +1,77 @@
+"""``koprs-bridge tail`` and ``status`` on Redis Cluster and Sentinel.
+
+The Redis tail tests of tests/consumer/test_tail.py run here with ``redis_url`` pointing at
+each topology: ``tail --broker redis+cluster://...`` discovers the streams on every primary
+(SCAN per node), ``--config`` with a cluster or sentinel ``broker.url`` follows them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.connections import redis_client
+from bridge.ha.keys import DEFAULT_PREFIX
+from bridge.ha.leases import LeaseClient
+from tests.consumer import test_tail as single
+
+pytestmark = [pytest.mark.clusters, pytest.mark.servers]
+
+for _name, _test in vars(single).items():
+    if _name.startswith("test_redis_") and callable(_test):
+        globals()[_name] = _test
+
+
+@pytest.fixture(params=["cluster", "sentinel"])
+def redis_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(f"redis_{request.param}_url")
+    return url
+
+
+async def test_status_reads_the_election_state(redis_url: str, tmp_path: Path) -> None:
+    client = redis_client(redis_url)
+    try:
+        leases = LeaseClient(client, "replica-a", ttl_s=30, prefix=DEFAULT_PREFIX)
+        lease = await leases.acquire("files")
+        assert lease is not None
+        config = tmp_path / "bridge.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "broker": {"url": redis_url},
+                    "leader_election": {"redis_url": redis_url},
+                    "sources": [
+                        {"name": n, "interval": 1, "local": {"path": str(tmp_path)}}
+                        for n in ("files", "web")
+                    ],
+                }
+            )
+        )
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "bridge", "status", "--json", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**single.os.environ, "PYTHONPATH": str(single.REPO)},
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        assert "replica-a" in json.dumps(status)
+    finally:
+        await client.aclose()
+
+
+def test_the_imported_tests_take_redis_url() -> None:
+    imported = [n for n in globals() if n.startswith("test_redis_")]
+    assert imported
+    for name in imported:
+        assert "redis_url" in inspect.signature(globals()[name]).parameters
