@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,7 @@ async def test_status_reads_the_election_state(redis_url: str, tmp_path: Path) -
             capture_output=True,
             text=True,
             timeout=60,
-            env={**single.os.environ, "PYTHONPATH": str(single.REPO)},
+            env={**os.environ, "PYTHONPATH": str(single.REPO)},
             check=False,
         )
         assert done.returncode == 0, done.stderr
