@@ -10,6 +10,12 @@ The library layer (the Python form of the Rust crate ``koprs-external``)::
             case Removed(resource): ...
 
 Everything public is importable from here; ``__all__`` is the public API (a test pins it).
+
+Layout, imports pointing one way (``tests/test_import_graph.py``): foundations (``events``,
+``errors``, ``aio``, ``tls``, ``jsonable``, ``secrets``) → ``sources/`` → ``cloudevents`` →
+``sinks/``, with ``state/``, ``ha/`` and ``connections`` beside them; ``service/``
+(``factories`` builds, ``runner`` supervises) and ``telemetry/``; ``consumer/``, ``tail`` and
+``cli`` on top.
 """
 
 from typing import TYPE_CHECKING, Any

@@ -8,19 +8,18 @@
                           follow the broker: one line per event (JSON lines with --json)
 ``asyncapi --config FILE [--format json|yaml]``
                           print the AsyncAPI 3.0 document of what the bridge publishes
+``config-schema``         print the JSON Schema of the config file (for editors and CI)
 
 ``--log-level`` goes before or after the subcommand. Invalid configs exit with status 2 and
-one message naming the file, key and problem.
+one line per problem naming the file (or the environment variable), the key and the problem.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,10 +39,9 @@ EXIT_INVALID = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, (args.log_level or "info").upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    from bridge.telemetry.logs import basic_logging
+
+    basic_logging(args.log_level or "info")
     try:
         if args.command == "check":
             return _check(args.config)
@@ -55,8 +53,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tail(args)
         if args.command == "asyncapi":
             return _asyncapi(args.config, args.format)
+        if args.command == "config-schema":
+            return _config_schema()
     except ConfigError as exc:
-        print(f"koprs-bridge: invalid config: {exc}", file=sys.stderr)
+        problems = str(exc).splitlines()  # one per line, each naming its file or variable
+        if len(problems) > 1:
+            problems.insert(0, f"{len(problems)} problems:")
+        print("koprs-bridge: invalid config: " + "\n  ".join(problems), file=sys.stderr)
         return EXIT_INVALID
     except BridgeError as exc:
         print(f"koprs-bridge: {exc}", file=sys.stderr)
@@ -143,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     asyncapi.add_argument("--config", type=Path, required=True)
     asyncapi.add_argument("--format", choices=["json", "yaml"], default="json")
+    command("config-schema", help="print the JSON Schema of the config file")
     return parser
 
 
@@ -171,11 +175,8 @@ def _check(path: Path) -> int:
 async def _status(path: Path, *, as_json: bool) -> int:
     import json
 
-    import redis.exceptions
-
-    from bridge.connections import describe_error, redis_client
+    from bridge.connections import redis_session
     from bridge.ha.sharing import election_status
-    from bridge.secrets import redact_url
     from bridge.service.config import load_config
 
     config = load_config(path)
@@ -183,18 +184,9 @@ async def _status(path: Path, *, as_json: bool) -> int:
         print(f"{path}: no leader_election configured: one replica leads every source")
         return 0
     election = config.leader_election
-    url = election.redis_url.reveal()
-    client = redis_client(
-        url, election.tls, election.auth, socket_timeout=5, socket_connect_timeout=5
-    )
-    try:
+    url, doing = election.redis_url.reveal(), "read the election state from Redis"
+    async with redis_session(url, election.tls, election.auth, doing=doing, timeout_s=5) as client:
         status = await election_status(client, [s.name for s in config.sources])
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot read the election state from Redis {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
@@ -214,6 +206,15 @@ def _asyncapi(path: Path, fmt: str) -> int:
     return 0
 
 
+def _config_schema() -> int:
+    import json
+
+    from bridge.service.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
 def _tail(args: argparse.Namespace) -> int:
     from bridge.tail import TailOptions, run_tail
 
@@ -229,13 +230,10 @@ def _tail(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from bridge.aio import stop_on_signals
     from bridge.service.runner import Bridge
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         if args.config is not None:
             if args.reload_interval <= 0:
                 await Bridge(_logging_from(_load_for_run(args.config), args)).run(stop)
@@ -247,10 +245,6 @@ async def _run(args: argparse.Namespace) -> int:
             await run_with_reload(Bridge(config), watcher, stop)
             return 0
         return await _run_embedded(args.inbox, args.home, stop)
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
 
 
 def _load_for_run(path: Path) -> BridgeConfig:

@@ -15,10 +15,7 @@ anything else base64); larger bodies are described by their digest and size only
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import hashlib
-import importlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -28,9 +25,8 @@ from functools import lru_cache
 from typing import Any, Literal
 from urllib.parse import quote, unquote
 
-from bridge.events import EventKind, ExternalEvent
-from bridge.sources.http import HttpResource
-from bridge.sources.stores import StoredObject
+from bridge.events import EventData, EventKind, ExternalEvent
+from bridge.jsonable import jsonable, orjson
 
 __all__ = [
     "DATA_CONTENT_TYPE",
@@ -53,7 +49,6 @@ DATA_CONTENT_TYPE = "application/json"
 SCHEMA_BASE_URI = "https://koprs.dev/schemas/bridge/"
 """``$id`` prefix of the files in ``schemas/``: ``<base>v1/http-resource.json`` etc."""
 DEFAULT_MAX_INLINE_BODY_BYTES = 64 * 1024
-_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
 def event_type(kind: EventKind, version: int = 1) -> str:
@@ -184,16 +179,14 @@ class EventEncoder:
         """Encode ``event``, part of the changeset that makes the source's ``revision``."""
         resource = event.resource
         encoded: bytes | None = None
-        if isinstance(resource, HttpResource):
-            key, version, schema = resource.url, resource.version, "http-resource"
-            data = self._http_data(resource)
-            encoded = _plain_dumps(data)
-        elif isinstance(resource, StoredObject):
-            key, version, schema = resource.path, resource.etag, "stored-object"
-            data = _object_data(resource)
-            encoded = _plain_dumps(data)
+        describe = getattr(resource, "event_data", None)
+        if callable(describe):  # a DescribedResource: HttpResource, StoredObject...
+            described: EventData = describe(self.max_inline_body_bytes)
+            key, version, schema, data, plain = described
+            if plain:
+                encoded = _plain_dumps(data)
         else:
-            value = _jsonable(resource)
+            value = jsonable(resource)
             key = str(getattr(resource, "key", self.source_name))
             version = (
                 getattr(resource, "version", None)
@@ -213,59 +206,8 @@ class EventEncoder:
             traceparent=self.traceparent,
         )
 
-    def _http_data(self, r: HttpResource) -> dict[str, Any]:
-        body_known = bool(r.body) or r.digest == _EMPTY_DIGEST
-        body: dict[str, str] | None = None
-        if body_known and len(r.body) <= self.max_inline_body_bytes:
-            try:
-                body = {"encoding": "utf-8", "data": r.body.decode("utf-8")}
-            except UnicodeDecodeError:
-                body = {"encoding": "base64", "data": base64.b64encode(r.body).decode("ascii")}
-        return {
-            "url": r.url,
-            "status": r.status,
-            "etag": r.etag,
-            "last_modified": r.last_modified,
-            "content_type": r.content_type,
-            "digest": r.version,
-            "size": len(r.body) if body_known else None,
-            "body": body,
-        }
 
-
-def _object_data(o: StoredObject) -> dict[str, Any]:
-    return {
-        "path": o.path,
-        "etag": o.etag,
-        "size": o.size,
-        "last_modified": o.last_modified.isoformat() if o.last_modified else None,
-    }
-
-
-def _jsonable(value: Any) -> Any:
-    """A JSON form of a custom source's resource (dataclasses, pydantic models, mappings...)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    dump = getattr(value, "model_dump", None)
-    if callable(dump):
-        return dump(mode="json")
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
-
-
-try:  # optional: only makes encoding faster (see _dumps)
-    _orjson: Any = importlib.import_module("orjson")
-except ImportError:
-    _orjson = None
+_orjson: Any = orjson  # optional: only makes encoding faster (see _dumps)
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, sort_keys=True)
 _I64_MIN, _U64_END = -(1 << 63), 1 << 64
 

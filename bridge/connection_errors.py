@@ -15,7 +15,7 @@ import ssl
 import nats.errors
 import redis.exceptions
 
-from bridge.errors import ConfigError, ConnectError
+from bridge.errors import ConfigError, ConnectError, cause_chain
 
 __all__ = ["ClientCertificateRequired", "ConnectError", "TlsNotOffered", "describe_error"]
 
@@ -51,15 +51,6 @@ _HANDSHAKE_HINTS = {
 }
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in seen and len(seen) < 10:
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def describe_error(exc: BaseException | None) -> str:
     """The cause of a failed connection or command, in words, with a hint where one helps.
 
@@ -68,7 +59,7 @@ def describe_error(exc: BaseException | None) -> str:
     """
     if exc is None:
         return "unknown error"
-    chain = _chain(exc)
+    chain = cause_chain(exc)
     for link in chain:
         if isinstance(link, ssl.SSLCertVerificationError):
             return (

@@ -2,12 +2,13 @@
 
 Every NATS and Redis connection of koprs-bridge (the sinks, the leader election's Redis client,
 ``koprs-bridge status``, the consumers and ``koprs-bridge tail``) is made here, from a URL plus
-an optional :class:`~bridge.service.config.TlsConfig` and
-:class:`~bridge.service.config.AuthConfig`:
+an optional :class:`~bridge.connection_settings.TlsConfig` and
+:class:`~bridge.connection_settings.AuthConfig`:
 
 * :func:`ssl_context`: an :class:`ssl.SSLContext` from a ``TlsConfig`` (custom CA, client
-  certificate for mutual TLS, ``verify: false``). It is built again when one of its files
-  changes, so rotated certificates are picked up by the next connection.
+  certificate for mutual TLS, ``verify: false``), from the cache of :mod:`bridge.tls` shared
+  with the HTTP sources. It is built again when one of its files changes, so rotated
+  certificates are picked up by the next connection.
 * :func:`nats_options` / :func:`connect_nats`: the keyword arguments of ``nats.connect`` and a
   connect that fails fast. TLS is *required* when the URL is ``tls://`` or a ``tls`` section is
   given: a server that does not offer TLS is refused before any credential is sent (nats-py
@@ -17,9 +18,11 @@ an optional :class:`~bridge.service.config.TlsConfig` and
   each connection too.
 * :func:`redis_client`: a ``redis.asyncio.Redis``; TLS for ``rediss://`` or a ``tls`` section,
   ACL ``username``/``password`` from the ``AuthConfig`` (else from the URL), read again for
-  every new connection.
+  every new connection; :func:`redis_session`: one for a short job (``koprs-bridge status``,
+  ``tail``), its errors in words.
 * :func:`describe_error` (:mod:`bridge.connection_errors`): the cause of a failed connection or
   command in words, with a hint at the setting to fix; no secret ever appears in it.
+* ``keep_cancellation`` lives in :mod:`bridge.aio` (re-exported here).
 
 A NATS connect makes one attempt per server: on the first failure of every server (or after
 ``connect_timeout_s``) :func:`connect_nats` gives up with a :class:`ConnectError`, so the
@@ -31,26 +34,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio
+import redis.exceptions
 from nats.aio.client import Client as NatsClient
 from redis.asyncio.connection import Connection, ConnectionPool, parse_url
 from redis.credentials import CredentialProvider
 
+from bridge.aio import keep_cancellation
 from bridge.connection_errors import (
     ClientCertificateRequired,
     ConnectError,
     TlsNotOffered,
     describe_error,
 )
-from bridge.errors import ConfigError
-from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
-from bridge.service.config import AuthConfig, TlsConfig
+from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
+from bridge.errors import BridgeError, ConfigError
+from bridge.secrets import Secret, redact_url
+from bridge.tls import client_context
 
 __all__ = [
     "ConnectError",
@@ -61,84 +66,34 @@ __all__ = [
     "nats_servers",
     "nats_tls_required",
     "redis_client",
+    "redis_session",
     "redis_tls_required",
     "ssl_context",
 ]
 
-T = TypeVar("T")
 ErrorCallback = Callable[[Exception], Awaitable[None]]
 Callback = Callable[[], Awaitable[None]]
 
 
-def _not_the_tls_eof_notice(record: logging.LogRecord) -> bool:
-    # nats-py upgrades a plain asyncio stream to TLS, whose protocol then tells asyncio that
-    # it keeps the transport open at EOF; asyncio logs a warning for that at every TLS close
-    return record.msg != "returning true from eof_received() has no effect when using ssl"
-
-
-logging.getLogger("asyncio").addFilter(_not_the_tls_eof_notice)
-
-
 # -- TLS ----------------------------------------------------------------------------------------
-
-_contexts: dict[TlsConfig, tuple[tuple[int, ...], ssl.SSLContext]] = {}
-
-
-def _stamp(tls: TlsConfig) -> tuple[int, ...]:
-    """The :func:`~bridge.secrets.file_stamp` of each file (unreadable: -1s; the build then
-    reports it)."""
-    stamp: list[int] = []
-    for path in (tls.ca_file, tls.cert_file, tls.key_file):
-        try:
-            stamp += file_stamp(path) if path is not None else (0, 0, 0)
-        except OSError:
-            stamp += (-1, -1, -1)
-    return tuple(stamp)
 
 
 def ssl_context(tls: TlsConfig | None = None) -> ssl.SSLContext:
     """The client-side SSL context ``tls`` describes (None: system CAs, verification on).
 
-    Cached per config and built again when one of its files changed (certificate rotation).
-    Unreadable or invalid files are a :class:`~bridge.errors.ConfigError` naming the file.
+    Shared per config and built again when one of its files changed (certificate rotation),
+    by :func:`bridge.tls.client_context`. Unreadable or invalid files are a
+    :class:`~bridge.errors.ConfigError` naming the file.
     """
     tls = tls or TlsConfig()
-    stamp = _stamp(tls)
-    cached = _contexts.get(tls)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
-    context = _build_context(tls)
-    _contexts[tls] = (stamp, context)
-    return context
-
-
-def _build_context(tls: TlsConfig) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=tls.ca_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"tls.ca_file {str(tls.ca_file)!r}: cannot load it: {_ssl_text(exc)}"
-        ) from None
-    if tls.cert_file is not None:
-        try:
-            context.load_cert_chain(tls.cert_file, tls.key_file, password=no_key_password)
-        except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: an encrypted key
-            raise ConfigError(
-                f"tls.cert_file {str(tls.cert_file)!r} / key_file {str(tls.key_file)!r}: "
-                f"cannot load the client certificate: {_ssl_text(exc)}"
-            ) from None
-    if not tls.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
-def _ssl_text(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    return client_context(
+        verify=tls.verify,
+        ca_file=tls.ca_file,
+        cert_file=tls.cert_file,
+        key_file=tls.key_file,
+        default_ca="system",
+        errors="config",
+    )
 
 
 # -- NATS ---------------------------------------------------------------------------------------
@@ -307,21 +262,6 @@ except ImportError:  # pragma: no cover - older redis-py
     _NO_CLIENT_INFO = {"lib_name": None, "lib_version": None}
 
 
-async def keep_cancellation(awaitable: Awaitable[T]) -> T:
-    """Await a redis-py call without losing a cancellation.
-
-    On Python 3.11, ``asyncio.wait_for`` (which redis-py wraps around every write when a
-    ``socket_timeout`` is set) returns the result and drops a cancellation that arrives as the
-    write completes: the caller would go on as if never cancelled, and a task stopped with one
-    ``cancel()`` would run until cancelled again. This raises that cancellation."""
-    task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
-    result = await awaitable
-    if task is not None and task.cancelling() > before:
-        raise asyncio.CancelledError
-    return result
-
-
 def redis_tls_required(url: str, tls: TlsConfig | None) -> bool:
     """Whether TLS is used: a ``rediss://`` URL or a ``tls`` section."""
     return tls is not None or urlsplit(url).scheme.lower() in (
@@ -361,8 +301,31 @@ class TlsConnection(Connection):
         return arguments
 
 
+@contextlib.asynccontextmanager
+async def redis_session(
+    url: str,
+    tls: TlsConfig | None = None,
+    auth: RedisAuthConfig | None = None,
+    *,
+    doing: str,
+    timeout_s: float = 10.0,
+) -> AsyncIterator[redis.asyncio.Redis]:
+    """A :func:`redis_client` for a short job (``timeout_s`` to connect and per command),
+    closed after it. A Redis or network error in the block becomes a
+    :class:`~bridge.errors.BridgeError`: ``cannot <doing> <url>: <cause>`` (password hidden)."""
+    client = redis_client(
+        url, tls, auth, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        yield client
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise BridgeError(f"cannot {doing} {redact_url(url)}: {describe_error(exc)}") from exc
+    finally:
+        await client.aclose()
+
+
 def redis_client(
-    url: str, tls: TlsConfig | None = None, auth: AuthConfig | None = None, **options: Any
+    url: str, tls: TlsConfig | None = None, auth: RedisAuthConfig | None = None, **options: Any
 ) -> redis.asyncio.Redis:
     """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
 

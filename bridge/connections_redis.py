@@ -48,7 +48,7 @@ from bridge.redis_urls import (
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-    from bridge.service.config import TlsConfig
+    from bridge.connection_settings import TlsConfig
 
 __all__ = [
     "CLUSTER_SCHEMES",

@@ -19,7 +19,8 @@
         └── UnknownEventTypeError           a type or schema version this version does not know
 
 Third-party exceptions are converted where they cross into the project (``raise ... from exc``),
-so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``.
+so callers only ever need to catch :class:`BridgeError` and the original is kept as ``__cause__``;
+:func:`cause_chain` walks it.
 """
 
 from __future__ import annotations
@@ -86,15 +87,19 @@ class HttpStatusError(SourceError):
 
 
 class BodyTooLargeError(SourceError):
-    """The HTTP response body is larger than the configured cap."""
+    """The HTTP response body is larger than the configured cap: the bytes received or, for a
+    compressed body, the bytes it decodes to."""
 
-    def __init__(self, url: str, cap_bytes: int) -> None:
+    def __init__(self, url: str, cap_bytes: int, *, decoded_from: str | None = None) -> None:
+        decoding = f" when decoded (Content-Encoding: {decoded_from}; " if decoded_from else " ("
         super().__init__(
-            f"GET {url}: response body exceeds the cap of {cap_bytes} bytes "
-            "(raise it with HttpPoller.with_max_body_bytes or `max_body_bytes:`)"
+            f"GET {url}: response body exceeds the cap of {cap_bytes} bytes{decoding}"
+            "raise it with HttpPoller.with_max_body_bytes or `max_body_bytes:`)"
         )
         self.url = url
         self.cap_bytes = cap_bytes
+        self.decoded_from = decoded_from
+        """The content codings being decoded when the cap was reached (None: none)."""
 
 
 class StoreError(SourceError):
@@ -128,3 +133,14 @@ class RedirectError(SourceError):
 
 class UnknownEventTypeError(DecodeError):
     """A well-formed CloudEvent whose type or schema version this version does not know."""
+
+
+def cause_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
+    """``exc``, then what caused it (``__cause__``, else ``__context__``), and so on: at most
+    ``limit`` exceptions, each once (a cycle ends the walk)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < limit:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain

@@ -7,14 +7,35 @@ Events are frozen dataclasses with one field, ``resource``, so consumers can ``m
             apply(resource)
         case Removed(resource):
             forget(resource)
+
+A resource can describe what its events carry (:class:`DescribedResource`: the built-in
+``HttpResource`` and ``StoredObject`` do), so the CloudEvents encoder needs to know no source.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
+from typing import (
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    runtime_checkable,
+)
 
-__all__ = ["Added", "EventKind", "ExternalEvent", "Modified", "Removed", "Resource"]
+__all__ = [
+    "Added",
+    "DescribedResource",
+    "EventData",
+    "EventKind",
+    "ExternalEvent",
+    "Modified",
+    "Removed",
+    "Resource",
+]
 
 EventKind = Literal["added", "modified", "removed"]
 R_co = TypeVar("R_co", covariant=True)
@@ -35,6 +56,33 @@ class Resource(Protocol):
 
     @property
     def version(self) -> str: ...
+
+
+class EventData(NamedTuple):
+    """What the events of one resource carry, as the resource describes it (a named tuple:
+    built for every event)."""
+
+    key: str
+    """The item's key: the event's ``subject``, part of its id."""
+    version: str
+    """The item's version token, part of the event id."""
+    schema: str
+    """The JSON Schema of ``data``: ``schemas/v1/<schema>.json`` (``http-resource``...)."""
+    data: dict[str, Any]
+    """The event's ``data``."""
+    plain: bool = False
+    """``data`` holds only str, int (64 bit), bool, None, lists and dicts with str keys (no
+    float), so a fast JSON encoder may write it without checking."""
+
+
+@runtime_checkable
+class DescribedResource(Protocol):
+    """A resource that says what its events carry."""
+
+    def event_data(self, max_inline_body_bytes: int) -> EventData:
+        """Key, version, schema and ``data``; bodies above ``max_inline_body_bytes`` are
+        described (digest, size) rather than inlined."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

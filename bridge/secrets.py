@@ -3,6 +3,10 @@
 A :class:`Secret` never shows its value in ``repr``/``str`` (so not in logs, errors or config
 dumps); call :meth:`Secret.reveal` where the value is really needed. A file-backed secret is
 re-read when the file changes (Kubernetes rotates projected tokens in place).
+
+``Secret`` is a pydantic type too: a settings field typed ``Secret`` accepts a string, ``{env:
+NAME}`` or ``{file: /path}`` (or a ``Secret``), and serializes as its ``repr`` (a model dump
+shows where a secret comes from, never its value).
 """
 
 from __future__ import annotations
@@ -10,7 +14,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
 
 __all__ = ["Secret", "file_stamp", "no_key_password", "redact_url"]
 
@@ -54,6 +63,59 @@ class Secret:
         secret = cls(f"file:{path}", "", Path(path))
         secret.reveal()  # fail now, at configuration time, if unreadable
         return secret
+
+    @classmethod
+    def from_config(cls, value: Any) -> Secret:
+        """The secret a config value describes; ``ValueError`` says what is wrong with it."""
+        if isinstance(value, Secret):
+            return value
+        if isinstance(value, str):
+            if not value:
+                raise ValueError("must not be empty")
+            return cls.inline(value)
+        if isinstance(value, dict) and len(value) == 1:
+            ((how, where),) = value.items()
+            if how in ("env", "file") and isinstance(where, str) and where:
+                try:
+                    return cls.from_env(where) if how == "env" else cls.from_file(where)
+                except LookupError as exc:
+                    raise ValueError(str(exc)) from None
+                except OSError as exc:
+                    raise ValueError(
+                        f"cannot read secret file {where!r}: {exc.strerror or exc}"
+                    ) from None
+        raise ValueError("must be a string, {env: VARIABLE} or {file: /path/to/file}")
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls.from_config,
+            serialization=core_schema.plain_serializer_function_ser_schema(repr),
+            ref="Secret",
+        )
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        def one(key: str, what: str) -> dict[str, Any]:
+            return {
+                "type": "object",
+                "properties": {key: {"type": "string", "minLength": 1, "description": what}},
+                "required": [key],
+                "additionalProperties": False,
+            }
+
+        return {
+            "anyOf": [
+                {"type": "string", "minLength": 1},
+                one("env", "the environment variable that holds the value"),
+                one("file", "the file that holds the value (re-read when it changes)"),
+            ],
+            "description": "a secret: the value, {env: VARIABLE} or {file: /path/to/file}",
+        }
 
     def reveal(self) -> str:
         """The value (for a file: its content without trailing newline, re-read on change)."""

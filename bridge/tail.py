@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -43,13 +42,15 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 from urllib.parse import urlsplit
 
-from bridge.connections import describe_error, redis_client
+from bridge.aio import stop_on_signals, stop_with_grace
+from bridge.connection_settings import AuthConfig, TlsConfig
+from bridge.connections import describe_error, redis_session
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
+from bridge.jsonable import jsonable
 from bridge.redis_urls import REDIS_SCHEMES, check_nats_urls, check_redis_url
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, REDIS_STREAM_PREFIX, validate_source_name
@@ -187,13 +188,7 @@ def _jsonable(value: Any) -> Any:
             body = {"encoding": "base64", "data": base64.b64encode(value.body).decode("ascii")}
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
         return {**fields, "body": body, "size": len(value.body)}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    return value
+    return jsonable(value)
 
 
 def format_json(envelope: Envelope, *, initial: bool = False) -> str:
@@ -220,27 +215,16 @@ def format_json(envelope: Envelope, *, initial: bool = False) -> str:
 
 async def _redis_sources(options: TailOptions) -> tuple[str, ...]:
     """The sources whose streams exist now (``koprs:external:<name>`` keys of type stream)."""
-    import redis.exceptions
-
-    url = options.url
-    client = redis_client(
-        url, options.tls, options.auth, socket_timeout=10, socket_connect_timeout=10
-    )
-    try:
-        names = []
+    names = []
+    doing = "list the streams of"
+    async with redis_session(options.url, options.tls, options.auth, doing=doing) as client:
         async for key in client.scan_iter(match=f"{REDIS_STREAM_PREFIX}*", _type="stream"):
             name = (key.decode() if isinstance(key, bytes) else str(key))[
                 len(REDIS_STREAM_PREFIX) :
             ]
             with contextlib.suppress(ValueError):
                 names.append(validate_source_name(name))
-        return tuple(sorted(names))
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise BridgeError(
-            f"cannot list the streams of {redact_url(url)}: {describe_error(exc)}"
-        ) from exc
-    finally:
-        await client.aclose()
+    return tuple(sorted(names))
 
 
 Closer = Callable[[], Awaitable[None]]
@@ -353,11 +337,7 @@ async def _follow(watch: Watch, options: TailOptions, out: TextIO) -> None:
 
 
 async def _main(options: TailOptions) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    try:
+    with stop_on_signals(asyncio.Event()) as stop:
         watch, close = await (_open_nats if options.kind == "nats" else _open_redis)(options)
         follow = asyncio.create_task(_follow(watch, options, sys.stdout))
         stopping = asyncio.create_task(stop.wait())
@@ -368,25 +348,13 @@ async def _main(options: TailOptions) -> int:
             # Closing the watch ends an iteration waiting in the other task: a cancellation
             # alone can be lost in a client library that swallows CancelledError.
             await watch.aclose()
-            await _finished(follow)
+            await stop_with_grace([follow], grace_s=10.0)
             await close()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
     if not follow.cancelled() and (error := follow.exception()) is not None:
         if isinstance(error, BrokenPipeError):  # e.g. `koprs-bridge tail ... | head`
             return 0
         raise error
     return 0
-
-
-async def _finished(task: asyncio.Task[None], grace_s: float = 10.0) -> None:
-    """Wait for ``task``, which was told to stop; cancel it if it does not within the grace."""
-    done, _ = await asyncio.wait({task}, timeout=grace_s)
-    while not done:
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=1.0)
 
 
 def run_tail(options: TailOptions) -> int:

@@ -18,6 +18,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from bridge.aio import Backoff
 from bridge.errors import BridgeError
 from bridge.events import ExternalEvent
 from bridge.units import Seconds, to_seconds
@@ -33,9 +34,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("bridge.watch")
-
-_MAX_DOUBLINGS = 64
-"""Consecutive failures past this no longer double the wait (it is at the ceiling anyway)."""
 
 
 @runtime_checkable
@@ -110,23 +108,25 @@ class Schedule:
 
     def __init__(self, config: WatchConfig, now: float, rng: random.Random | None = None) -> None:
         self.config = config
-        self.failures = 0
         self._anchor = now
         self._tick = 0
         self._rng = rng or random.Random()
+        # Not jittered: "doubling up to max_backoff" is the documented contract (the ticks
+        # are jittered, and a failure is followed by ticks again once a poll succeeds).
+        self.backoff = Backoff(2 * config.interval, config.max_backoff, jitter=False)
+
+    @property
+    def failures(self) -> int:
+        """Failed polls in a row."""
+        return self.backoff.failures
 
     def next_delay(self, now: float, *, ok: bool) -> float:
         """Seconds to wait after a poll that ended at ``now`` and succeeded (``ok``) or not."""
         interval = self.config.interval
         if not ok:
-            self.failures += 1
-            # The ceiling is reached long before; 2.0**1024 would raise OverflowError (after
-            # 1024 failures in a row: 17 minutes of a source polled every second with a 1 s
-            # ceiling).
-            doublings = min(self.failures, _MAX_DOUBLINGS)
-            return min(interval * 2.0**doublings, self.config.max_backoff)
+            return self.backoff.next()  # interval * 2**failures, capped at max_backoff
         if self.failures:
-            self.failures = 0
+            self.backoff.reset()
             self._anchor, self._tick = now, 0
         # The first tick strictly after `now` on the grid anchored at the schedule's start:
         # a poll slower than the interval skips the ticks it overran instead of bunching them.

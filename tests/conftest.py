@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pytest
 import pytest_asyncio
 
+from bridge.telemetry.logs import quiet_asyncio_tls_notice
 from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet
 from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
 pytest_plugins = ("pytester",)
+
+quiet_asyncio_tls_notice()  # as the logging set-up of the command line does
 
 _SERVER_FIXTURES = frozenset(
     {"redis_server", "nats_server", "s3_server", "redis_url", "nats_url", "s3_bucket"}

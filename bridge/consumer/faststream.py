@@ -63,7 +63,7 @@ Policies:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeAlias
 
 from bridge.errors import MissingExtraError
@@ -118,31 +118,25 @@ def nats_decoder(
     async def decode(msg: StreamMessage[Any]) -> Any:
         raw = msg.raw_message
         if isinstance(raw, list):  # a batch subscriber
-            out: list[Any] = []
-            for one in raw:
-                try:
-                    envelope = decode_nats(
-                        one.subject,
-                        _text_headers(one.headers or {}),
-                        one.data,
-                        subject_prefix=subject_prefix,
-                    )
-                except UnknownEventTypeError:
-                    if not skip_unknown:
-                        raise
-                    continue
-                out.append(_pick(envelope, yields))
-            return out
-        subject = getattr(raw, "subject", "")
-        try:
-            envelope = decode_nats(
-                subject, _text_headers(msg.headers), msg.body, subject_prefix=subject_prefix
+            return _batch(
+                lambda one: decode_nats(
+                    one.subject,
+                    _text_headers(one.headers or {}),
+                    one.data,
+                    subject_prefix=subject_prefix,
+                ),
+                raw,
+                yields,
+                skip_unknown,
             )
-        except UnknownEventTypeError as exc:
-            if skip_unknown:
-                raise AckMessage() from exc
-            raise
-        return _pick(envelope, yields)
+        subject = getattr(raw, "subject", "")
+        return _single(
+            lambda: decode_nats(
+                subject, _text_headers(msg.headers), msg.body, subject_prefix=subject_prefix
+            ),
+            yields,
+            skip_unknown,
+        )
 
     decode.__name__ = decode.__qualname__ = "koprs_nats_decoder"
     return decode
@@ -171,26 +165,49 @@ def redis_decoder(
             )
         stream = raw["channel"]
         if raw["type"] == "bstream":
-            out: list[Any] = []
-            for fields in raw["data"]:
-                try:
-                    envelope = decode_redis_entry(stream, fields, stream_prefix=stream_prefix)
-                except UnknownEventTypeError:
-                    if not skip_unknown:
-                        raise
-                    continue
-                out.append(_pick(envelope, yields))
-            return out
-        try:
-            envelope = decode_redis_entry(stream, raw["data"], stream_prefix=stream_prefix)
-        except UnknownEventTypeError as exc:
-            if skip_unknown:
-                raise AckMessage() from exc
-            raise
-        return _pick(envelope, yields)
+            return _batch(
+                lambda fields: decode_redis_entry(stream, fields, stream_prefix=stream_prefix),
+                raw["data"],
+                yields,
+                skip_unknown,
+            )
+        return _single(
+            lambda: decode_redis_entry(stream, raw["data"], stream_prefix=stream_prefix),
+            yields,
+            skip_unknown,
+        )
 
     decode.__name__ = decode.__qualname__ = "koprs_redis_decoder"
     return decode
+
+
+def _batch(
+    decode: Callable[[Any], Envelope], messages: Iterable[Any], yields: Yield, skip_unknown: bool
+) -> list[Any]:
+    """A batch subscriber's list: every message decoded, unknown events left out (or raised,
+    without ``skip_unknown``)."""
+    out: list[Any] = []
+    for message in messages:
+        try:
+            envelope = decode(message)
+        except UnknownEventTypeError:
+            if not skip_unknown:
+                raise
+            continue
+        out.append(_pick(envelope, yields))
+    return out
+
+
+def _single(decode: Callable[[], Envelope], yields: Yield, skip_unknown: bool) -> Any:
+    """One message decoded; an unknown event is acknowledged and skipped (``AckMessage``), or
+    raised without ``skip_unknown``."""
+    try:
+        envelope = decode()
+    except UnknownEventTypeError as exc:
+        if skip_unknown:
+            raise AckMessage() from exc
+        raise
+    return _pick(envelope, yields)
 
 
 def _text_headers(headers: Mapping[str, Any]) -> dict[str, str]:

@@ -50,6 +50,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
+from bridge.aio import Backoff
 from bridge.consumer.base import Delivery, Synced, Watch
 from bridge.events import EventKind
 from bridge.telemetry.tracing import INSTRUMENTATION_NAME, process_span
@@ -194,8 +195,8 @@ class _Retries:
     """Failures per event id, and the delay before each one is delivered again."""
 
     def __init__(self, initial_backoff_s: float, max_backoff_s: float) -> None:
-        self.initial_backoff_s = initial_backoff_s
-        self.max_backoff_s = max_backoff_s
+        # no jitter: the redelivery delays are documented (and the broker spreads them anyway)
+        self.backoff = Backoff(initial_backoff_s, max_backoff_s, jitter=False)
         self.failures: dict[str, int] = {}
 
     def failed(self, event_id: str) -> tuple[int, float]:
@@ -204,7 +205,7 @@ class _Retries:
         self.failures[event_id] = attempt
         if len(self.failures) > _MAX_TRACKED_FAILURES:  # events that never came back
             del self.failures[next(iter(self.failures))]
-        return attempt, min(self.initial_backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
+        return attempt, self.backoff.delay(attempt)
 
     def succeeded(self, event_id: str) -> None:
         self.failures.pop(event_id, None)

@@ -81,6 +81,7 @@ from typing import Any
 import nats.js.errors
 from nats.aio.client import Client
 
+from bridge.aio import Backoff
 from bridge.connections import connect_nats, describe_error
 from bridge.consumer.nats_config import ErrorPolicy, NatsWatchConfig
 from bridge.consumer.nats_consumers import NatsConsumers
@@ -156,14 +157,14 @@ class NatsWatch(NatsConsumers):
         return f"<NatsWatch {self._where} {self.config.stream} consumer {self.consumer_name}>"
 
     async def _fill(self) -> None:
-        delay = _FIRST_RETRY_S
+        backoff = Backoff(_FIRST_RETRY_S, max(self.config.retry_max_s, _FIRST_RETRY_S))
         while not self._ready:
             if self._closed:
                 await self._drop_session()  # one a step made after aclose()
                 return
             try:
                 await self._step()
-                delay = _FIRST_RETRY_S
+                backoff.reset()
             except Stopped:
                 continue
             except RETRYABLE as exc:
@@ -173,9 +174,9 @@ class NatsWatch(NatsConsumers):
                     raise BridgeError(
                         f"nats watch: the client passed to it was closed ({error_text(exc)})"
                     ) from exc
+                delay = backoff.next()
                 self._log_retry(exc, delay)
                 await self._sleep(delay)
-                delay = min(delay * 2, max(self.config.retry_max_s, _FIRST_RETRY_S))
 
     async def _release(self) -> None:
         """Wake an iteration waiting in another task; delete the ephemeral consumer; close the

@@ -8,8 +8,8 @@ import math
 import re
 from typing import Literal
 
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.errors import ConfigError
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sinks.nats_config import DEFAULT_STREAM
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, validate_source_name
 

@@ -85,7 +85,9 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from bridge.connections import describe_error, keep_cancellation, redis_client
+from bridge.aio import Backoff, keep_cancellation
+from bridge.connection_settings import AuthConfig, TlsConfig
+from bridge.connections import describe_error, redis_client
 from bridge.connections_redis import is_cluster
 from bridge.consumer.base import Synced
 from bridge.consumer.redis_cluster_reads import ClusterReads
@@ -93,7 +95,6 @@ from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.sinks.redis_config import items_key
 from bridge.subjects import REDIS_STREAM_PREFIX
 
@@ -459,7 +460,8 @@ class RedisWatch(RedisEntries):
 
     async def _retrying(self, step: Callable[[], Awaitable[None]]) -> None:
         """Run ``step`` until it succeeds or the watch is closed; back off after errors."""
-        delay = 0.05
+        backoff = Backoff(0.05, max(self.config.retry_max_s, 0.05))
+        delay = backoff.next()
         while not self._closed:
             try:
                 await step()
@@ -477,7 +479,7 @@ class RedisWatch(RedisEntries):
                 log.warning("Redis %s: %s; recreating it", self._where, exc)
                 self._check_streams = True
             await asyncio.sleep(delay)
-            delay = min(delay * 2, max(self.config.retry_max_s, 0.05))
+            delay = backoff.next()
 
 
 def _per_stream(reply: Any) -> list[tuple[str, list[Any]]]:

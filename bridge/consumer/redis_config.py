@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.errors import ConfigError
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import REDIS_STREAM_PREFIX, validate_source_name
 
 __all__ = ["RedisWatchConfig"]

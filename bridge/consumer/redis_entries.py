@@ -17,7 +17,7 @@ from typing import Any
 import redis.asyncio
 import redis.exceptions
 
-from bridge.connections import keep_cancellation
+from bridge.aio import keep_cancellation
 from bridge.consumer.base import Delivery
 from bridge.consumer.decoding import Envelope, decode_redis_entry
 from bridge.consumer.queueing import QueuedWatch

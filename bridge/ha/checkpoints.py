@@ -18,6 +18,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from bridge.aio import Backoff
 from bridge.errors import FencedError, StateError
 from bridge.ha.keys import CHECKPOINT_FORMAT, SourceKeys, as_text
 from bridge.ha.leases import Lease
@@ -84,7 +85,7 @@ class RedisStateStore:
         """The checkpoint, or None. Redis unreachable is retried while the lease holds, not
         reported: a StateError makes the caller reset the checkpoint as corrupt."""
         lease = self._lease(source_name)
-        delay = 0.05
+        backoff = Backoff(0.05, 1.0)
         while True:
             try:
                 return await self._load(source_name, lease.keys)
@@ -93,8 +94,7 @@ class RedisStateStore:
                 log.warning(
                     "loading the checkpoint of source %r failed, retrying: %s", source_name, exc
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(backoff.next())
 
     async def _load(self, source_name: str, keys: SourceKeys) -> Checkpoint | None:
         try:

@@ -16,7 +16,6 @@ any case.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from bridge import aio
 from bridge.errors import FencedError, StateError
 from bridge.ha.keys import SourceKeys
 
@@ -179,9 +179,7 @@ class LeaseClient:
         """Renew ``lease`` every ``renew_every_s`` until it is lost or this task is cancelled."""
         while not lease.lost.is_set():
             delay = max(0.0, min(renew_every_s, lease.deadline - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(lease.lost.wait(), delay)
-            if lease.lost.is_set() or not await self.renew(lease):
+            if await aio.sleep(delay, lease.lost) or not await self.renew(lease):
                 return
 
     @staticmethod

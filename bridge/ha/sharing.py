@@ -31,11 +31,12 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from bridge import aio
 from bridge.errors import BridgeError
 from bridge.ha.checkpoints import RedisStateStore
 from bridge.ha.keys import SourceKeys, as_text, replicas_key
 from bridge.ha.leases import Lease, LeaseClient
-from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec
+from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
 from bridge.sinks import Sink
 from bridge.telemetry.service import Telemetry
 
@@ -124,8 +125,7 @@ class Coordinator:
                 wait_s = self.period_s
                 if self._retry_in_s is not None:  # +10 ms: Redis has expired the key by then
                     wait_s = min(wait_s, self._retry_in_s + 0.01)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait_s)
+                await aio.sleep(wait_s, stop)
         finally:
             async with self._lock:
                 self._running = False
@@ -221,39 +221,42 @@ class Coordinator:
         self.led[spec.name] = _Led(lease, loop, task)
 
     async def _run_led(self, lease: Lease, loop: SourceLoop) -> None:
-        keeper = asyncio.create_task(self.leases.keep(lease, self.period_s))
-        runner = asyncio.create_task(loop.run(), name=f"source:{lease.source}")
-        lost = asyncio.create_task(lease.lost.wait())
         try:
-            await asyncio.wait([runner, lost], return_when=asyncio.FIRST_COMPLETED)
-            if lease.lost.is_set():
-                log.warning("stopping source %r at once: its lease is lost", lease.source)
-            elif runner.done() and runner.exception() is not None:
-                log.error(
-                    "source %r stopped unexpectedly", lease.source, exc_info=runner.exception()
+            async with asyncio.TaskGroup() as tasks:  # the loop and its lease live together
+                keeper = tasks.create_task(self.leases.keep(lease, self.period_s))
+                runner = tasks.create_task(
+                    self._run_loop(lease, loop), name=f"source:{lease.source}"
                 )
+                lost = tasks.create_task(lease.lost.wait())
+                try:
+                    await asyncio.wait([runner, lost], return_when=asyncio.FIRST_COMPLETED)
+                    if lease.lost.is_set():
+                        log.warning("stopping source %r at once: its lease is lost", lease.source)
+                finally:
+                    # Also stop both without relying on the cancellations: on Python 3.11 a
+                    # cancellation can be swallowed (asyncio.wait_for, used by redis-py), and
+                    # a keeper that survives it would renew the lease of a source nobody leads.
+                    lease.lost.set()
+                    loop.telemetry.set_lease_held(False)
+                    loop.stop()
+                    for task in (runner, keeper, lost):
+                        task.cancel()
         finally:
-            # Also stop both without relying on the cancellations: on Python 3.11 a
-            # cancellation can be swallowed (asyncio.wait_for, used by redis-py), and a keeper
-            # that survives it would renew the lease of a source nobody leads.
-            lease.lost.set()
-            loop.telemetry.set_lease_held(False)
-            loop.stop()
-            for task in (runner, keeper, lost):
-                task.cancel()
-            await asyncio.gather(runner, keeper, lost, return_exceptions=True)
             self.held.pop(lease.source, None)
             await self.leases.release(lease)
 
+    @staticmethod
+    async def _run_loop(lease: Lease, loop: SourceLoop) -> None:
+        """The source's loop; its death is logged here (it does not end the lease's group)."""
+        try:
+            await loop.run()
+        except Exception as exc:
+            if not lease.lost.is_set():
+                log.error("source %r stopped unexpectedly", lease.source, exc_info=exc)
+
     async def _give_up(self, led: _Led) -> None:
         """Stop leading a source: let a publish in flight finish (bounded), release the lease."""
-        led.loop.stop()
-        if not led.loop.busy:
-            led.task.cancel()
-        done, _ = await asyncio.wait([led.task], timeout=self.shutdown_grace_s)
-        if not done:
-            led.task.cancel()
-        await asyncio.gather(led.task, return_exceptions=True)
+        await stop_loops([(led.loop, led.task)], self.shutdown_grace_s)
 
     def status(self) -> dict[str, Any]:
         return {

@@ -1,246 +1,84 @@
 """The service configuration: YAML, environment overrides, validation with precise messages.
 
-Top-level keys: ``broker``, ``leader_election``, ``state``, ``sources`` (see README).
-Every error is a :class:`~bridge.errors.ConfigError` whose message names the file, the key
-path (``sources[1].http.url``) and the problem. Unknown keys are errors (they are typos).
+Top-level keys: ``broker``, ``leader_election``, ``state``, ``sources`` (see README). The
+config is a tree of frozen pydantic models (:class:`BridgeConfig` and below) that refuse unknown
+keys (they are typos): :mod:`bridge.service.config_document` (the top level and its sections),
+:mod:`bridge.service.config_sources` (``sources``), :mod:`bridge.connection_settings` (``tls``
+and ``auth``), on the value types of :mod:`bridge.settings`. :func:`config_schema` is their JSON
+Schema (``koprs-bridge config-schema``, ``schemas/config/bridge-config.schema.json``).
+
+Every problem of a document is reported at once, in one :class:`~bridge.errors.ConfigError`
+with one line per problem naming the file, the key path (``sources[1].http.url``) and the
+problem, built from ``ValidationError.errors()`` (:func:`error_lines`).
 
 Environment variables ``KOPRS_BRIDGE__<KEY>__<KEY>...=value`` override the file: the key path is
 lowercased (``KOPRS_BRIDGE__BROKER__URL``, ``KOPRS_BRIDGE__SOURCES__0__INTERVAL``) and the value
-is read as a YAML scalar. Secrets (tokens, keys, URLs with passwords) may be given as
-``{env: NAME}`` or ``{file: /path}`` instead of a literal.
-
-The readers behind :func:`parse_config`: :mod:`bridge.service.config_reader` (values, shared
-blocks, environment overrides), :mod:`bridge.service.config_sources` and
-:mod:`bridge.service.config_document`.
+is read as a YAML scalar; a bad value is reported naming the variable. Secrets (tokens, keys,
+URLs with passwords) may be given as ``{env: NAME}`` or ``{file: /path}`` instead of a literal.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
-from bridge.cloudevents import ContentMode
+from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 from bridge.errors import ConfigError
-from bridge.secrets import Secret, redact_url
+from bridge.service.config_document import (
+    BridgeConfig,
+    BrokerConfig,
+    LeaderElectionConfig,
+    LoggingConfig,
+    ServerConfig,
+    StateConfig,
+    TracingConfig,
+)
+from bridge.service.config_sources import (
+    BasicAuthConfig,
+    HttpSourceConfig,
+    LocalSourceConfig,
+    S3SourceConfig,
+    SourceConfig,
+)
+from bridge.settings import kind
 
 __all__ = [
+    "ENV_PREFIX",
+    "SCHEMA_ID",
     "AuthConfig",
     "BasicAuthConfig",
     "BridgeConfig",
     "BrokerConfig",
     "HttpSourceConfig",
+    "Key",
     "LeaderElectionConfig",
     "LocalSourceConfig",
     "LoggingConfig",
+    "RedisAuthConfig",
     "S3SourceConfig",
     "ServerConfig",
     "SourceConfig",
+    "StateConfig",
     "TlsConfig",
     "TracingConfig",
+    "apply_env",
+    "config_schema",
+    "error_lines",
+    "key_path",
     "load_config",
     "parse_config",
 ]
 
+SCHEMA_ID = "https://koprs.dev/schemas/bridge/config/bridge-config.schema.json"
 ENV_PREFIX = "KOPRS_BRIDGE__"
-
-
-@dataclass(kw_only=True, frozen=True)
-class TlsConfig:
-    """TLS for a connection: a custom CA, an optional client certificate (mTLS)."""
-
-    ca_file: Path | None = None
-    """CA bundle (PEM) that signs the server's certificate (default: the system's)."""
-    cert_file: Path | None = None
-    """Client certificate (PEM) for mutual TLS; needs ``key_file``."""
-    key_file: Path | None = None
-    verify: bool = True
-    """False skips verifying the server's certificate (testing only)."""
-    server_name: str | None = None
-    """Expected host name in the server's certificate (default: the URL's host)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class AuthConfig:
-    """Credentials for a broker or Redis; at most one method (user/password, token, nkey, creds).
-
-    ``token``, ``nkey_seed_file`` and ``creds_file`` are NATS-only; Redis takes an ACL
-    ``username`` (optional) and ``password``. Credentials in the URL work too.
-    """
-
-    username: str | None = None
-    password: Secret | None = None
-    token: Secret | None = None
-    nkey_seed_file: Path | None = None
-    creds_file: Path | None = None
-    """NATS JWT credentials (``.creds``) file."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class BasicAuthConfig:
-    username: str
-    password: Secret
-
-
-@dataclass(kw_only=True, frozen=True)
-class BrokerConfig:
-    """Where events are published."""
-
-    url: Secret
-    """``nats://``/``tls://`` for NATS JetStream, ``redis://``/``rediss://`` for Redis Streams."""
-    kind: Literal["nats", "redis"]
-    """Derived from the URL scheme."""
-    stream: str = "KOPRS_EXTERNAL"
-    """NATS: the JetStream stream (created or verified at start)."""
-    subject_prefix: str = "koprs.external"
-    """NATS: subjects are ``<prefix>.<source>.<item-token>``."""
-    content_mode: ContentMode = "binary"
-    """``binary`` (ce-* headers, data as body) or ``structured`` (one JSON document)."""
-    duplicate_window_s: float | None = None
-    """How long the broker remembers event ids to drop duplicates (default: NATS 2 min,
-    Redis 1 day)."""
-    max_age_s: float | None = None
-    """NATS: drop messages older than this (default: keep)."""
-    max_msgs_per_subject: int | None = 16
-    """NATS: messages kept per item subject (0: unlimited)."""
-    replicas: int | None = None
-    """NATS: JetStream replicas of the stream (default 1). Redis: copies each write must
-    reach before it counts (``WAIT replicas-1``; default 2 on Cluster/Sentinel, else 1)."""
-    maxlen: int = 100_000
-    """Redis: approximate MAXLEN of each source's stream."""
-    ack_timeout_s: float = 5.0
-    """How long to wait for the broker's acknowledgements of one batch."""
-    tls: TlsConfig | None = None
-    """TLS settings (also implied by ``tls://`` / ``rediss://``)."""
-    auth: AuthConfig | None = None
-
-    @property
-    def description(self) -> str:
-        return redact_url(self.url.reveal())
-
-
-@dataclass(kw_only=True, frozen=True)
-class LeaderElectionConfig:
-    """Per-source leases in Redis; absent = a single replica, no election."""
-
-    redis_url: Secret
-    lease_ttl_s: float = 10.0
-    """A lease not renewed for this long expires and another replica may take the source."""
-    renew_every_s: float | None = None
-    """How often the holder renews (default: a third of the TTL)."""
-    tls: TlsConfig | None = None
-    auth: AuthConfig | None = None
-    """Redis ACL ``username``/``password`` (only those two)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class HttpSourceConfig:
-    url: str
-    headers: Mapping[str, Secret] = field(default_factory=dict)
-    bearer_token: Secret | None = None
-    """Sent as ``Authorization: Bearer``; a ``{file: ...}`` token is re-read when it changes."""
-    basic_auth: BasicAuthConfig | None = None
-    max_body_bytes: int = 16 * 1024 * 1024
-    timeout_s: float = 10.0
-    """The longest one poll's request may take, from connecting to the body's last byte."""
-    verify_tls: bool | str = True
-    """False to skip verification, or the path of a CA bundle."""
-    tls: TlsConfig | None = None
-    """CA bundle / client certificate (mTLS); ``verify_tls`` is the short form."""
-    max_redirects: int = 5
-    """Redirects followed (0: none). Credentials are never sent to another host."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class S3SourceConfig:
-    bucket: str
-    prefix: str = ""
-    endpoint_url: str | None = None
-    region: str | None = None
-    access_key_id: Secret | None = None
-    secret_access_key: Secret | None = None
-    session_token: Secret | None = None
-    """Explicit keys; absent: the standard AWS credential chain (env, web identity, profile,
-    container/instance metadata)."""
-    profile: str | None = None
-    """A profile of the shared AWS config/credentials files."""
-    role_arn: str | None = None
-    """Assume this role with ``web_identity_token_file`` (IRSA-style)."""
-    web_identity_token_file: Path | None = None
-    sts_endpoint_url: str | None = None
-    """STS endpoint for web identity (default: AWS's)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class LocalSourceConfig:
-    path: Path
-    prefix: str = ""
-    create: bool = False
-    """Create the folder if it does not exist."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class SourceConfig:
-    name: str
-    interval_s: float
-    max_backoff_s: float | None = None
-    inline_body_bytes: int = 64 * 1024
-    """HTTP bodies up to this size are inlined in events; larger ones carry a digest."""
-    http: HttpSourceConfig | None = None
-    s3: S3SourceConfig | None = None
-    local: LocalSourceConfig | None = None
-
-    @property
-    def kind(self) -> str:
-        return "http" if self.http else "s3" if self.s3 else "local"
-
-
-@dataclass(kw_only=True, frozen=True)
-class ServerConfig:
-    """The operations HTTP server: ``/healthz``, ``/readyz`` and ``/metrics``."""
-
-    host: str = "0.0.0.0"
-    port: int = 8080
-    """0 picks a free port (tests)."""
-    metrics: bool = True
-    """Serve Prometheus metrics at ``/metrics``."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class TracingConfig:
-    exporter: Literal["none", "console", "otlp"] = "none"
-    endpoint: str | None = None
-    """OTLP/HTTP endpoint (default: the OTEL_EXPORTER_OTLP_* environment, else localhost)."""
-    service_name: str = "koprs-bridge"
-    sample_ratio: float = 1.0
-
-
-@dataclass(kw_only=True, frozen=True)
-class LoggingConfig:
-    format: Literal["text", "json"] = "text"
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-
-@dataclass(kw_only=True, frozen=True)
-class BridgeConfig:
-    broker: BrokerConfig
-    sources: tuple[SourceConfig, ...]
-    leader_election: LeaderElectionConfig | None = None
-    state_path: Path | None = None
-    """Folder for checkpoints of a single replica (absent: state in memory)."""
-    server: ServerConfig | None = None
-    """Absent: no health/metrics server."""
-    tracing: TracingConfig = TracingConfig()
-    logging: LoggingConfig = LoggingConfig()
-    origin: str = "<config>"
-    """The file the config was read from, for messages."""
-
-
-# -- loading ----------------------------------------------------------------------------------
+Key = tuple[str | int, ...]
+"""Where a value is in a document: ``("sources", 1, "http", "url")``."""
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> BridgeConfig:
@@ -267,14 +105,130 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 def parse_config(
     raw: Any, *, origin: str = "<config>", env: Mapping[str, str] | None = None
 ) -> BridgeConfig:
-    """Validate an already parsed document (plus environment overrides)."""
-    # the readers build the classes above: imported here, not at the top (no import cycle)
-    from bridge.service.config_document import DocumentReader
-    from bridge.service.config_reader import apply_env, kind
+    """Validate an already parsed document (plus environment overrides).
 
+    A :class:`~bridge.errors.ConfigError` lists every problem, one per line.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping, not {kind(raw)}")
-    raw = apply_env(raw, env or {}, origin)
-    return DocumentReader(origin).bridge(raw)
+    overrides = apply_env(raw, env or {}, origin)
+    try:
+        config = BridgeConfig.model_validate(raw, by_alias=True, by_name=False)
+    except ValidationError as exc:
+        lines = error_lines(exc, origin, overrides)
+        raise ConfigError("\n".join(lines)) from None
+    return config.located(origin)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema (2020-12) of a config document, for editors and CI."""
+    schema = BridgeConfig.model_json_schema(by_alias=True, mode="validation")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        **schema,
+        "title": "koprs-bridge config (bridge.yaml)",
+    }
+
+
+# -- environment overrides, messages ------------------------------------------------------------
+
+
+def apply_env(raw: dict[str, Any], env: Mapping[str, str], origin: str) -> dict[Key, str]:
+    """Apply the ``KOPRS_BRIDGE__...`` overrides of ``env`` to ``raw`` (in place).
+
+    Returns the variable behind each key it set or created. Unusable variables (an index that
+    is not there, a path through a value that is no mapping, a value that is not YAML) are one
+    :class:`~bridge.errors.ConfigError` naming each of them.
+    """
+    overrides: dict[Key, str] = {}
+    problems: list[str] = []
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX):
+            try:
+                _apply_one(raw, name, env[name], origin, overrides)
+            except ConfigError as exc:
+                problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return overrides
+
+
+def _apply_one(
+    raw: dict[str, Any], name: str, value: str, origin: str, overrides: dict[Key, str]
+) -> None:
+    keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
+    if not all(keys):
+        raise ConfigError(f"environment variable {name}: empty key in the path")
+    node: Any = raw
+    where: Key = ()
+    for depth, key in enumerate(keys):
+        index: str | int
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(
+                    f"environment variable {name}: {key!r} is not an index of "
+                    f"{'.'.join(keys[:depth])} (it has {len(node)} entries)"
+                )
+            index = int(key)
+        elif isinstance(node, dict):
+            index = key
+        else:
+            raise ConfigError(
+                f"environment variable {name}: {'.'.join(keys[:depth])} "
+                f"in {origin} is not a mapping"
+            )
+        where = (*where, index)
+        if depth == len(keys) - 1:
+            try:
+                node[index] = yaml.safe_load(value) if value else ""
+            except yaml.YAMLError as exc:
+                problem = getattr(exc, "problem", None) or exc
+                raise ConfigError(
+                    f"environment variable {name}: its value is not a valid YAML scalar "
+                    f"or document: {problem}"
+                ) from exc
+            overrides[where] = name
+        else:
+            if isinstance(node, dict) and index not in node:
+                node[index] = {}
+                overrides.setdefault(where, name)
+            node = node[index]
+
+
+def key_path(key: Sequence[str | int]) -> str:
+    """``sources[1].http.url`` for ``("sources", 1, "http", "url")``."""
+    path = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in key).lstrip(".")
+    return path or "(top level)"
+
+
+def error_lines(
+    error: ValidationError, origin: str, overrides: Mapping[Key, str] | None = None
+) -> list[str]:
+    """One line per problem of ``error``: where (file or variable), key path, problem."""
+    lines: list[str] = []
+    for found in error.errors():
+        key: Key = tuple(k for k in found["loc"] if k != "[key]")  # a header name's own error
+        line = f"{_where(key, origin, overrides or {})}: {key_path(key)}: {_problem(found)}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _problem(found: ErrorDetails) -> str:
+    """The problem of one error of ``ValidationError.errors()``, in words."""
+    if found["type"] == "value_error":
+        return str(found["ctx"]["error"])
+    if found["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping, not {kind(found['input'])}"
+    return found["msg"][:1].lower() + found["msg"][1:]
+
+
+def _where(key: Key, origin: str, overrides: Mapping[Key, str]) -> str:
+    """The environment variable that set ``key`` (or a mapping above it), else ``origin``."""
+    for depth in range(len(key), 0, -1):
+        if key[:depth] in overrides:
+            return f"environment variable {overrides[key[:depth]]}"
+    return origin

@@ -1,232 +1,257 @@
-"""Reading a whole config document: the top level, ``broker``, ``leader_election``, ``server``,
-``tracing`` and ``logging`` (the ``sources``: :mod:`bridge.service.config_sources`)."""
+"""A whole config document: the top level, ``broker``, ``leader_election``, ``state``,
+``server``, ``tracing`` and ``logging`` (the ``sources``: :mod:`bridge.service.config_sources`;
+TLS and credentials: :mod:`bridge.connection_settings`). Pydantic models, see
+:mod:`bridge.settings`."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from pydantic import AfterValidator, Field, PrivateAttr, field_validator
+
+from bridge.cloudevents import ContentMode
+from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
 from bridge.redis_urls import REDIS_SCHEMES, check_nats_urls, check_redis_url
-from bridge.secrets import redact_url
-from bridge.service.config import (
-    BridgeConfig,
-    BrokerConfig,
-    LeaderElectionConfig,
-    LoggingConfig,
-    ServerConfig,
-    TracingConfig,
+from bridge.secrets import Secret, redact_url
+from bridge.service.config_sources import SourceConfig
+from bridge.settings import (
+    Check,
+    ConfigModel,
+    Duration,
+    Flag,
+    Problem,
+    Text,
+    TextPath,
+    WebUrl,
+    at_least,
+    matching,
+    one_of,
 )
-from bridge.service.config_sources import SourceReader
 
-__all__ = ["DocumentReader"]
+__all__ = [
+    "BridgeConfig",
+    "BrokerConfig",
+    "LeaderElectionConfig",
+    "LoggingConfig",
+    "ServerConfig",
+    "StateConfig",
+    "TracingConfig",
+]
+
+BROKER_KINDS: dict[str, Literal["nats", "redis"]] = {
+    "nats": "nats",
+    "tls": "nats",
+    **dict.fromkeys(REDIS_SCHEMES, "redis"),
+}
+"""Broker URL schemes; Redis Cluster and Sentinel URLs: :mod:`bridge.redis_urls`."""
 
 
-class DocumentReader(SourceReader):
-    """A whole document: :meth:`bridge` reads it into a :class:`BridgeConfig`."""
-
-    def bridge(self, raw: dict[str, Any]) -> BridgeConfig:
-        doc = self.mapping(
-            raw,
-            {"broker", "leader_election", "state", "sources", "server", "tracing", "logging"},
-            {"broker", "sources"},
+def _broker_url(url: Secret) -> Secret:
+    scheme = urlsplit(url.reveal()).scheme.lower()
+    if scheme not in BROKER_KINDS:
+        raise ValueError(
+            "must start with nats://, tls://, redis://, rediss://, redis+cluster://, "
+            f"redis+sentinel:// (or rediss+...), got {redact_url(url.reveal())!r}"
         )
-        with self.at("broker"):
-            broker = self.broker(doc["broker"])
-        election = None
-        if doc.get("leader_election") is not None:
-            with self.at("leader_election"):
-                election = self.leader_election(doc["leader_election"])
-        state_path = None
-        if doc.get("state") is not None:
-            with self.at("state"):
-                state = self.mapping(doc["state"], {"path"}, {"path"})
-                with self.at("path"):
-                    state_path = Path(self.string(state["path"]))
-        with self.at("sources"):
-            items = doc["sources"]
-            if not isinstance(items, list) or not items:
-                self.fail("must be a non-empty list of sources")
-            sources = []
-            seen: dict[str, int] = {}
-            for index, item in enumerate(items):
-                with self.at(index):
-                    source = self.source(item)
-                    if source.name in seen:
-                        self.fail(
-                            f"name {source.name!r} is already used by sources[{seen[source.name]}]"
-                        )
-                    seen[source.name] = index
-                    sources.append(source)
-        extra: dict[str, Any] = {}
-        for key in ("server", "tracing", "logging"):
-            if doc.get(key) is not None:
-                with self.at(key):
-                    extra[key] = getattr(self, key)(doc[key])
-        return BridgeConfig(
-            broker=broker,
-            sources=tuple(sources),
-            leader_election=election,
-            state_path=state_path,
-            origin=self.origin,
-            **extra,
-        )
+    check = check_redis_url if BROKER_KINDS[scheme] == "redis" else check_nats_urls
+    if problem := check(url.reveal()):
+        raise ValueError(f"{problem} (got {redact_url(url.reveal())!r})")
+    return url
 
-    def server(self, raw: Any) -> ServerConfig:
-        doc = self.mapping(raw, {"host", "port", "metrics"})
-        fields: dict[str, Any] = {}
-        if "host" in doc:
-            with self.at("host"):
-                fields["host"] = self.string(doc["host"])
-        if "port" in doc:
-            with self.at("port"):
-                fields["port"] = self.integer(doc["port"])
-                if fields["port"] > 65535:
-                    self.fail(f"must be a TCP port (0-65535), not {doc['port']!r}")
-        if "metrics" in doc:
-            with self.at("metrics"):
-                fields["metrics"] = self.boolean(doc["metrics"])
-        return ServerConfig(**fields)
 
-    def tracing(self, raw: Any) -> TracingConfig:
-        doc = self.mapping(raw, {"exporter", "endpoint", "service_name", "sample_ratio"})
-        fields: dict[str, Any] = {}
-        if "exporter" in doc:
-            with self.at("exporter"):
-                if doc["exporter"] not in ("none", "console", "otlp"):
-                    self.fail(f"must be 'none', 'console' or 'otlp', not {doc['exporter']!r}")
-                fields["exporter"] = doc["exporter"]
-        if "endpoint" in doc:
-            with self.at("endpoint"):
-                endpoint = self.string(doc["endpoint"])
-                if urlsplit(endpoint).scheme not in ("http", "https"):
-                    self.fail(f"must be an http:// or https:// URL, not {endpoint!r}")
-                fields["endpoint"] = endpoint
-        if "service_name" in doc:
-            with self.at("service_name"):
-                fields["service_name"] = self.string(doc["service_name"])
-        if "sample_ratio" in doc:
-            with self.at("sample_ratio"):
-                ratio = doc["sample_ratio"]
-                if isinstance(ratio, bool) or not isinstance(ratio, int | float):
-                    self.fail(f"must be a number from 0 to 1, not {ratio!r}")
-                if not 0 <= ratio <= 1:
-                    self.fail(f"must be from 0 to 1, not {ratio!r}")
-                fields["sample_ratio"] = float(ratio)
-        return TracingConfig(**fields)
+def _redis_url(url: Secret) -> Secret:
+    if problem := check_redis_url(url.reveal()):
+        raise ValueError(f"{problem} (got {redact_url(url.reveal())!r})")
+    return url
 
-    def logging(self, raw: Any) -> LoggingConfig:
-        doc = self.mapping(raw, {"format", "level"})
-        fields: dict[str, Any] = {}
-        if "format" in doc:
-            with self.at("format"):
-                if doc["format"] not in ("text", "json"):
-                    self.fail(f"must be 'text' or 'json', not {doc['format']!r}")
-                fields["format"] = doc["format"]
-        if "level" in doc:
-            with self.at("level"):
-                level = str(doc["level"]).upper()
-                if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-                    self.fail(f"must be debug, info, warning or error, not {doc['level']!r}")
-                fields["level"] = level
-        return LoggingConfig(**fields)
 
-    def broker(self, raw: Any) -> BrokerConfig:
-        keys = {
-            "url",
-            "stream",
-            "subject_prefix",
-            "content_mode",
-            "duplicate_window",
-            "max_age",
-            "max_msgs_per_subject",
-            "replicas",
-            "maxlen",
-            "ack_timeout",
-            "tls",
-            "auth",
-        }
-        doc = self.mapping(raw, keys, {"url"})
-        with self.at("url"):
-            url = self.secret(doc["url"])
-            scheme = urlsplit(url.reveal()).scheme.lower()
-            kinds = {"nats": "nats", "tls": "nats", **dict.fromkeys(REDIS_SCHEMES, "redis")}
-            if scheme not in kinds:
-                self.fail(
-                    f"must start with nats://, tls://, redis://, rediss://, redis+cluster://, "
-                    f"redis+sentinel:// (or rediss+...), got {redact_url(url.reveal())!r}"
+class BrokerConfig(ConfigModel):
+    """Where events are published."""
+
+    url: Annotated[Secret, AfterValidator(_broker_url)]
+    """``nats://``/``tls://`` for NATS JetStream, ``redis://``/``rediss://`` for Redis Streams."""
+    stream: Annotated[
+        str,
+        matching(
+            r"[A-Za-z0-9_-]{1,64}", lambda _: "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+        ),
+    ] = "KOPRS_EXTERNAL"
+    """NATS: the JetStream stream (created or verified at start)."""
+    subject_prefix: Annotated[
+        str,
+        matching(
+            r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*",
+            lambda p: f"must be dot-separated tokens of A-Z, a-z, 0-9, '_', '-', not {p!r}",
+        ),
+    ] = "koprs.external"
+    """NATS: subjects are ``<prefix>.<source>.<item-token>``."""
+    content_mode: Annotated[ContentMode, one_of("binary", "structured")] = "binary"
+    """``binary`` (ce-* headers, data as body) or ``structured`` (one JSON document)."""
+    duplicate_window_s: Duration | None = Field(default=None, validation_alias="duplicate_window")
+    """How long the broker remembers event ids to drop duplicates (default: NATS 2 min,
+    Redis 1 day)."""
+    max_age_s: Duration | None = Field(default=None, validation_alias="max_age")
+    """NATS: drop messages older than this (default: keep)."""
+    max_msgs_per_subject: Annotated[
+        int | None, at_least(0), AfterValidator(lambda count: count or None)
+    ] = 16
+    """NATS: messages kept per item subject (0: unlimited)."""
+    replicas: Annotated[int, at_least(1)] | None = None
+    """NATS: JetStream replicas of the stream (default 1). Redis: copies each write must
+    reach before it counts (``WAIT replicas-1``; default 2 on Cluster/Sentinel, else 1)."""
+    maxlen: Annotated[int, at_least(1)] = 100_000
+    """Redis: approximate MAXLEN of each source's stream."""
+    ack_timeout_s: Duration = Field(default=5.0, validation_alias="ack_timeout")
+    """How long to wait for the broker's acknowledgements of one batch."""
+    tls: TlsConfig | None = None
+    """TLS settings (also implied by ``tls://`` / ``rediss://``)."""
+    auth: AuthConfig | None = None
+    """Credentials (NATS: one of user/password, token, nkey, creds; Redis: user/password)."""
+
+    @property
+    def kind(self) -> Literal["nats", "redis"]:
+        """``nats`` or ``redis``, from the URL scheme."""
+        return BROKER_KINDS[urlsplit(self.url.reveal()).scheme.lower()]
+
+    @property
+    def description(self) -> str:
+        return redact_url(self.url.reveal())
+
+    def _problems(self) -> Iterable[Problem]:
+        if self.auth is not None:
+            found = self.auth.nats_problems() if self.kind == "nats" else self.auth.redis_problems()
+            for problem in found:
+                yield Problem(str(problem), "auth", *problem.at)
+
+
+class LeaderElectionConfig(ConfigModel):
+    """Per-source leases in Redis; absent = a single replica, no election."""
+
+    redis_url: Annotated[Secret, AfterValidator(_redis_url)]
+    lease_ttl_s: Duration = Field(default=10.0, validation_alias="lease_ttl")
+    """A lease not renewed for this long expires and another replica may take the source."""
+    renew_every_s: Duration | None = Field(default=None, validation_alias="renew_every")
+    """How often the holder renews (default: a third of the TTL)."""
+    tls: TlsConfig | None = None
+    auth: RedisAuthConfig | None = None
+    """Redis ACL ``username``/``password`` (only those two)."""
+
+    def _problems(self) -> Iterable[Problem]:
+        if self.renew_every_s is not None and self.renew_every_s >= self.lease_ttl_s:
+            yield Problem(
+                f"must be shorter than lease_ttl ({self.lease_ttl_s:g} s), "
+                f"got {self.renew_every_s:g} s",
+                "renew_every",
+            )
+
+
+class StateConfig(ConfigModel):
+    """Checkpoints of a single replica in a folder."""
+
+    path: TextPath
+
+
+def _port(port: int) -> int:
+    if port > 65535:
+        raise ValueError(f"must be a TCP port (0-65535), not {port!r}")
+    return port
+
+
+class ServerConfig(ConfigModel):
+    """The operations HTTP server: ``/healthz``, ``/readyz`` and ``/metrics``."""
+
+    host: Text = "0.0.0.0"
+    port: Annotated[int, at_least(0), AfterValidator(_port)] = 8080
+    """0 picks a free port (tests)."""
+    metrics: Flag = True
+    """Serve Prometheus metrics at ``/metrics``."""
+
+
+def _ratio(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number from 0 to 1, not {value!r}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be from 0 to 1, not {value!r}")
+    return float(value)
+
+
+class TracingConfig(ConfigModel):
+    """OpenTelemetry tracing of polls and publishes."""
+
+    exporter: Annotated[Literal["none", "console", "otlp"], one_of("none", "console", "otlp")] = (
+        "none"
+    )
+    endpoint: WebUrl | None = None
+    """OTLP/HTTP endpoint (default: the OTEL_EXPORTER_OTLP_* environment, else localhost)."""
+    service_name: Text = "koprs-bridge"
+    sample_ratio: Annotated[
+        float, Check(_ratio, {"type": "number", "minimum": 0, "maximum": 1})
+    ] = 1.0
+
+
+class LoggingConfig(ConfigModel):
+    """The log lines' format and level."""
+
+    format: Annotated[Literal["text", "json"], one_of("text", "json")] = "text"
+    level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+        one_of("DEBUG", "INFO", "WARNING", "ERROR", any_case=True),
+    ] = "INFO"
+
+
+class BridgeConfig(ConfigModel):
+    """A whole config document (``bridge.yaml``)."""
+
+    broker: BrokerConfig
+    leader_election: LeaderElectionConfig | None = None
+    state: StateConfig | None = None
+    """Folder for checkpoints of a single replica (absent: state in memory)."""
+    sources: tuple[SourceConfig, ...] = Field(json_schema_extra={"minItems": 1})
+    """What is polled: a non-empty list, each name used once."""
+    server: ServerConfig | None = None
+    """Absent: no health/metrics server."""
+    tracing: TracingConfig = TracingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    _origin: str = PrivateAttr("<config>")
+
+    @property
+    def origin(self) -> str:
+        """The file the config was read from, for messages."""
+        return self._origin
+
+    def located(self, origin: str) -> BridgeConfig:
+        """This config, read from ``origin`` (a file name, for messages)."""
+        copy = self.model_copy()
+        copy._origin = origin
+        return copy
+
+    @property
+    def state_path(self) -> Path | None:
+        """Folder for checkpoints of a single replica (None: state in memory)."""
+        return None if self.state is None else self.state.path
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _a_list(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError("must be a non-empty list of sources")
+        return value
+
+    @field_validator("tracing", "logging", mode="before")
+    @classmethod
+    def _defaults_if_null(cls, value: Any) -> Any:
+        return {} if value is None else value  # null: the defaults
+
+    def _problems(self) -> Iterable[Problem]:
+        seen: dict[str, int] = {}
+        for index, source in enumerate(self.sources):
+            if source.name in seen:
+                yield Problem(
+                    f"name {source.name!r} is already used by sources[{seen[source.name]}]",
+                    "sources",
+                    index,
                 )
-            if kinds[scheme] == "redis" and (problem := check_redis_url(url.reveal())):
-                self.fail(f"{problem} (got {redact_url(url.reveal())!r})")
-            if kinds[scheme] == "nats" and (problem := check_nats_urls(url.reveal())):
-                self.fail(f"{problem} (got {redact_url(url.reveal())!r})")
-        fields: dict[str, Any] = {"url": url, "kind": kinds[scheme]}
-        if "stream" in doc:
-            with self.at("stream"):
-                fields["stream"] = self.string(doc["stream"])
-                if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fields["stream"]):
-                    self.fail("must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")
-        if "subject_prefix" in doc:
-            with self.at("subject_prefix"):
-                prefix = self.string(doc["subject_prefix"])
-                if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", prefix):
-                    self.fail(
-                        f"must be dot-separated tokens of A-Z, a-z, 0-9, '_', '-', not {prefix!r}"
-                    )
-                fields["subject_prefix"] = prefix
-        if "content_mode" in doc:
-            with self.at("content_mode"):
-                if doc["content_mode"] not in ("binary", "structured"):
-                    self.fail(f"must be 'binary' or 'structured', not {doc['content_mode']!r}")
-                fields["content_mode"] = doc["content_mode"]
-        for key, attr in (
-            ("duplicate_window", "duplicate_window_s"),
-            ("ack_timeout", "ack_timeout_s"),
-        ):
-            if key in doc:
-                with self.at(key):
-                    fields[attr] = self.duration(doc[key])
-        if "max_age" in doc:
-            with self.at("max_age"):
-                fields["max_age_s"] = self.duration(doc["max_age"])
-        for key, minimum in (("max_msgs_per_subject", 0), ("replicas", 1), ("maxlen", 1)):
-            if key in doc:
-                with self.at(key):
-                    fields[key] = self.integer(doc[key], minimum=minimum) or None
-        if doc.get("tls") is not None:
-            with self.at("tls"):
-                fields["tls"] = self.tls(doc["tls"])
-        if doc.get("auth") is not None:
-            with self.at("auth"):
-                fields["auth"] = self.auth(doc["auth"], nats=kinds[scheme] == "nats")
-        return BrokerConfig(**fields)
-
-    def leader_election(self, raw: Any) -> LeaderElectionConfig:
-        doc = self.mapping(
-            raw, {"redis_url", "lease_ttl", "renew_every", "tls", "auth"}, {"redis_url"}
-        )
-        with self.at("redis_url"):
-            url = self.secret(doc["redis_url"])
-            if problem := check_redis_url(url.reveal()):
-                self.fail(f"{problem} (got {redact_url(url.reveal())!r})")
-        ttl = 10.0
-        if "lease_ttl" in doc:
-            with self.at("lease_ttl"):
-                ttl = self.duration(doc["lease_ttl"])
-        renew = None
-        if "renew_every" in doc:
-            with self.at("renew_every"):
-                renew = self.duration(doc["renew_every"])
-                if renew >= ttl:
-                    self.fail(f"must be shorter than lease_ttl ({ttl:g} s), got {renew:g} s")
-        tls = auth = None
-        if doc.get("tls") is not None:
-            with self.at("tls"):
-                tls = self.tls(doc["tls"])
-        if doc.get("auth") is not None:
-            with self.at("auth"):
-                auth = self.auth(doc["auth"], nats=False)
-        return LeaderElectionConfig(
-            redis_url=url, lease_ttl_s=ttl, renew_every_s=renew, tls=tls, auth=auth
-        )
+            seen.setdefault(source.name, index)

@@ -1,229 +1,231 @@
-"""Reading the ``sources`` of a config document: each one's name, interval and exactly one of
-``http``, ``s3`` or ``local``."""
+"""The ``sources`` of a config document: each one's name, interval and exactly one of ``http``,
+``s3`` or ``local`` (pydantic models, see :mod:`bridge.settings`)."""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from bridge.secrets import redact_url
-from bridge.service.config import (
-    BasicAuthConfig,
-    HttpSourceConfig,
-    LocalSourceConfig,
-    S3SourceConfig,
-    SourceConfig,
+from pydantic import BeforeValidator, ConfigDict, Field
+
+from bridge.connection_settings import TlsConfig
+from bridge.secrets import Secret, redact_url
+from bridge.settings import (
+    Check,
+    ConfigModel,
+    Count,
+    Duration,
+    ExistingFile,
+    Flag,
+    Problem,
+    Size,
+    Text,
+    TextOrEmpty,
+    TextPath,
+    WebUrl,
+    duration_at_least,
+    kind,
+    matching,
+    text,
+    together,
 )
-from bridge.service.config_reader import Reader, kind
 from bridge.subjects import SOURCE_NAME_PATTERN
 
-__all__ = ["SourceReader"]
+__all__ = [
+    "MIN_INTERVAL_S",
+    "BasicAuthConfig",
+    "HttpSourceConfig",
+    "LocalSourceConfig",
+    "S3SourceConfig",
+    "SourceConfig",
+]
 
 MIN_INTERVAL_S = 0.001
 """The shortest poll interval accepted."""
 
+KINDS = ("http", "s3", "local")
 
-class SourceReader(Reader):
-    """The ``sources[i]`` entries."""
 
-    def source(self, raw: Any) -> SourceConfig:
-        kinds = {"http", "s3", "local"}
-        doc = self.mapping(
-            raw,
-            {"name", "interval", "max_backoff", "inline_body_bytes"} | kinds,
-            {"name", "interval"},
+def _http_url(value: Any) -> str:
+    url = text(value)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an absolute http:// or https:// URL, not {url!r}")
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"must not carry credentials ({redact_url(url)!r}): it appears in every event "
+            "and log line; use basic_auth or bearer_token"
         )
-        with self.at("name"):
-            name = self.string(doc["name"])
-            if not SOURCE_NAME_PATTERN.match(name):
-                self.fail(
-                    f"{name!r} is not usable as a subject token: use 1-64 characters of "
-                    "A-Z, a-z, 0-9, '_' or '-'"
-                )
-        with self.at("interval"):
-            interval = self.duration(doc["interval"])
-            if interval < MIN_INTERVAL_S:
-                self.fail(
-                    f"must be at least {MIN_INTERVAL_S * 1000:g}ms (a shorter one is a busy "
-                    f"loop), got {doc['interval']!r}"
-                )
-        fields: dict[str, Any] = {"name": name, "interval_s": interval}
-        if "max_backoff" in doc:
-            with self.at("max_backoff"):
-                fields["max_backoff_s"] = self.duration(doc["max_backoff"])
-                if fields["max_backoff_s"] < interval:
-                    self.fail(f"must be >= interval ({interval:g} s)")
-        if "inline_body_bytes" in doc:
-            with self.at("inline_body_bytes"):
-                fields["inline_body_bytes"] = self.size(doc["inline_body_bytes"])
-        given = sorted(kinds & doc.keys())
-        if len(given) != 1:
-            self.fail(
-                "needs exactly one of http, s3, local"
-                + (f" (found {', '.join(given)})" if given else "")
+    return url
+
+
+def _headers(value: Any) -> Any:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a mapping of header names to values, not {kind(value)}")
+    # a number is a fine header value: as text
+    return {k: str(v) if isinstance(v, int | float) else v for k, v in value.items()}
+
+
+def _verify_tls(value: Any) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be true, false or the path of a CA bundle")
+    if not Path(value).is_file():
+        raise ValueError(f"CA bundle {value!r} does not exist")
+    return value
+
+
+HeaderName = Annotated[
+    str,
+    matching(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", lambda _: "is not a valid HTTP header name"),
+]
+Headers = Annotated[
+    Mapping[HeaderName, Secret],
+    BeforeValidator(_headers),
+]
+
+
+def _username(value: Any) -> str:
+    if ":" in text(value):
+        raise ValueError("must not contain ':'")
+    return str(value)
+
+
+class BasicAuthConfig(ConfigModel):
+    """``Authorization: Basic`` credentials."""
+
+    username: Annotated[str, Check(_username, {"type": "string", "pattern": r"^[^:]*\S[^:]*$"})]
+    password: Secret
+
+
+class HttpSourceConfig(ConfigModel):
+    """An HTTP(S) resource, polled with a conditional GET."""
+
+    url: Annotated[str, Check(_http_url, {"type": "string", "pattern": "^https?://[^@/]+"})]
+    headers: Headers = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False}
+    )
+    """Sent with every request; values may be secrets."""
+    bearer_token: Secret | None = None
+    """Sent as ``Authorization: Bearer``; a ``{file: ...}`` token is re-read when it changes."""
+    basic_auth: BasicAuthConfig | None = None
+    max_body_bytes: Size = 16 * 1024 * 1024
+    timeout_s: Duration = Field(default=10.0, validation_alias="timeout")
+    """The longest one poll's request may take, from connecting to the body's last byte."""
+    verify_tls: Annotated[
+        bool | str,
+        Check(_verify_tls, {"anyOf": [{"type": "boolean"}, {"type": "string", "minLength": 1}]}),
+    ] = True
+    """False to skip verification, or the path of a CA bundle."""
+    tls: TlsConfig | None = None
+    """CA bundle / client certificate (mTLS); ``verify_tls`` is the short form."""
+    max_redirects: Count = 5
+    """Redirects followed (0: none). Credentials are never sent to another host."""
+
+    @classmethod
+    def _given_problems(cls, given: set[str]) -> Iterable[Problem]:
+        if {"bearer_token", "basic_auth"} <= given:
+            yield Problem("give bearer_token or basic_auth, not both")
+        if {"verify_tls", "tls"} <= given:
+            yield Problem("give verify_tls or tls, not both", "tls")
+
+
+class S3SourceConfig(ConfigModel):
+    """The objects of an S3 (or S3-compatible) bucket, below ``prefix``."""
+
+    bucket: Annotated[
+        str,
+        matching(
+            r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", lambda b: f"{b!r} is not a valid S3 bucket name"
+        ),
+    ]
+    prefix: TextOrEmpty = ""
+    endpoint_url: WebUrl | None = None
+    region: Text | None = None
+    access_key_id: Secret | None = None
+    secret_access_key: Secret | None = None
+    session_token: Secret | None = None
+    """Explicit keys; absent: the standard AWS credential chain (env, web identity, profile,
+    container/instance metadata)."""
+    profile: Text | None = None
+    """A profile of the shared AWS config/credentials files."""
+    role_arn: Text | None = None
+    """Assume this role with ``web_identity_token_file`` (IRSA-style)."""
+    web_identity_token_file: ExistingFile | None = None
+    sts_endpoint_url: WebUrl | None = None
+    """STS endpoint for web identity (default: AWS's)."""
+
+    @classmethod
+    def _given_problems(cls, given: set[str]) -> Iterable[Problem]:
+        yield from together(given, "role_arn", "web_identity_token_file")
+        if {"role_arn", "access_key_id"} <= given:
+            yield Problem("give access keys or role_arn/web_identity_token_file, not both")
+        yield from together(given, "access_key_id", "secret_access_key")
+        if "session_token" in given and "access_key_id" not in given:
+            yield Problem("session_token needs access_key_id and secret_access_key")
+
+
+class LocalSourceConfig(ConfigModel):
+    """The files of a local folder (and its subfolders), below ``prefix``."""
+
+    path: TextPath
+    prefix: TextOrEmpty = ""
+    create: Flag = False
+    """Create the folder if it does not exist."""
+
+    def _problems(self) -> Iterable[Problem]:
+        if not self.create and not self.path.is_dir():
+            yield Problem(
+                f"{str(self.path)!r} is not a directory (set create: true to create it)", "path"
             )
-        kind = given[0]
-        with self.at(kind):
-            fields[kind] = getattr(self, f"{kind}_source")(doc[kind])
-        return SourceConfig(**fields)
 
-    def http_source(self, raw: Any) -> HttpSourceConfig:
-        doc = self.mapping(
-            raw,
-            {
-                "url",
-                "headers",
-                "bearer_token",
-                "basic_auth",
-                "max_body_bytes",
-                "timeout",
-                "verify_tls",
-                "tls",
-                "max_redirects",
-            },
-            {"url"},
-        )
-        with self.at("url"):
-            url = self.string(doc["url"])
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                self.fail(f"must be an absolute http:// or https:// URL, not {url!r}")
-            if "@" in parts.netloc:
-                self.fail(
-                    f"must not carry credentials ({redact_url(url)!r}): it appears in every "
-                    "event and log line; use basic_auth or bearer_token"
-                )
-        fields: dict[str, Any] = {"url": url}
-        if "headers" in doc:
-            with self.at("headers"):
-                headers = doc["headers"]
-                if not isinstance(headers, dict):
-                    self.fail(f"must be a mapping of header names to values, not {kind(headers)}")
-                parsed = {}
-                for header, value in headers.items():
-                    with self.at(str(header)):
-                        if not isinstance(header, str) or not re.fullmatch(
-                            r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", header
-                        ):
-                            self.fail("is not a valid HTTP header name")
-                        parsed[header] = self.secret(
-                            str(value) if isinstance(value, int | float) else value
-                        )
-                fields["headers"] = parsed
-        if "bearer_token" in doc:
-            with self.at("bearer_token"):
-                fields["bearer_token"] = self.secret(doc["bearer_token"])
-        if "max_body_bytes" in doc:
-            with self.at("max_body_bytes"):
-                fields["max_body_bytes"] = self.size(doc["max_body_bytes"])
-        if "timeout" in doc:
-            with self.at("timeout"):
-                fields["timeout_s"] = self.duration(doc["timeout"])
-        if "verify_tls" in doc:
-            with self.at("verify_tls"):
-                verify = doc["verify_tls"]
-                if isinstance(verify, str):
-                    if not Path(verify).is_file():
-                        self.fail(f"CA bundle {verify!r} does not exist")
-                elif not isinstance(verify, bool):
-                    self.fail("must be true, false or the path of a CA bundle")
-                fields["verify_tls"] = verify
-        if doc.get("basic_auth") is not None:
-            with self.at("basic_auth"):
-                basic = self.mapping(
-                    doc["basic_auth"], {"username", "password"}, {"username", "password"}
-                )
-                with self.at("username"):
-                    username = self.string(basic["username"])
-                    if ":" in username:
-                        self.fail("must not contain ':'")
-                with self.at("password"):
-                    password = self.secret(basic["password"])
-                fields["basic_auth"] = BasicAuthConfig(username=username, password=password)
-            if "bearer_token" in fields:
-                self.fail("give bearer_token or basic_auth, not both")
-        if doc.get("tls") is not None:
-            with self.at("tls"):
-                fields["tls"] = self.tls(doc["tls"])
-                if "verify_tls" in fields:
-                    self.fail("give verify_tls or tls, not both")
-        if "max_redirects" in doc:
-            with self.at("max_redirects"):
-                fields["max_redirects"] = self.integer(doc["max_redirects"])
-        return HttpSourceConfig(**fields)
 
-    def s3_source(self, raw: Any) -> S3SourceConfig:
-        secrets = {"access_key_id", "secret_access_key", "session_token"}
-        doc = self.mapping(
-            raw,
-            {
-                "bucket",
-                "prefix",
-                "endpoint_url",
-                "region",
-                "profile",
-                "role_arn",
-                "web_identity_token_file",
-                "sts_endpoint_url",
-            }
-            | secrets,
-            {"bucket"},
-        )
-        with self.at("bucket"):
-            bucket = self.string(doc["bucket"])
-            if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-                self.fail(f"{bucket!r} is not a valid S3 bucket name")
-        fields: dict[str, Any] = {"bucket": bucket}
-        if "prefix" in doc:
-            with self.at("prefix"):
-                fields["prefix"] = self.string(doc["prefix"], empty=True)
-        if "endpoint_url" in doc:
-            with self.at("endpoint_url"):
-                endpoint = self.string(doc["endpoint_url"])
-                if urlsplit(endpoint).scheme not in ("http", "https"):
-                    self.fail(f"must be an http:// or https:// URL, not {endpoint!r}")
-                fields["endpoint_url"] = endpoint
-        for key in ("region", "profile", "role_arn"):
-            if key in doc:
-                with self.at(key):
-                    fields[key] = self.string(doc[key])
-        if "sts_endpoint_url" in doc:
-            with self.at("sts_endpoint_url"):
-                endpoint = self.string(doc["sts_endpoint_url"])
-                if urlsplit(endpoint).scheme not in ("http", "https"):
-                    self.fail(f"must be an http:// or https:// URL, not {endpoint!r}")
-                fields["sts_endpoint_url"] = endpoint
-        if "web_identity_token_file" in doc:
-            with self.at("web_identity_token_file"):
-                fields["web_identity_token_file"] = self.file(doc["web_identity_token_file"])
-        if ("role_arn" in fields) != ("web_identity_token_file" in fields):
-            self.fail("role_arn and web_identity_token_file must be given together")
-        if "role_arn" in fields and "access_key_id" in doc:
-            self.fail("give access keys or role_arn/web_identity_token_file, not both")
-        for key in sorted(secrets & doc.keys()):
-            with self.at(key):
-                fields[key] = self.secret(doc[key])
-        if ("access_key_id" in fields) != ("secret_access_key" in fields):
-            self.fail("access_key_id and secret_access_key must be given together")
-        if "session_token" in fields and "access_key_id" not in fields:
-            self.fail("session_token needs access_key_id and secret_access_key")
-        return S3SourceConfig(**fields)
+SourceName = Annotated[
+    str,
+    matching(
+        SOURCE_NAME_PATTERN.pattern.strip("^$"),
+        lambda name: (
+            f"{name!r} is not usable as a subject token: use 1-64 characters of "
+            "A-Z, a-z, 0-9, '_' or '-'"
+        ),
+    ),
+]
 
-    def local_source(self, raw: Any) -> LocalSourceConfig:
-        doc = self.mapping(raw, {"path", "prefix", "create"}, {"path"})
-        with self.at("path"):
-            path = Path(self.string(doc["path"]))
-        create = False
-        if "create" in doc:
-            with self.at("create"):
-                create = self.boolean(doc["create"])
-        if not create and not path.is_dir():
-            with self.at("path"):
-                self.fail(f"{str(path)!r} is not a directory (set create: true to create it)")
-        prefix = ""
-        if "prefix" in doc:
-            with self.at("prefix"):
-                prefix = self.string(doc["prefix"], empty=True)
-        return LocalSourceConfig(path=path, prefix=prefix, create=create)
+
+class SourceConfig(ConfigModel):
+    """One source: its name (a subject token), how often it is polled, and what it is."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": [kind]} for kind in KINDS]})
+
+    name: SourceName
+    interval_s: Annotated[float, duration_at_least(MIN_INTERVAL_S)] = Field(
+        validation_alias="interval"
+    )
+    """How often the source is polled (at least 1 ms)."""
+    max_backoff_s: Duration | None = Field(default=None, validation_alias="max_backoff")
+    """The longest wait between polls after failures (>= ``interval``)."""
+    inline_body_bytes: Size = 64 * 1024
+    """HTTP bodies up to this size are inlined in events; larger ones carry a digest."""
+    http: HttpSourceConfig | None = None
+    s3: S3SourceConfig | None = None
+    local: LocalSourceConfig | None = None
+
+    @property
+    def kind(self) -> str:
+        return "http" if self.http else "s3" if self.s3 else "local"
+
+    @classmethod
+    def _given_problems(cls, given: set[str]) -> Iterable[Problem]:
+        found = [key for key in sorted(KINDS) if key in given]
+        if len(found) != 1:
+            yield Problem(
+                "needs exactly one of http, s3, local"
+                + (f" (found {', '.join(found)})" if found else "")
+            )
+
+    def _problems(self) -> Iterable[Problem]:
+        if self.max_backoff_s is not None and self.max_backoff_s < self.interval_s:
+            yield Problem(f"must be >= interval ({self.interval_s:g} s)", "max_backoff")

@@ -1,26 +1,39 @@
 """Delivery of one source: poll -> diff -> encode -> publish -> all acks -> commit state.
 
 State only advances after the broker acknowledged every event of a changeset. A failed
-publish keeps the changeset *pending*: it is published again (same event ids, so the broker
-drops whatever had landed) after a backoff, and the source is not polled again until the
-pending changeset is committed, so no change is lost and none is reordered. A failed state
-commit after acknowledged publishes is retried without publishing again. Cancelling the task
-at any point loses nothing: what was not committed is re-derived, with the same ids, by the
-next leader or the next start.
+publish leaves the batch's intent recorded (see :mod:`bridge.state`); after a backoff the
+source's checkpoint is loaded again and the source polled again in replay mode, as after a
+restart: what is unchanged since goes out again with the same event ids (the broker drops
+whatever had landed), what changed meanwhile (a bad file deleted, say) is diffed against the
+intent's state, so no change is lost, none is reordered and a batch that cannot go out does
+not stall its source for ever. A plain :class:`~bridge.watching.ExternalSource` (no state to
+replay) gets its pending events published again instead. A failed state commit after
+acknowledged publishes is retried without publishing or polling again. Cancelling the task at
+any point loses nothing: what was not committed is re-derived, with the same ids, by the next
+leader or the next start.
+
+Before a batch is published, events that cannot be (an undecodable key, data that fails its
+schema, a message over the broker's size limit) are left out of it, logged and counted, and
+their state is not committed, so they come back at the next poll: see
+:mod:`bridge.service.vetting`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from bridge.aio import stop_with_grace
 from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.errors import BridgeError, FencedError, StateError
-from bridge.sinks import Sink
+from bridge.events import ExternalEvent
+from bridge.service.vetting import Rejections, encode_checked
+from bridge.sinks import Sink, SizeLimitedSink
 from bridge.sources.base import Changeset, Replay, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
 from bridge.telemetry.hooks import SourceTelemetry
@@ -33,7 +46,7 @@ from bridge.watching import (
     log_poll_failure,
 )
 
-__all__ = ["PublishedCallback", "SourceLoop", "SourceSpec"]
+__all__ = ["PublishedCallback", "SourceLoop", "SourceSpec", "stop_loops"]
 
 log = logging.getLogger("bridge.delivery")
 
@@ -64,9 +77,33 @@ class _Pending:
     """The source's revision once this batch is committed (unchanged for all but the last)."""
     intent: Intent | None = None
     """What is recorded before publishing (None: this batch needs no intent)."""
+    replay: Replay | None = None
+    """The replay this batch's changeset came from, if any."""
+    sole: bool = False
+    """The whole changeset is this one batch."""
     events: list[CloudEvent] | None = None
     intent_recorded: bool = False
     published: bool = False
+
+
+def _removed_versions(part: Changeset, replay: Replay) -> dict[str, str]:
+    """The version of each ``Removed`` of a replayed batch whose item the committed state does
+    not hold (it was in the replayed intent): see ``Intent.removed``."""
+    found: dict[str, str] = {}
+    for event in part.events:
+        if event.kind != "removed":
+            continue
+        key = getattr(event.resource, "key", None)
+        version = getattr(event.resource, "version", None)
+        if (
+            isinstance(key, str)
+            and isinstance(version, str)
+            and key not in replay.before
+            and key in part.delta
+            and part.delta[key] is None
+        ):
+            found[key] = version
+    return found
 
 
 class SourceLoop:
@@ -104,6 +141,12 @@ class SourceLoop:
         """The batches of the changeset being delivered, in order."""
         self._replay: tuple[Replay, int] | None = None
         """A recorded intent (and its revision) to settle with the next poll."""
+        self._resync = False
+        """A publish failed: load the checkpoint again and poll in replay mode (see above)."""
+        self._sized = isinstance(sink, SizeLimitedSink)
+        self._rejected: dict[str, tuple[str, str]] = {}
+        """Items rejected in the last round (key -> reason, detail): logged once as errors."""
+        self._rejected_now: dict[str, tuple[str, str]] = {}
         self._stopping = False
         self.busy = False
         """True while a poll, publish or commit is in progress (not while waiting)."""
@@ -154,19 +197,27 @@ class SourceLoop:
             log_poll_failure(self.spec.name, error, failures, delay_s)
             return
         pending = self._queue[0]
+        if pending.published:
+            then = "committing again"
+        elif self._resync:
+            then = "polling again (against the checkpoint)"
+        else:
+            then = "publishing again"
         log.warning(
-            "source %r: %s %d event(s) failed (%d in a row), kept pending, retrying in %.2fs: %s",
+            "source %r: %s %d event(s) failed (%d in a row), %s in %.2fs: %s",
             self.spec.name,
             "committing the state of" if pending.published else "publishing",
-            len(pending.changeset.events),
+            len(pending.events if pending.events is not None else pending.changeset.events),
             failures,
+            then,
             delay_s,
             error,
             exc_info=None if isinstance(error, BridgeError) else error,
         )
 
-    async def restore(self) -> None:
-        """Load the checkpoint; a recorded intent becomes the first batch to deliver."""
+    async def restore(self, *, resync: bool = False) -> None:
+        """Load the checkpoint; a recorded intent becomes the first batch to deliver.
+        ``resync``: again, after a failed publish (logged at debug)."""
         source = self.spec.source
         if not self._stateful:
             return
@@ -189,9 +240,11 @@ class SourceLoop:
             self.revision = revision
             return
         self.revision = checkpoint.revision
-        log.info(
-            "source %r: resumed at revision %d (%d state entries)%s",
+        log.log(
+            logging.DEBUG if resync else logging.INFO,
+            "source %r: %s at revision %d (%d state entries)%s",
             self.spec.name,
+            "re-polling after a failed publish" if resync else "resumed",
             checkpoint.revision,
             len(checkpoint.state),
             ", republishing an unsettled batch" if checkpoint.intent else "",
@@ -203,16 +256,23 @@ class SourceLoop:
             after = dict(checkpoint.state)
             apply_delta(after, intent.delta)
             source.restore(after)
-            self._replay = (Replay(checkpoint.state, intent.delta), intent.revision)
+            replay = Replay(checkpoint.state, intent.delta, intent.removed)
+            self._replay = (replay, intent.revision)
         else:
             source.restore(checkpoint.state)
 
     async def step(self) -> Exception | None:
         """Deliver the pending batches, polling first if there are none; the error if any."""
+        if self._resync:
+            self._queue = []
         if not self._queue:
             try:
                 if self.guard is not None:  # a lost lease stops polling too, not just writes
                     self.guard()
+                if self._resync:
+                    await self.restore(resync=True)
+                    self._resync = False
+                self._rejected, self._rejected_now = self._rejected_now, {}
                 with self.telemetry.poll(self.encoder) as poll:
                     changeset = await self._changes()
                     poll.found(len(changeset.events))
@@ -223,7 +283,9 @@ class SourceLoop:
         while self._queue:
             try:
                 await self._deliver(self._queue[0])
-            except Exception as exc:  # kept pending and retried, never fatal
+            except Exception as exc:  # retried, never fatal
+                # Not published (or not known to be): poll again, against the checkpoint.
+                self._resync = self._stateful and not self._queue[0].published
                 return exc
             pending = self._queue.pop(0)
             pending.changeset.commit()
@@ -241,23 +303,26 @@ class SourceLoop:
         batches: list[_Pending] = []
         for index, part in enumerate(parts):
             revision = target if index == len(parts) - 1 else self.revision
-            pending = _Pending(part, target, revision)
+            pending = _Pending(part, target, revision, replay=replay, sole=len(parts) == 1)
             if part.events and stateful:
                 delta = part.delta
+                removed: dict[str, str] = {}
                 if replay is not None and len(parts) > 1:
                     # Until every batch of a replay is committed, the unsettled rest of the old
                     # intent stays recorded: those events may have been published.
                     later = {k for p in parts[index + 1 :] for k in p.delta if k in replay.delta}
                     delta = {**{k: replay.delta[k] for k in later}, **part.delta}
-                pending.intent = Intent(target, delta)
+                    removed = {k: replay.removed[k] for k in later if k in replay.removed}
+                if replay is not None:
+                    removed.update(_removed_versions(part, replay))
+                pending.intent = Intent(target, delta, removed)
             batches.append(pending)
         return batches
 
     async def _deliver(self, pending: _Pending) -> None:
         name = self.spec.name
         if pending.events is None:
-            revision = pending.event_revision
-            pending.events = self.encoder.encode_all(pending.changeset.events, revision)
+            await self._encode(pending)
         if self.guard is not None:
             self.guard()
         if pending.events and not pending.published:
@@ -275,12 +340,88 @@ class SourceLoop:
             following = self._queue[1] if len(self._queue) > 1 else None
             next_intent = None
             if following is not None and not following.intent_recorded:
+                if following.events is None:  # its rejects are left out of its intent too
+                    await self._encode(following)
                 next_intent = following.intent
             await self.state.commit(
                 name, pending.commit_revision, pending.changeset.delta, next_intent
             )
             if following is not None and next_intent is not None:
                 following.intent_recorded = True
+
+    async def _encode(self, pending: _Pending) -> None:
+        """Encode the batch's events, leaving out those that cannot be published."""
+        events = pending.changeset.events
+        encoded, rejected = encode_checked(self.encoder, events, pending.event_revision)
+        if self._sized:
+            await self._check_sizes(events, encoded, rejected, pending.event_revision)
+        if rejected:
+            self._reject(pending, rejected)
+        pending.events = [e for i, e in enumerate(encoded) if e is not None and i not in rejected]
+
+    async def _check_sizes(
+        self,
+        events: list[ExternalEvent[Any]],
+        encoded: list[CloudEvent | None],
+        rejected: Rejections,
+        revision: int,
+    ) -> None:
+        """Reject the events over the broker's size limit; an HTTP event over it because of its
+        inlined body goes out without the body (digest and size only), as a larger body would."""
+        sink = cast(SizeLimitedSink, self.sink)
+        indices = [i for i in range(len(events)) if i not in rejected]
+        ready = cast(list[CloudEvent], [encoded[i] for i in indices])
+        oversized = await sink.oversized(self.spec.name, ready)
+        lean: EventEncoder | None = None
+        for position, detail in oversized.items():
+            index = indices[position]
+            body = ready[position].data.get("body")
+            if isinstance(body, dict) and ready[position].dataschema.endswith(
+                "/http-resource.json"
+            ):
+                if lean is None:
+                    lean = copy.copy(self.encoder)
+                    lean.max_inline_body_bytes = -1
+                [smaller] = lean.encode_all([events[index]], revision)
+                if not await sink.oversized(self.spec.name, [smaller]):
+                    log.warning(
+                        "source %r: the body of %s is not inlined: its event would be %s",
+                        self.spec.name,
+                        smaller.subject,
+                        detail,
+                    )
+                    encoded[index] = smaller
+                    continue
+            rejected[index] = ("too_large", detail)
+
+    def _reject(self, pending: _Pending, rejected: Rejections) -> None:
+        changeset = pending.changeset
+        events = [changeset.events[i] for i in sorted(rejected)]
+        intent = [pending.intent.delta] if pending.intent is not None else []
+        retried = changeset.leave_out(events, pending.replay, intent)
+        outcome = (
+            "it is tried again at the next poll"
+            if retried
+            else "it is not tried again (its source keeps no state per item)"
+        )
+        for index, event in zip(sorted(rejected), events, strict=True):
+            reason, detail = rejected[index]
+            key = getattr(event.resource, "key", None)
+            item = key if isinstance(key, str) else repr(event.resource)[:200]
+            self.telemetry.rejected(reason)
+            seen = self._rejected.get(item) == (reason, detail)
+            self._rejected_now[item] = (reason, detail)
+            log.log(
+                logging.DEBUG if seen else logging.ERROR,
+                "source %r: item %s left out (%s): %s; %s",
+                self.spec.name,
+                ascii(item),
+                reason,
+                detail,
+                outcome,
+            )
+        if pending.sole and not changeset.events and not changeset.delta:
+            pending.commit_revision = self.revision  # nothing to commit
 
     async def _changes(self) -> Changeset:
         source = self.spec.source
@@ -316,3 +457,19 @@ class SourceLoop:
             "pending_events": sum(len(p.changeset.events) for p in self._queue),
             "steps": self.steps,
         }
+
+
+async def stop_loops(
+    running: Sequence[tuple[SourceLoop, asyncio.Task[Any]]],
+    grace_s: float,
+    *,
+    on_late: Callable[[asyncio.Task[Any]], None] | None = None,
+) -> None:
+    """Stop source loops, each running in its task: an idle loop's task is cancelled at once;
+    one in the middle of a step (a publish) finishes it within ``grace_s``, then its task is
+    cancelled (``on_late`` is told first). Safe: state is committed only after acks."""
+    for loop, task in running:
+        loop.stop()
+        if not loop.busy:
+            task.cancel()
+    await stop_with_grace([task for _, task in running], grace_s, on_late=on_late)

@@ -26,6 +26,7 @@ from bridge.service.config import (
     BrokerConfig,
     LocalSourceConfig,
     SourceConfig,
+    StateConfig,
 )
 
 __all__ = ["embedded_config", "find_nats_server", "nats_server", "print_events"]
@@ -112,7 +113,7 @@ async def nats_server(data_dir: Path, port: int = DEFAULT_PORT) -> AsyncIterator
 
 def embedded_config(nats_url: str, inbox: Path, home: Path) -> BridgeConfig:
     return BridgeConfig(
-        broker=BrokerConfig(url=Secret.inline(nats_url), kind="nats"),
+        broker=BrokerConfig(url=Secret.inline(nats_url)),
         sources=(
             SourceConfig(
                 name="inbox",
@@ -120,9 +121,8 @@ def embedded_config(nats_url: str, inbox: Path, home: Path) -> BridgeConfig:
                 local=LocalSourceConfig(path=inbox, create=True),
             ),
         ),
-        state_path=home / "state",
-        origin="<embedded default>",
-    )
+        state=StateConfig(path=home / "state"),
+    ).located("<embedded default>")
 
 
 def print_events(source_name: str, events: Sequence[CloudEvent]) -> None:

@@ -16,27 +16,27 @@ is logged with its :class:`~bridge.errors.ConfigError` message and the running c
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from pydantic import BaseModel
+
+from bridge import aio
 from bridge.errors import ConfigError
 from bridge.extras import check_config_extras
 from bridge.secrets import Secret
 from bridge.service.config import BridgeConfig, SourceConfig, load_config
 
-if TYPE_CHECKING:
-    from bridge.service.runner import Bridge
-
 __all__ = [
     "RESTART_SECTIONS",
     "ConfigWatcher",
     "ReloadPlan",
+    "Reloadable",
     "plan_reload",
     "run_with_reload",
     "same_source",
@@ -129,20 +129,24 @@ def _comparable(value: Any) -> Any:
         if value.origin.startswith("file:"):
             return ("secret", value.origin)
         return ("secret", value.origin, hashlib.sha256(value.reveal().encode()).hexdigest())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if isinstance(value, BaseModel):
         return (
             type(value).__name__,
-            tuple(
-                (f.name, _comparable(getattr(value, f.name)))
-                for f in dataclasses.fields(value)
-                if f.name != "origin"
-            ),
+            tuple((name, _comparable(getattr(value, name))) for name in type(value).model_fields),
         )
     if isinstance(value, Mapping):
         return tuple(sorted((str(k), _comparable(v)) for k, v in value.items()))
     if isinstance(value, list | tuple):
         return tuple(_comparable(v) for v in value)
     return value
+
+
+class Reloadable(Protocol):
+    """What a :class:`ConfigWatcher` reloads: a :class:`~bridge.service.runner.Bridge`."""
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    async def reload(self, config: BridgeConfig) -> ReloadPlan: ...
 
 
 class ConfigWatcher:
@@ -179,21 +183,17 @@ class ConfigWatcher:
         except OSError:
             return None
 
-    async def run(self, bridge: Bridge, stop: asyncio.Event) -> None:
+    async def run(self, bridge: Reloadable, stop: asyncio.Event) -> None:
         """Check every ``interval_s`` until ``stop`` is set."""
         log.info(
             "watching %s for changes every %gs (sources are reloaded without a restart)",
             self.path,
             self.interval_s,
         )
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval_s)
-            if stop.is_set():
-                break
+        while not await aio.sleep(self.interval_s, stop):
             await self.check(bridge)
 
-    async def check(self, bridge: Bridge) -> ReloadPlan | None:
+    async def check(self, bridge: Reloadable) -> ReloadPlan | None:
         """Reload if the file changed since the last check; the plan applied, if any."""
         try:
             return await self._check(bridge)
@@ -202,7 +202,7 @@ class ConfigWatcher:
                 self.checks += 1
                 self._checked.notify_all()
 
-    async def _check(self, bridge: Bridge) -> ReloadPlan | None:
+    async def _check(self, bridge: Reloadable) -> ReloadPlan | None:
         try:
             digest: str | None = hashlib.sha256(self.path.read_bytes()).hexdigest()
         except OSError as exc:
@@ -246,7 +246,7 @@ class ConfigWatcher:
             await self._checked.wait_for(predicate)
 
 
-async def run_with_reload(bridge: Bridge, watcher: ConfigWatcher, stop: asyncio.Event) -> None:
+async def run_with_reload(bridge: Reloadable, watcher: ConfigWatcher, stop: asyncio.Event) -> None:
     """Run ``bridge`` until ``stop`` is set, reloading it when ``watcher``'s file changes."""
     watching = asyncio.create_task(watcher.run(bridge, stop), name="config-watcher")
     try:

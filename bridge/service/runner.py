@@ -1,4 +1,8 @@
-"""The service: build sources, sink and state store from a config and run every source.
+"""The service's supervisor: run every source of a config against one sink.
+
+The parts are built by :mod:`bridge.service.factories` (re-exported here: ``build_source``,
+``build_sink``); the bridge registers its readiness checks (config, broker, leader election)
+with its :class:`~bridge.telemetry.Telemetry`.
 
 Each source runs in its own :class:`~bridge.service.delivery.SourceLoop` task, on its own
 schedule. The sink is connected first (retried with backoff while the broker is down).
@@ -10,155 +14,26 @@ safe, because state is only committed after acknowledgements.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
-
-from bridge.service.config import BridgeConfig, LeaderElectionConfig, SourceConfig
-from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec
+from bridge import aio
+from bridge.aio import Backoff
+from bridge.service.config import BridgeConfig, LeaderElectionConfig
+from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
+from bridge.service.factories import build_sink, build_source, build_state_store, replica_id
 from bridge.sinks import Sink
-from bridge.sources.http import HttpPoller, tls_context
-from bridge.sources.objects import ObjectStorePoller
-from bridge.sources.stores import LocalStore
 from bridge.state import MemoryStateStore, StateStore
 from bridge.telemetry import Telemetry
-from bridge.watching import ExternalSource, WatchConfig
+from bridge.telemetry.service import broker_ready
 
 if TYPE_CHECKING:
     from bridge.ha.sharing import Coordinator
     from bridge.service.reload import ReloadPlan
 
-__all__ = ["Bridge", "build_sink", "build_source"]
+__all__ = ["Bridge", "build_sink", "build_source"]  # the factories: bridge.service.factories
 
 log = logging.getLogger("bridge.service")
-
-
-def build_source(config: SourceConfig) -> SourceSpec:
-    """The poller a source config describes, with its name, schedule and URI."""
-    source: ExternalSource
-    if config.http is not None:
-        from bridge.errors import ConfigError
-
-        http, tls = config.http, config.http.tls
-        try:
-            if tls is not None:
-                verify = tls_context(
-                    verify=tls.verify,
-                    ca_file=tls.ca_file,
-                    cert_file=tls.cert_file,
-                    key_file=tls.key_file,
-                )
-            elif isinstance(http.verify_tls, str):
-                verify = tls_context(ca_file=http.verify_tls)
-            else:
-                verify = tls_context(verify=http.verify_tls)
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(
-                f"source {config.name!r}: cannot load the TLS certificates of http.tls / "
-                f"http.verify_tls: {exc}"
-            ) from exc
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(http.timeout_s, connect=min(5.0, http.timeout_s)),
-            verify=verify,
-            follow_redirects=False,  # the poller follows redirects itself, by its own rules
-        )
-        poller = HttpPoller(http.url).with_name(config.name).with_client(client, owned=True)
-        poller.with_max_body_bytes(http.max_body_bytes).with_max_redirects(http.max_redirects)
-        poller.with_deadline(http.timeout_s)
-        for header, value in http.headers.items():
-            poller.with_header(header, value)  # Secrets: read again for every request
-        if http.bearer_token is not None:
-            poller.with_bearer_token(http.bearer_token)
-        if http.basic_auth is not None:
-            poller.with_basic_auth(http.basic_auth.username, http.basic_auth.password)
-        if tls is not None and tls.server_name:
-            poller.with_server_name(tls.server_name)
-        source, uri = poller, http.url
-    elif config.s3 is not None:
-        from bridge.extras import require_extra
-
-        require_extra("s3", f"source {config.name!r} (s3:)")
-        from bridge.sources.stores.s3 import S3Store
-
-        s3 = config.s3
-        store = S3Store(
-            s3.bucket,
-            endpoint_url=s3.endpoint_url,
-            region_name=s3.region,
-            aws_access_key_id=s3.access_key_id,  # Secrets: read again for every request
-            aws_secret_access_key=s3.secret_access_key,
-            aws_session_token=s3.session_token,
-            profile_name=s3.profile,
-            role_arn=s3.role_arn,
-            web_identity_token_file=s3.web_identity_token_file,
-            sts_endpoint_url=s3.sts_endpoint_url,
-        )
-        source = ObjectStorePoller(store).with_prefix(s3.prefix).with_name(config.name)
-        uri = f"s3://{s3.bucket}/{s3.prefix}"
-    else:
-        assert config.local is not None
-        local = config.local
-        if local.create:
-            local.path.mkdir(parents=True, exist_ok=True)
-        store_ = LocalStore(local.path)
-        source = ObjectStorePoller(store_).with_prefix(local.prefix).with_name(config.name)
-        uri = store_.uri + (f"/{local.prefix}" if local.prefix else "")
-    watch = WatchConfig(config.interval_s, config.max_backoff_s)
-    return SourceSpec(
-        name=config.name,
-        source=source,
-        watch=watch,
-        source_uri=uri,
-        max_inline_body_bytes=config.inline_body_bytes,
-    )
-
-
-def build_sink(config: BridgeConfig) -> Sink:
-    broker = config.broker
-    if broker.kind == "nats":
-        from bridge.sinks.nats import NatsSink, NatsSinkConfig
-
-        nats_config = NatsSinkConfig(
-            url=broker.url.reveal(),
-            stream=broker.stream,
-            subject_prefix=broker.subject_prefix,
-            content_mode=broker.content_mode,
-            max_age_s=broker.max_age_s,
-            max_msgs_per_subject=broker.max_msgs_per_subject,
-            replicas=broker.replicas or 1,
-            ack_timeout_s=broker.ack_timeout_s,
-            tls=broker.tls,
-            auth=broker.auth,
-        )
-        if broker.duplicate_window_s is not None:
-            nats_config = replace(nats_config, duplicate_window_s=broker.duplicate_window_s)
-        return NatsSink(nats_config)
-    from bridge.sinks.redis import RedisSink, RedisSinkConfig
-
-    redis_config = RedisSinkConfig(
-        url=broker.url.reveal(),
-        maxlen=broker.maxlen,
-        replicas=broker.replicas,
-        content_mode=broker.content_mode,
-        timeout_s=broker.ack_timeout_s,
-        tls=broker.tls,
-        auth=broker.auth,
-    )
-    if broker.duplicate_window_s is not None:
-        redis_config = replace(redis_config, dedup_window_s=broker.duplicate_window_s)
-    return RedisSink(redis_config)
-
-
-def build_state_store(config: BridgeConfig) -> StateStore:
-    if config.state_path is not None:
-        from bridge.state.files import FileStateStore
-
-        return FileStateStore(Path(config.state_path))
-    return MemoryStateStore()
 
 
 class Bridge:
@@ -184,7 +59,7 @@ class Bridge:
         self.specs = [build_source(source) for source in config.sources]
         self.telemetry = telemetry or Telemetry.from_config(config)
         """Traces, metrics, readiness and the ``/healthz``-``/readyz``-``/metrics`` server."""
-        self.telemetry.track(self)
+        self._track()
         self.loops: dict[str, SourceLoop] = {}
         self.coordinator: Coordinator | None = None
         if config.leader_election is not None:
@@ -200,6 +75,11 @@ class Bridge:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; then stop within about ``shutdown_grace_s``."""
         await self.telemetry.start()  # /healthz answers (and /readyz says why not) at once
+        if isinstance(self.state, MemoryStateStore) and self.config.leader_election is None:
+            log.warning(
+                "source state is kept in memory only (no state.path): a restart publishes "
+                "every item again as Added, under new event ids; set state.path to keep it"
+            )
         try:
             if not await self._connect(stop):
                 return
@@ -234,20 +114,15 @@ class Bridge:
 
     async def _stop_source(self, name: str) -> None:
         """Stop one source's loop: a step in progress (a publish) finishes, within the grace."""
-        task = self._tasks.pop(name)
-        loop = self.loops.pop(name)
-        loop.stop()
-        if not loop.busy:
-            task.cancel()
-        done, _ = await asyncio.wait([task], timeout=self.shutdown_grace_s)
-        if not done:
-            log.warning(
-                "%s did not finish within %.1fs; abandoning it (its changes will be re-derived)",
-                task.get_name(),
-                self.shutdown_grace_s,
-            )
-            task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        running = (self.loops.pop(name), self._tasks.pop(name))
+        await stop_loops([running], self.shutdown_grace_s, on_late=self._abandoned)
+
+    def _abandoned(self, task: asyncio.Task[None]) -> None:
+        log.warning(
+            "%s did not finish within %.1fs; abandoning it (its changes will be re-derived)",
+            task.get_name(),
+            self.shutdown_grace_s,
+        )
 
     async def _supervise(self, stop: asyncio.Event) -> None:
         """Return when ``stop`` is set or a running source's loop ended by itself."""
@@ -307,7 +182,7 @@ class Bridge:
             for name in plan.removed:
                 self.telemetry.metrics.forget(name)
             self.specs = specs
-            self.config = replace(self.config, sources=config.sources)
+            self.config = self.config.model_copy(update={"sources": config.sources})
             if self.coordinator is None and self._phase == "running":
                 for spec in specs:
                     if spec.name not in self._tasks:
@@ -331,7 +206,7 @@ class Bridge:
             await self.coordinator.redis.aclose()
 
     async def _connect(self, stop: asyncio.Event) -> bool:
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         while not stop.is_set():
             what = f"broker {self.sink.description}"
             try:
@@ -340,10 +215,9 @@ class Bridge:
                     what = f"leader election Redis {self.coordinator_description}"
                     await self._ping_election()
             except Exception as exc:
+                delay = backoff.next()
                 log.warning("%s unavailable, retrying in %.1fs: %s", what, delay, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, 30.0)
+                await aio.sleep(delay, stop)
             else:
                 self.connected.set()
                 self.telemetry.metrics.broker_connected.set(1)
@@ -351,22 +225,8 @@ class Bridge:
         return False
 
     async def _shutdown(self, tasks: dict[str, asyncio.Task[None]]) -> None:
-        for name, task in tasks.items():
-            loop = self.loops[name]
-            loop.stop()
-            if not loop.busy:
-                task.cancel()
-        if tasks:
-            _, late = await asyncio.wait(tasks.values(), timeout=self.shutdown_grace_s)
-            for task in late:
-                log.warning(
-                    "%s did not finish within %.1fs; abandoning it (its changes "
-                    "will be re-derived)",
-                    task.get_name(),
-                    self.shutdown_grace_s,
-                )
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        running = [(self.loops[name], task) for name, task in tasks.items()]
+        await stop_loops(running, self.shutdown_grace_s, on_late=self._abandoned)
         tasks.clear()
         for spec in self.specs:
             await _aclose(spec.source)
@@ -418,22 +278,44 @@ class Bridge:
             telemetry=self.telemetry,
         )
 
+    def _track(self) -> None:
+        """Register this bridge's readiness checks and gauges with its telemetry: the config
+        is loaded, the broker connected and, with leader election, its Redis reachable. Read
+        when asked, so they follow a sink or coordinator replaced later."""
+        metrics = self.telemetry.metrics
+
+        async def config_loaded() -> bool:
+            return self.config is not None
+
+        async def broker() -> bool:
+            ok = self.connected.is_set() and await broker_ready(self.sink)
+            metrics.broker_connected.set(1 if ok else 0)
+            return ok
+
+        self.telemetry.readiness.add("config", config_loaded)
+        self.telemetry.readiness.add("broker", broker)
+        if self.config.leader_election is None:
+            return
+        for spec in self.specs:
+            metrics.source(spec.name).set_lease_held(False)
+
+        async def leader_election() -> bool:
+            coordinator = self.coordinator
+            ok = False
+            if coordinator is not None:
+                try:
+                    ok = bool(await coordinator.redis.ping())
+                except Exception:
+                    ok = False
+            metrics.leader_election_connected.set(1 if ok else 0)
+            return ok
+
+        self.telemetry.readiness.add("leader_election", leader_election)
+
     def status(self) -> dict[str, Any]:
         if self.coordinator is not None:
             return self.coordinator.status()
         return {"leading": {name: loop.status() for name, loop in self.loops.items()}}
-
-
-def replica_id() -> str:
-    """``$KOPRS_BRIDGE_REPLICA_ID``, else ``$POD_NAME``, else ``<hostname>-<pid>``."""
-    import os
-    import socket
-
-    return (
-        os.environ.get("KOPRS_BRIDGE_REPLICA_ID")
-        or os.environ.get("POD_NAME")
-        or f"{socket.gethostname()}-{os.getpid()}"
-    )
 
 
 async def _aclose(thing: object) -> None:

@@ -6,7 +6,8 @@ Tests can make publishes fail (:meth:`MemorySink.fail_next`, optionally after pa
 landed, like a broker that acknowledged some messages before the connection dropped), hold
 publishes (:meth:`MemorySink.block`) and await a number of accepted events
 (:meth:`MemorySink.wait_for`) or publish calls (:meth:`MemorySink.wait_for_calls`) instead of
-sleeping.
+sleeping. With ``max_event_bytes`` it refuses events larger than that (their structured form),
+like a broker's message size limit, and says so in :meth:`MemorySink.oversized`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class _Failure:
 class MemorySink:
     """Records published events; see the module docstring."""
 
-    def __init__(self, name: str = "memory") -> None:
+    def __init__(self, name: str = "memory", *, max_event_bytes: int | None = None) -> None:
         self.name = name
+        self.max_event_bytes = max_event_bytes
         self.published: dict[str, list[CloudEvent]] = {}
         """Accepted events per source name, in order, duplicates dropped."""
         self.publish_calls = 0
@@ -64,6 +66,8 @@ class MemorySink:
         async with self._changed:
             self._changed.notify_all()
         await self._open.wait()
+        if self.oversized_now(events):
+            raise PublishError(f"{self.description}: an event of {source_name!r} is too large")
         failure = self._failures.pop(0) if self._failures else None
         accepted = events if failure is None else events[: failure.landed]
         if accepted:
@@ -82,6 +86,16 @@ class MemorySink:
                 f"{self.description}: {len(events) - len(accepted)} of {len(events)} events of "
                 f"{source_name!r} not acknowledged ({failure.message})"
             )
+
+    async def oversized(self, source_name: str, events: Sequence[CloudEvent]) -> dict[int, str]:
+        return self.oversized_now(events)
+
+    def oversized_now(self, events: Sequence[CloudEvent]) -> dict[int, str]:
+        limit = self.max_event_bytes
+        if limit is None:
+            return {}
+        sizes = {i: len(event.to_structured()) for i, event in enumerate(events)}
+        return {i: f"{n} bytes, over {limit}" for i, n in sizes.items() if n > limit}
 
     async def aclose(self) -> None:
         self.connected = False

@@ -13,6 +13,11 @@ success. Content modes:
   fold them); decode them with :func:`bridge.cloudevents.header_value`.
 * ``structured``: the whole event as JSON, ``content-type: application/cloudevents+json``.
 
+A message (headers and body) larger than the server's ``max_payload`` (1 MiB by default) or
+the stream's ``max_msg_size`` would make the server close the connection, or refuse it: such
+events are found by :meth:`NatsSink.oversized` before publishing, and the delivery loop leaves
+them out of the batch (:class:`~bridge.sinks.SizeLimitedSink`).
+
 A batch is pipelined: every message is sent (up to 4096 in flight) before any acknowledgement
 is awaited, then all acknowledgements are awaited together, at most ``ack_timeout_s`` after the
 last one was sent. Acknowledgements come to one inbox subscription of the sink and are counted
@@ -52,6 +57,7 @@ from bridge.cloudevents import CloudEvent
 from bridge.connections import ConnectError, connect_nats, describe_error
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
+from bridge.sinks import frame_bound
 from bridge.sinks.nats_config import (
     DEFAULT_STREAM,
     ContentMode,
@@ -80,18 +86,31 @@ _WINDOW = 4096
 """Most messages one publish() has in flight; a larger batch waits for acks in between."""
 _MAX_RESENDS = 2
 _NO_STREAM = "no stream captures the subject (no responders)"
+_MSG_TOO_LARGE = "(code 10054)"
+"""JetStream's error code for a message over the stream's ``max_msg_size``."""
+_HEADER_FRAME = len(b"NATS/1.0\r\n") + len(b"\r\n")
 
 
 class _Batch:
     """Acknowledgements of one window of a publish: a count, not a future per message."""
 
-    __slots__ = ("acked", "errors", "first_error", "reconnected", "remaining", "wake")
+    __slots__ = (
+        "acked",
+        "errors",
+        "first_error",
+        "first_failed",
+        "reconnected",
+        "remaining",
+        "wake",
+    )
 
     def __init__(self, size: int) -> None:
         self.acked = bytearray(size)
         self.remaining = size
         self.errors = 0
         self.first_error: str | None = None
+        self.first_failed = -1
+        """The index of the message the first error is about."""
         self.reconnected = False
         self.wake = asyncio.Event()
         """Set when the last acknowledgement came, or when the client reconnected."""
@@ -102,7 +121,8 @@ class _Batch:
         self.acked[index] = 1
         if error is not None:
             self.errors += 1
-            self.first_error = self.first_error or error
+            if self.first_error is None:
+                self.first_error, self.first_failed = error, index
         self.remaining -= 1
         if not self.remaining:
             self.wake.set()
@@ -132,6 +152,8 @@ class NatsSink:
         self._batch_numbers = itertools.count()
         self._connected = asyncio.Event()
         self._stream_ready = False
+        self._stream_max_msg_size: int | None = None
+        """The stream's ``max_msg_size`` (None: unlimited), read when the stream is checked."""
         self._lock = asyncio.Lock()
         self._server_error: str | None = None
         """The last error the server reported asynchronously (a permissions violation...)."""
@@ -222,11 +244,13 @@ class NatsSink:
             try:
                 info = await self._js.stream_info(cfg.stream)
             except nats.js.errors.NotFoundError:
-                await self._js.add_stream(cfg.stream_config())
+                created = await self._js.add_stream(cfg.stream_config())
                 log.info("created stream %s on %s", cfg.stream, self.description)
+                self._stream_max_msg_size = _positive(created.config.max_msg_size)
                 self._stream_ready = True
                 return
             current = info.config
+            self._stream_max_msg_size = _positive(current.max_msg_size)
             changes = stream_changes(current, cfg)
             if changes:
                 await self._js.update_stream(current.evolve(**changes))
@@ -297,12 +321,37 @@ class NatsSink:
             finally:
                 del self._batches[batch_id]
             if batch.errors:
-                if batch.first_error == _NO_STREAM:
-                    self._stream_ready = False  # deleted meanwhile: check (recreate) it next time
+                if batch.first_error == _NO_STREAM or _MSG_TOO_LARGE in (batch.first_error or ""):
+                    # deleted meanwhile (recreate it), or its max_msg_size changed (read it):
+                    # check the stream again next time
+                    self._stream_ready = False
                 raise PublishError(
                     f"NATS {self.description}: {batch.errors + unsent} of {total} events of "
-                    f"{source_name!r} not acknowledged (first error: {batch.first_error})"
+                    f"{source_name!r} not acknowledged (first error, for item "
+                    f"{window[batch.first_failed].subject!r}: {batch.first_error})"
                 )
+
+    async def oversized(self, source_name: str, events: Sequence[CloudEvent]) -> dict[int, str]:
+        """Events whose message (headers and body) is over the server's ``max_payload`` or the
+        stream's ``max_msg_size``; see :class:`~bridge.sinks.SizeLimitedSink`."""
+        if not events:
+            return {}
+        nc = await self._ready()
+        limit, what = nc.max_payload, "the server's max_payload"
+        stream_limit = self._stream_max_msg_size
+        if stream_limit is not None and stream_limit < limit:
+            limit, what = stream_limit, f"the max_msg_size of stream {self.config.stream}"
+        found: dict[int, str] = {}
+        encode = self._encode
+        for index, event in enumerate(events):
+            if frame_bound(event) <= limit:
+                continue
+            headers, body = encode(event)
+            size = len(body) + _HEADER_FRAME
+            size += sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+            if size > limit:
+                found[index] = f"a message of {size} bytes, over {what} ({limit} bytes)"
+        return found
 
     async def _send(
         self,
@@ -393,6 +442,11 @@ class NatsSink:
         except (*_NATS_ERRORS, ValueError):
             return False
         return True
+
+
+def _positive(limit: int | None) -> int | None:
+    """A JetStream size limit, None for unlimited (``-1`` or 0)."""
+    return limit if limit is not None and limit > 0 else None
 
 
 def _ack_error(msg: Msg) -> str | None:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from bridge.cloudevents import ContentMode
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.errors import ConfigError
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX
 
 __all__ = [

@@ -59,6 +59,12 @@ event id add it once. A lost reply (``EXEC`` ran, the connection broke) is the s
 try finds the markers. What Redis itself can lose (acknowledged writes on a failover to a
 lagging replica) is lost here too.
 
+An event larger than ``max_event_bytes`` (64 MiB by default; keep it at most the server's
+``proto-max-bulk-len``, 512 MiB by default, which the sink does not read: ``CONFIG GET`` is
+no command for a least-privileged user) is found by :meth:`RedisSink.oversized` before
+publishing, and the delivery loop leaves it out of the batch
+(:class:`~bridge.sinks.SizeLimitedSink`), rather than one oversized command failing them all.
+
 A Redis error (refused connection, timeout, an unexpected reply) is a :class:`PublishError`
 naming the server, its password hidden.
 
@@ -84,6 +90,7 @@ from bridge.connections import describe_error, redis_client
 from bridge.connections_redis import key_connection, topology_errors
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
+from bridge.sinks import frame_bound
 from bridge.sinks.redis_config import ContentMode, RedisSinkConfig, items_key, marker_key
 from bridge.sinks.redis_packing import (
     Packed,
@@ -209,6 +216,18 @@ class RedisSink:
             raise PublishError(
                 f"Redis {self.description}: cannot connect: {_describe(exc)}"
             ) from exc
+
+    async def oversized(self, source_name: str, events: Sequence[CloudEvent]) -> dict[int, str]:
+        """Events whose fields together are over the limit; see the module docstring."""
+        limit = self.config.max_event_bytes
+        found: dict[int, str] = {}
+        for index, event in enumerate(events):
+            if frame_bound(event) <= limit:
+                continue
+            _count, size = self._fields(event, [])
+            if size > limit:
+                found[index] = f"an entry of {size} bytes, over max_event_bytes ({limit} bytes)"
+        return found
 
     async def publish(self, source_name: str, events: Sequence[CloudEvent]) -> None:
         if not events:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from bridge.cloudevents import ContentMode
+from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.errors import ConfigError
 from bridge.redis_urls import check_redis_url
 from bridge.secrets import redact_url
-from bridge.service.config import AuthConfig, TlsConfig
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
 
 __all__ = ["ContentMode", "RedisSinkConfig", "items_key", "marker_key"]
@@ -39,6 +39,11 @@ class RedisSinkConfig:
     content_mode: ContentMode = "binary"
     """``binary``: attributes as ``ce-*`` fields plus ``data``; ``structured``: one ``event``
     field with the whole event as JSON."""
+
+    max_event_bytes: int = 64 * 1024 * 1024
+    """Largest event published (its fields together); a larger one is left out of its batch
+    (see :class:`~bridge.sinks.SizeLimitedSink`). At most the server's ``proto-max-bulk-len``
+    (512 MiB by default), over which the server refuses the command and fails the batch."""
 
     timeout_s: float = 5.0
     """Bound on one publish (all its round trips and one reconnection)."""
@@ -75,6 +80,10 @@ class RedisSinkConfig:
             raise ConfigError(f"redis sink: replicas must be >= 1, got {self.replicas!r}")
         if self.maxlen < 1:
             raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
+        if self.max_event_bytes < 1:
+            raise ConfigError(
+                f"redis sink: max_event_bytes must be >= 1, got {self.max_event_bytes!r}"
+            )
         for name in ("dedup_window_s", "timeout_s", "connect_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):

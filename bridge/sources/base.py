@@ -58,6 +58,42 @@ class Changeset:
         parts[-1]._on_commit = self._on_commit
         return parts
 
+    def leave_out(
+        self,
+        events: Sequence[ExternalEvent[Any]],
+        replay: Replay | None = None,
+        also: Sequence[StateDelta] = (),
+    ) -> bool:
+        """Drop ``events`` (that cannot be published) and keep their items' committed state,
+        so the next poll finds their changes again; whether it will.
+
+        An event's state entry is the delta entry of its resource's ``key``: it is left out of
+        the delta or, in a replay (the state was restored *with* the intent's delta), set back
+        to its value before the intent. A source whose entries are not keyed by item (an HTTP
+        poller's validators) keeps its whole state only when every event is dropped; otherwise
+        (and for a changeset without state) the dropped items are not found again. The deltas
+        in ``also`` (an intent's) get the same changes.
+        """
+        dropped = {id(event) for event in events}
+        self.events = [event for event in self.events if id(event) not in dropped]
+        delta = self.delta
+        keys: list[str] = []
+        for event in events:
+            key = getattr(event.resource, "key", None)
+            if isinstance(key, str) and key in delta:
+                keys.append(key)
+        separable = len(keys) == len(events)
+        if not separable and not self.events and delta:
+            keys, self._on_commit, separable = list(delta), None, True
+        targets = [delta, *(other for other in also if other is not delta)]
+        for key in keys:
+            for target in targets:
+                if replay is not None and key in replay.delta:
+                    target[key] = replay.before.get(key)
+                else:
+                    target.pop(key, None)
+        return separable
+
     def commit(self) -> None:
         """Advance the source's state past these events. Call once, after delivery."""
         state = self._state
@@ -82,11 +118,14 @@ class Replay:
     against that state *and* emit again, relative to ``before``, the event of every changed
     entry whose current value still equals the one in ``delta`` (same key, kind and version:
     the same event id, so the broker drops a copy that had landed). Its changeset's delta is
-    relative to ``before``, so committing it settles the batch.
+    relative to ``before``, so committing it settles the batch. ``removed``: the version of each
+    item the delta removes that ``before`` does not hold (see ``bridge.state.Intent.removed``),
+    whose ``Removed`` is emitted again as long as the item is not listed.
     """
 
     before: Mapping[str, str]
     delta: StateDelta
+    removed: Mapping[str, str] = field(default_factory=dict)
 
 
 @runtime_checkable

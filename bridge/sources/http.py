@@ -7,6 +7,9 @@ changing the body) emits ``Modified`` only when the body really changed. The fir
 ``Added``; 404/410 after a success emits ``Removed`` (before any success it is nothing). Any
 other status, a transport error or a body over the cap is a poll error.
 
+The body is the decoded representation: the poller asks for ``gzip, deflate`` and decodes them
+itself, the cap bounding the decoded size at every step (:mod:`bridge.sources.http_body`).
+
 Credentials, redirects and TLS: :mod:`bridge.sources.http_auth`.
 """
 
@@ -28,8 +31,9 @@ from bridge.errors import (
     HttpStatusError,
     SourceError,
     SourceUnavailableError,
+    cause_chain,
 )
-from bridge.events import Added, ExternalEvent, Modified, Removed
+from bridge.events import Added, EventData, ExternalEvent, Modified, Removed
 from bridge.secrets import Secret, redact_url
 from bridge.sources.base import Changeset, Replay, StateDelta, StateMapSource
 from bridge.sources.http_auth import (
@@ -42,6 +46,7 @@ from bridge.sources.http_auth import (
     origin_of,
     tls_context,
 )
+from bridge.sources.http_body import ACCEPT_ENCODING, read_capped
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -91,6 +96,31 @@ class HttpResource:
     @property
     def version(self) -> str:
         return f"sha256:{self.digest}"
+
+    def event_data(self, max_inline_body_bytes: int) -> EventData:
+        """The ``http-resource`` data of its events: the body inlined up to
+        ``max_inline_body_bytes`` (UTF-8 text as is, anything else base64)."""
+        body_known = bool(self.body) or self.digest == _EMPTY_DIGEST
+        body: dict[str, str] | None = None
+        if body_known and len(self.body) <= max_inline_body_bytes:
+            try:
+                body = {"encoding": "utf-8", "data": self.body.decode("utf-8")}
+            except UnicodeDecodeError:
+                body = {"encoding": "base64", "data": base64.b64encode(self.body).decode("ascii")}
+        data = {
+            "url": self.url,
+            "status": self.status,
+            "etag": self.etag,
+            "last_modified": self.last_modified,
+            "content_type": self.content_type,
+            "digest": self.version,
+            "size": len(self.body) if body_known else None,
+            "body": body,
+        }
+        return EventData(self.url, self.version, "http-resource", data, plain=True)
+
+
+_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 
 
 class HttpPoller(StateMapSource):
@@ -367,6 +397,7 @@ class HttpPoller(StateMapSource):
             headers = {
                 name: self._reveal(what, value) for name, (what, value) in self._headers.items()
             }
+            _accept_encoding(headers)
             if self._authorization is not None:
                 headers["Authorization"] = self._authorization[1]()
             headers.update(conditional)
@@ -378,6 +409,7 @@ class HttpPoller(StateMapSource):
             for name, (what, value) in self._headers.items()
             if name.lower() in FORWARDABLE
         }
+        _accept_encoding(headers)
         headers.update(conditional)
         request = client.build_request("GET", url, headers=headers)
         for name in [n for n in request.headers if n.lower() not in FORWARDABLE]:
@@ -396,7 +428,12 @@ class HttpPoller(StateMapSource):
             return HttpResource(self.url, status, b"")
         if not 200 <= status < 300:
             raise self._named(HttpStatusError(redact_url(self.url), status))
-        body = await self._read_capped(response)
+        try:
+            body, digest = await read_capped(
+                response, cap=self.max_body_bytes, url=redact_url(self.url)
+            )
+        except BodyTooLargeError as exc:
+            raise self._named(exc) from None
         return HttpResource(
             url=self.url,
             status=status,
@@ -404,6 +441,7 @@ class HttpPoller(StateMapSource):
             etag=response.headers.get("etag"),
             last_modified=response.headers.get("last-modified"),
             content_type=response.headers.get("content-type"),
+            digest=digest,
         )
 
     def _reveal(self, what: str, value: SecretValue) -> str:
@@ -432,20 +470,12 @@ class HttpPoller(StateMapSource):
             )
         return current
 
-    async def _read_capped(self, response: httpx.Response) -> bytes:
-        cap = self.max_body_bytes
-        url = redact_url(self.url)
-        declared = response.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > cap:
-            raise self._named(BodyTooLargeError(url, cap))
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > cap:
-                raise self._named(BodyTooLargeError(url, cap))
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+def _accept_encoding(headers: dict[str, str]) -> None:
+    """Ask for the codings the poller decodes under its cap (whatever the client's default),
+    unless the user set ``Accept-Encoding`` with ``with_header``."""
+    if not any(name.lower() == "accept-encoding" for name in headers):
+        headers["Accept-Encoding"] = ACCEPT_ENCODING
 
 
 async def _drain(response: httpx.Response) -> None:
@@ -472,12 +502,7 @@ def _state_of(resource: HttpResource) -> dict[str, str]:
 def _describe(exc: httpx.HTTPError | ssl.SSLError, url: httpx.URL) -> str:
     """The error, with its root cause when that says more (httpx's ReadError says nothing)."""
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-    root: BaseException = exc
-    for _ in range(10):
-        cause = root.__cause__ or root.__context__
-        if cause is None:
-            break
-        root = cause
+    root = cause_chain(exc, limit=11)[-1]
     if root is not exc and str(root) and str(root) not in text:
         text += f" ({type(root).__name__}: {root})"
     dropped = isinstance(root, ConnectionResetError | BrokenPipeError)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Callable
-from typing import Any
 
 import httpx
 
 from bridge.errors import RedirectError
-from bridge.secrets import Secret, file_stamp, no_key_password, redact_url
+from bridge.secrets import Secret, redact_url
+from bridge.tls import client_context
 
 __all__ = [
     "FORWARDABLE",
@@ -72,39 +72,20 @@ def tls_context(
     mutual TLS; ``verify=False`` skips verifying the server (testing only). Raises ``OSError``
     or ``ssl.SSLError`` when a file cannot be loaded.
 
-    Contexts are shared: the same arguments (and files unchanged since) give the same context,
-    so a thousand sources do not load a thousand copies of the CA bundle (~0.8 MB and 20 ms
-    each).
+    Contexts are shared (:func:`bridge.tls.client_context`): the same arguments (and files
+    unchanged since) give the same context, so a thousand sources do not load a thousand
+    copies of the CA bundle (~0.8 MB and 20 ms each).
     """
     if (cert_file is None) != (key_file is None):
         raise ValueError("cert_file and key_file must be given together")
-    files = tuple(None if f is None else os.fspath(f) for f in (ca_file, cert_file, key_file))
-    key = (verify, files, tuple(None if f is None else file_stamp(f) for f in files))
-    context = _TLS_CONTEXTS.get(key)
-    if context is None:
-        context = _new_tls_context(verify, *files)
-        if len(_TLS_CONTEXTS) >= _TLS_CONTEXTS_KEPT:
-            del _TLS_CONTEXTS[next(iter(_TLS_CONTEXTS))]
-        _TLS_CONTEXTS[key] = context
-    return context
-
-
-_TLS_CONTEXTS: dict[tuple[Any, ...], ssl.SSLContext] = {}
-_TLS_CONTEXTS_KEPT = 64
-
-
-def _new_tls_context(
-    verify: bool, ca_file: str | None, cert_file: str | None, key_file: str | None
-) -> ssl.SSLContext:
-    if not verify:
-        context = httpx.create_ssl_context(verify=False)
-    elif ca_file is not None:
-        context = ssl.create_default_context(cafile=os.fspath(ca_file))
-    else:
-        context = httpx.create_ssl_context(verify=True)
-    if cert_file is not None and key_file is not None:
-        context.load_cert_chain(os.fspath(cert_file), os.fspath(key_file), password=no_key_password)
-    return context
+    return client_context(
+        verify=verify,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        default_ca="certifi",
+        errors="raise",
+    )
 
 
 def follow_redirect(

@@ -253,9 +253,15 @@ class ReplayDiff(ListingDiff):
 
     def finish(self) -> Changeset:
         self._removals()
+        before, removed = self._replay.before, self._replay.removed
         for path, value in sorted(self._replay.delta.items()):
-            if value is None and path not in self._listed and path in self._replay.before:
-                self._events.append(Removed(StoredObject(path, self._replay.before[path])))
+            if value is not None or path in self._listed:
+                continue
+            etag = before.get(path)
+            if etag is None:
+                etag = removed.get(path)
+            if etag is not None:
+                self._events.append(Removed(StoredObject(path, etag)))
                 self.delta[path] = None
         return self._changeset()
 

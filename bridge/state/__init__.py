@@ -46,6 +46,10 @@ class Intent:
     """The revision the batch's event ids derive from: the source's revision once its whole
     changeset is committed."""
     delta: StateDelta
+    removed: dict[str, str] = field(default_factory=dict)
+    """The version of each item the batch removes that the committed state does not hold: one
+    a replay found in an earlier intent (maybe published) and gone since. A later replay needs
+    it to emit that ``Removed`` again with the same id."""
 
 
 @dataclass(slots=True)
@@ -94,7 +98,10 @@ def apply_delta(state: dict[str, str], delta: Mapping[str, str | None]) -> None:
 
 
 def intent_to_record(intent: Intent) -> dict[str, Any]:
-    return {"rev": intent.revision, "delta": intent.delta}
+    record: dict[str, Any] = {"rev": intent.revision, "delta": intent.delta}
+    if intent.removed:
+        record["removed"] = intent.removed
+    return record
 
 
 def intent_from_record(record: Mapping[str, Any]) -> Intent:
@@ -104,7 +111,12 @@ def intent_from_record(record: Mapping[str, Any]) -> Intent:
         isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in delta.items()
     ):
         raise ValueError("an intent's delta must map strings to strings or null")
-    return Intent(int(record["rev"]), dict(delta))
+    removed = record.get("removed", {})
+    if not isinstance(removed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in removed.items()
+    ):
+        raise ValueError("an intent's removed versions must map strings to strings")
+    return Intent(int(record["rev"]), dict(delta), dict(removed))
 
 
 class MemoryStateStore:

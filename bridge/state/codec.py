@@ -6,10 +6,11 @@ JSON; readers accept either.
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections.abc import Callable
 from typing import Any
+
+from bridge.jsonable import orjson
 
 __all__ = ["dumps", "loads"]
 
@@ -20,9 +21,7 @@ def _std_dumps(value: Any) -> bytes:
 
 dumps: Callable[[Any], bytes]
 loads: Callable[[bytes | str], Any]
-try:
-    _orjson: Any = importlib.import_module("orjson")
-except ImportError:  # pragma: no cover - the test extra installs orjson
+if orjson is None:  # pragma: no cover - the test extra installs orjson
     dumps, loads = _std_dumps, json.loads
 else:
-    dumps, loads = _orjson.dumps, _orjson.loads
+    dumps, loads = orjson.dumps, orjson.loads

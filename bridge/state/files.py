@@ -17,11 +17,20 @@ Loading replays the lines. When the journal holds more delta entries than twice 
 size (plus a margin), a commit rewrites it as one snapshot, atomically. A torn last line (a
 crash mid-write) is dropped; any other unreadable line is a StateError naming the file and
 line, and the source then starts from an empty state (a full poll resyncs it).
+
+One folder serves one process: the service opens it with ``exclusive=True``, which takes an
+exclusive lock (``flock``) on ``<folder>/.lock`` for as long as the store is open (released by
+:meth:`FileStateStore.aclose`, or when the process ends, however it ends). A second process
+given the same folder is refused with a :class:`~bridge.errors.StateError` naming the folder
+and the process holding it: two bridges writing one journal would overwrite each other's
+checkpoints (several replicas need ``leader_election``, whose state is in Redis).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
@@ -40,16 +49,22 @@ from bridge.state.codec import dumps, loads
 __all__ = ["FileStateStore"]
 
 FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
 _COMPACT_MARGIN = 1000
 
 
 class FileStateStore:
     """Checkpoints in a local folder, for a single replica."""
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], *, exclusive: bool = False) -> None:
+        """``exclusive``: lock the folder for this process (see the module docstring); raises
+        StateError when another process holds it."""
         self.folder = Path(folder)
         self._written: dict[str, int] = {}  # delta entries in the journal, per source
         self._sizes: dict[str, int] = {}  # state entries at the last load or snapshot
+        self._lock_fd: int | None = None
+        if exclusive:
+            self._lock_fd = _lock(self.folder)
 
     def path(self, source_name: str) -> Path:
         return self.folder / f"{source_name}.jsonl"
@@ -80,7 +95,9 @@ class FileStateStore:
         self._sizes.pop(source_name, None)
 
     async def aclose(self) -> None:
-        return None
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
     def _load(self, source_name: str) -> Checkpoint | None:
         path = self.path(source_name)
@@ -188,3 +205,34 @@ class FileStateStore:
             out.flush()
             os.fsync(out.fileno())
         tmp.replace(path)
+
+
+def _lock(folder: Path) -> int:
+    """Lock ``folder`` for this process; the open descriptor of its lock file holds the lock."""
+    path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise StateError(
+            f"cannot open the lock file {str(path)!r} of the state folder: {exc}"
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        holder = ""
+        with contextlib.suppress(OSError, ValueError):
+            holder = f" (pid {int(os.pread(fd, 32, 0))})"
+        os.close(fd)
+        raise StateError(
+            f"state folder {str(folder)!r} is in use: another process{holder} holds its lock "
+            f"{str(path)!r}. Two bridges must not share one state.path (they would overwrite "
+            "each other's checkpoints): give each its own, or run replicas with leader_election"
+        ) from exc
+    except OSError as exc:  # a file system without locks
+        os.close(fd)
+        raise StateError(f"cannot lock {str(path)!r} of the state folder: {exc}") from exc
+    with contextlib.suppress(OSError):  # who holds it, for the message above (best effort)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

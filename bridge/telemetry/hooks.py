@@ -82,6 +82,13 @@ class SourceTelemetry:
             return _NULL
         return _PublishScope(self, events)
 
+    def rejected(self, reason: str) -> None:
+        """One item was left out of a batch (``reason``: see ``REJECTION_REASONS``)."""
+        if self.metrics is not None:
+            counter = self.metrics.rejected.get(reason)
+            if counter is not None:
+                counter.inc()
+
     def set_lease_held(self, held: bool) -> None:
         if self.metrics is not None:
             self.metrics.set_lease_held(held)
@@ -103,15 +110,46 @@ class _NullScope:
 _NULL = _NullScope()
 
 
-class _PollScope:
-    __slots__ = ("_encoder", "_owner", "_span", "_start", "_token")
+class _Scope:
+    """What the poll and publish scopes share: a span made current while they run."""
 
-    def __init__(self, owner: SourceTelemetry, encoder: EventEncoder) -> None:
+    __slots__ = ("_owner", "_span", "_start", "_token")
+
+    def __init__(self, owner: SourceTelemetry) -> None:
         self._owner = owner
-        self._encoder = encoder
         self._span: Span | None = None
         self._token: Token[otel_context.Context] | None = None
         self._start = 0.0
+
+    def _enter_span(self, span: Span) -> None:
+        self._span = span
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._count(exc, time.perf_counter() - self._start)
+        span = self._span
+        if span is not None:
+            if isinstance(exc, Exception):
+                record_error(span, exc)
+            if self._token is not None:
+                otel_context.detach(self._token)
+            span.end()
+
+    def _count(self, exc: BaseException | None, elapsed: float) -> None:
+        """Update the metrics of the scope that ended (``exc``: how) after ``elapsed`` s."""
+
+
+class _PollScope(_Scope):
+    __slots__ = ("_encoder",)
+
+    def __init__(self, owner: SourceTelemetry, encoder: EventEncoder) -> None:
+        super().__init__(owner)
+        self._encoder = encoder
 
     def __enter__(self) -> _PollScope:
         owner = self._owner
@@ -121,8 +159,7 @@ class _PollScope:
                 kind=SpanKind.INTERNAL,
                 attributes={"koprs.source.name": owner.name},
             )
-            self._span = span
-            self._token = otel_context.attach(trace.set_span_in_context(span))
+            self._enter_span(span)
             self._encoder.traceparent = format_traceparent(span.get_span_context())
         self._start = time.perf_counter()
         return self
@@ -132,13 +169,7 @@ class _PollScope:
         if self._span is not None:
             self._span.set_attribute("koprs.poll.changes", changes)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        elapsed = time.perf_counter() - self._start
+    def _count(self, exc: BaseException | None, elapsed: float) -> None:
         failed = isinstance(exc, Exception)
         metrics = self._owner.metrics
         if metrics is not None and (exc is None or failed):  # a cancelled poll is no poll
@@ -150,52 +181,36 @@ class _PollScope:
             else:
                 metrics.consecutive_failures.set(0)
                 metrics.last_success.set(time.time())
-        span = self._span
-        if span is not None:
-            if exc is not None and failed:
-                record_error(span, exc)
-            if self._token is not None:
-                otel_context.detach(self._token)
-            span.end()
 
 
-class _PublishScope:
-    __slots__ = ("_events", "_owner", "_span", "_start", "_token")
+class _PublishScope(_Scope):
+    __slots__ = ("_events",)
 
     def __init__(self, owner: SourceTelemetry, events: Sequence[CloudEvent]) -> None:
-        self._owner = owner
+        super().__init__(owner)
         self._events = events
-        self._span: Span | None = None
-        self._token: Token[otel_context.Context] | None = None
-        self._start = 0.0
 
     def __enter__(self) -> _PublishScope:
         owner = self._owner
         if owner.tracer is not None:
             events = self._events
             target = owner.target
-            span = owner.tracer.start_span(
-                f"publish {target.destination if target else owner.name}",
-                # a child of the poll that found these events, whenever it is published
-                context=parent_context(events[0].traceparent) if events else None,
-                kind=SpanKind.PRODUCER,
-                attributes={
-                    **owner._publish_attributes,
-                    "messaging.batch.message_count": len(events),
-                },
+            self._enter_span(
+                owner.tracer.start_span(
+                    f"publish {target.destination if target else owner.name}",
+                    # a child of the poll that found these events, whenever it is published
+                    context=parent_context(events[0].traceparent) if events else None,
+                    kind=SpanKind.PRODUCER,
+                    attributes={
+                        **owner._publish_attributes,
+                        "messaging.batch.message_count": len(events),
+                    },
+                )
             )
-            self._span = span
-            self._token = otel_context.attach(trace.set_span_in_context(span))
         self._start = time.perf_counter()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        elapsed = time.perf_counter() - self._start
+    def _count(self, exc: BaseException | None, elapsed: float) -> None:
         metrics = self._owner.metrics
         if metrics is not None:
             if exc is None:
@@ -207,13 +222,6 @@ class _PublishScope:
                         counter.inc(count)
             elif isinstance(exc, Exception):
                 metrics.publish_errors.inc()
-        span = self._span
-        if span is not None:
-            if exc is not None and isinstance(exc, Exception):
-                record_error(span, exc)
-            if self._token is not None:
-                otel_context.detach(self._token)
-            span.end()
 
 
 def _kind(event_type: str) -> str:

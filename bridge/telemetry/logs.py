@@ -4,6 +4,10 @@ A JSON line has ``time`` (RFC 3339, UTC), ``level``, ``logger``, ``message``, ``
 (the traceback, when there is one), ``trace_id``/``span_id`` while a recording span is current
 (a poll or a publish, with tracing on), and the ``extra`` fields a call passed. Messages are
 what the code logs: secrets never are (URLs are logged with passwords masked).
+
+Logging is set up here only: :func:`basic_logging` before a config is read (the command
+line), :func:`configure_logging` from the config's ``logging`` section. Both also install
+:func:`quiet_asyncio_tls_notice` (nothing is changed at import time).
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from opentelemetry import trace
 if TYPE_CHECKING:
     from bridge.service.config import LoggingConfig
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "configure_logging"]
+__all__ = [
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "basic_logging",
+    "configure_logging",
+    "quiet_asyncio_tls_notice",
+]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _STANDARD = frozenset(
@@ -53,9 +63,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False, default=str)
 
 
+def _not_the_tls_eof_notice(record: logging.LogRecord) -> bool:
+    # nats-py upgrades a plain asyncio stream to TLS, whose protocol then tells asyncio that
+    # it keeps the transport open at EOF; asyncio logs a warning for that at every TLS close
+    return record.msg != "returning true from eof_received() has no effect when using ssl"
+
+
+def quiet_asyncio_tls_notice() -> None:
+    """Drop asyncio's warning at every close of a NATS TLS connection (harmless: nats-py
+    upgrades a plain stream to TLS). Idempotent."""
+    asyncio_log = logging.getLogger("asyncio")
+    if _not_the_tls_eof_notice not in asyncio_log.filters:
+        asyncio_log.addFilter(_not_the_tls_eof_notice)
+
+
+def basic_logging(level: str) -> None:
+    """Text lines on stderr at ``level`` (the command line, before a config is read)."""
+    logging.basicConfig(level=level.upper(), format=TEXT_FORMAT)
+    quiet_asyncio_tls_notice()
+
+
 def configure_logging(config: LoggingConfig, *, level: str | None = None) -> None:
     """Apply ``config`` to the root logger: the format of every handler (a stderr handler is
     added when there is none) and the level (``level``, from the command line, wins)."""
+    quiet_asyncio_tls_notice()
     root = logging.getLogger()
     root.setLevel((level or config.level).upper())
     if not root.handlers:

@@ -1,6 +1,7 @@
 """Prometheus metrics of one bridge, in a registry of its own (``Metrics.registry``).
 
-Labels carry source names and event kinds only: never a URL, a bucket or a credential.
+Labels carry source names, event kinds and rejection reasons only: never a URL, a bucket, an
+item key or a credential.
 
 | metric | type | labels |
 |---|---|---|
@@ -11,6 +12,7 @@ Labels carry source names and event kinds only: never a URL, a bucket or a crede
 | ``koprs_bridge_last_successful_poll_timestamp_seconds`` | gauge | source |
 | ``koprs_bridge_events_published_total`` | counter | source, kind |
 | ``koprs_bridge_publish_errors_total`` | counter | source |
+| ``koprs_bridge_items_rejected_total`` | counter | source, reason |
 | ``koprs_bridge_publish_duration_seconds`` | histogram | source |
 | ``koprs_bridge_lease_held`` | gauge | source |
 | ``koprs_bridge_broker_connected`` | gauge | |
@@ -27,6 +29,8 @@ __all__ = ["Metrics", "SourceMetrics"]
 
 NAMESPACE = "koprs_bridge"
 KINDS = ("added", "modified", "removed")
+REJECTION_REASONS = ("unencodable", "invalid", "too_large")
+"""Why an item was left out of a batch (see :mod:`bridge.service.vetting`)."""
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -68,6 +72,13 @@ class Metrics:
         self.publish_errors = Counter(
             "publish_errors", "Batches of a source whose publish failed.", ["source"],
             namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.items_rejected = Counter(
+            "items_rejected",
+            "Items left out of a batch because they cannot be published (reason: unencodable, "
+            "invalid (fails its data schema), too_large (over the broker's message size)); "
+            "counted at every poll that finds them again.",
+            ["source", "reason"], namespace=ns, registry=reg,
         )  # fmt: skip
         self.publish_duration = Histogram(
             "publish_duration_seconds",
@@ -113,6 +124,9 @@ class Metrics:
         for kind in KINDS:
             with contextlib.suppress(KeyError):
                 self.events_published.remove(name, kind)
+        for reason in REJECTION_REASONS:
+            with contextlib.suppress(KeyError):
+                self.items_rejected.remove(name, reason)
 
     def render(self) -> bytes:
         """The text exposition format (``text/plain; version=0.0.4``)."""
@@ -132,6 +146,7 @@ class SourceMetrics:
         "polls",
         "publish_duration",
         "publish_errors",
+        "rejected",
         "source",
     )
 
@@ -145,6 +160,9 @@ class SourceMetrics:
         self.events = {kind: metrics.events_published.labels(source, kind) for kind in KINDS}
         self.publish_errors = metrics.publish_errors.labels(source)
         self.publish_duration = metrics.publish_duration.labels(source)
+        self.rejected = {
+            reason: metrics.items_rejected.labels(source, reason) for reason in REJECTION_REASONS
+        }
         self.lease_held = metrics.lease_held
         """Labelled only with leader election (:meth:`set_lease_held`), absent otherwise."""
 

@@ -1,4 +1,8 @@
-"""``Telemetry``: the traces, metrics, readiness and operations server of one bridge."""
+"""``Telemetry``: the traces, metrics, readiness and operations server of one bridge.
+
+It knows nothing of the service: the :class:`~bridge.service.runner.Bridge` registers its
+readiness checks (``telemetry.readiness.add``) and sets its gauges itself.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,6 @@ from bridge.telemetry.tracing import Tracing
 
 if TYPE_CHECKING:
     from bridge.service.config import BridgeConfig, BrokerConfig, ServerConfig
-    from bridge.service.runner import Bridge
 
 __all__ = ["Telemetry", "broker_ready", "publish_target"]
 
@@ -67,39 +70,6 @@ class Telemetry:
                 target=target,
             )
         return hooks
-
-    def track(self, bridge: Bridge) -> None:
-        """Readiness of ``bridge``: its config is loaded, its broker connected and, with
-        leader election, its Redis reachable. Read when asked, so it follows a sink or
-        coordinator replaced later."""
-        metrics = self.metrics
-
-        async def config_loaded() -> bool:
-            return bridge.config is not None
-
-        async def broker() -> bool:
-            ok = bridge.connected.is_set() and await broker_ready(bridge.sink)
-            metrics.broker_connected.set(1 if ok else 0)
-            return ok
-
-        self.readiness.add("config", config_loaded)
-        self.readiness.add("broker", broker)
-        if bridge.config.leader_election is not None:
-            for spec in bridge.specs:
-                metrics.source(spec.name).set_lease_held(False)
-
-            async def leader_election() -> bool:
-                coordinator = bridge.coordinator
-                ok = False
-                if coordinator is not None:
-                    try:
-                        ok = bool(await coordinator.redis.ping())
-                    except Exception:
-                        ok = False
-                metrics.leader_election_connected.set(1 if ok else 0)
-                return ok
-
-            self.readiness.add("leader_election", leader_election)
 
     async def start(self) -> None:
         """Start the operations server, if the config has a ``server`` section."""

@@ -13,7 +13,7 @@ output is scanned for every secret (and the basic-auth header's base64 form):
 * the published CloudEvents;
 * ``koprs-bridge check`` (of the config, and of an invalid config with a password in a URL)
   and ``koprs-bridge status`` (working, and with a wrong password);
-* ``repr``/``str`` of the loaded config and of its dataclass fields (a config dump);
+* ``repr``/``str`` of the loaded config and its dumps (``model_dump``, ``model_dump_json``);
 * the operations server's ``/healthz``, ``/readyz`` and ``/metrics``, and the in-memory spans.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -274,7 +273,8 @@ async def test_no_secret_appears_anywhere(
     assert any(source == "bucket" for source, _ in published.events)
     outputs += [event.to_structured().decode() for _, event in published.events]
     outputs += [repr(config), str(config)]
-    outputs.append(json.dumps(dataclasses.asdict(config), default=repr))
+    outputs.append(json.dumps(config.model_dump(), default=repr))
+    outputs.append(config.model_dump_json())
     outputs.append(telemetry.metrics.render().decode())
     outputs += [span.to_json() for span in exporter.get_finished_spans()]
     assert exporter.get_finished_spans(), "spans were recorded"

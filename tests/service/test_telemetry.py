@@ -534,7 +534,7 @@ async def test_metrics_follow_events_and_failures(nats_url: str, tmp_path: Path)
         samples = await until(lambda: scraped(removed), "the removed event")
         assert sample(samples, "koprs_bridge_publish_duration_seconds_count", source="files") == 3
         text = (await client.get(f"{base}/metrics")).text
-    # labels carry source names and kinds only: no URL, host or path
+    # labels carry source names, kinds and rejection reasons only: no URL, host or path
     assert "secret-path" not in text
     assert bad_url not in text
     assert nats_url not in text
@@ -545,7 +545,7 @@ async def test_metrics_follow_events_and_failures(nats_url: str, tmp_path: Path)
         for s in family.samples
         for name in s.labels
     }
-    assert label_names <= {"source", "kind", "le"}
+    assert label_names <= {"source", "kind", "reason", "le"}  # reason: a fixed set
 
 
 def test_each_metrics_object_has_its_own_registry() -> None:

@@ -292,9 +292,14 @@ async def test_a_negative_acknowledgement_fails_the_batch(
     await js.update_stream(current.evolve(max_msg_size=512))
     small = object_events(["small"])
     big = http_event(body=b"x" * 4096, source_name="files")
-    with pytest.raises(PublishError, match=r"1 of 2 events .*first error: .*size") as caught:
+    with pytest.raises(
+        PublishError, match=r"1 of 2 events .*first error, for item .*size"
+    ) as caught:
         await sink.publish("files", [*small, big])
     assert config.stream in str(caught.value)
+    assert repr(big.subject) in str(caught.value)  # names the item
+    # the stream's new limit is read again: the delivery loop leaves such events out from now on
+    assert list(await sink.oversized("files", [*small, big])) == [1]
     assert await read(js, config) == expected(small)  # the caller republishes: no duplicate
     await sink.publish("files", small)
     assert await message_count(js, config) == 1

@@ -17,20 +17,10 @@ from bridge import (
     StoreError,
 )
 from bridge.sources.stores.s3 import S3Store
+from tests.support.backends import make_store
 from tests.support.servers import LOOPBACK, S3Server, free_port
 
 pytestmark = pytest.mark.servers
-
-
-def make_store(server: S3Server, bucket: str, *, page_size: int = 1000) -> S3Store:
-    return S3Store(
-        bucket,
-        endpoint_url=server.endpoint_url,
-        region_name=server.region,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        page_size=page_size,
-    )
 
 
 @pytest.fixture

@@ -5,21 +5,73 @@ Paths are relative to the root with ``/`` separators, listed in key order. The E
 poll. A rewrite that keeps both the size and the nanosecond mtime (only possible by resetting
 the mtime on purpose) is not seen. Symbolic links are followed to files, not into directories;
 files that vanish while the tree is walked are skipped.
+
+File names are bytes; keys are text. A name that is valid UTF-8 is its own key. A name that is
+not (``bad\\xff.json``) is listed under a key where every byte that is not part of valid UTF-8
+is written ``%XX`` (uppercase hex) and ``%`` itself ``%25`` (``bad%FF.json``), so its events can
+be published; :func:`file_name` turns such a key back into the name: a key whose
+percent-decoding is *not* valid UTF-8 names the file with those bytes, any other key is the
+name itself. ``put``, ``delete`` and ``prefix`` take keys. The one ambiguity: a UTF-8 name
+that spells the escape of another (a file literally named ``bad%FF.json``) has the same key;
+``put``/``delete`` of that key act on the name that is not UTF-8, and should a folder hold both,
+that one is listed and the other skipped, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 from bridge.errors import StoreError
-from bridge.sources.stores import StoredObject
+from bridge.sources.stores.base import StoredObject
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "file_key", "file_name"]
+
+log = logging.getLogger(__name__)
+
+
+def file_key(name: str) -> str:
+    """The key of a file name as :func:`os.fsdecode` gives it (undecodable bytes as lone
+    surrogates ``U+DC80``-``U+DCFF``): the name itself if it is valid UTF-8, else escaped (see
+    the module docstring)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return name
+    return "".join(_escape(ch) for ch in name)
+
+
+def _escape(ch: str) -> str:
+    if ch == "%":
+        return "%25"
+    if "\udc80" <= ch <= "\udcff":
+        return f"%{ord(ch) - 0xDC00:02X}"
+    return ch
+
+
+def file_name(key: str) -> str:
+    """The file name (as :func:`os.fsencode` takes it) of a key made by :func:`file_key`; a
+    key of several ``/``-separated parts is turned back part by part."""
+    if "%" not in key:
+        return key
+    return "/".join([_name_part(part) for part in key.split("/")])
+
+
+def _name_part(part: str) -> str:
+    raw = unquote_to_bytes(part)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return os.fsdecode(raw)
+    return part
 
 
 class LocalStore:
@@ -40,23 +92,28 @@ class LocalStore:
         if not self.root.is_dir():
             raise StoreError(f"local store root {str(self.root)!r} is not a directory")
         start_rel = prefix.rpartition("/")[0]  # where _walk starts: it must be inside the root
-        if start_rel and not (self.root / start_rel).resolve().is_relative_to(self.root.resolve()):
+        start = self.root / file_name(start_rel)
+        if start_rel and not start.resolve().is_relative_to(self.root.resolve()):
             raise StoreError(f"prefix {prefix!r} leaves the local store root {str(self.root)!r}")
         yield await asyncio.to_thread(self._walk, prefix)
 
     def _resolve(self, path: str) -> Path:
-        target = (self.root / path).resolve()
+        target = (self.root / file_name(path)).resolve()
         if not target.is_relative_to(self.root.resolve()):
             raise ValueError(f"path {path!r} leaves the store root {str(self.root)!r}")
         return target
 
     def _walk(self, prefix: str) -> Sequence[StoredObject]:
         # Start at the deepest directory the prefix names, then filter by the full prefix.
+        # Paths here are keys (file_key of each name); directories are walked by their real path.
         start_rel = prefix.rpartition("/")[0]
         found: list[StoredObject] = []
-        pending = [(self.root / start_rel if start_rel else self.root, start_rel)]
+        escaped: set[int] = set()
+        """The ids of the objects whose path has an escaped part (see _without_clashes)."""
+        start = file_name(start_rel)
+        pending = [(self.root / start if start_rel else self.root, start_rel, start != start_rel)]
         while pending:
-            directory, rel = pending.pop()
+            directory, rel, rel_escaped = pending.pop()
             try:
                 entries = list(os.scandir(directory))
             except (FileNotFoundError, NotADirectoryError):
@@ -64,25 +121,46 @@ class LocalStore:
             except OSError as exc:
                 raise StoreError(f"cannot list {str(directory)!r}: {exc}") from exc
             for entry in entries:
-                path = f"{rel}/{entry.name}" if rel else entry.name
+                name = file_key(entry.name)
+                path = f"{rel}/{name}" if rel else name
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         if path.startswith(prefix) or prefix.startswith(path + "/"):
-                            pending.append((Path(entry.path), path))
+                            is_escaped = rel_escaped or name is not entry.name
+                            pending.append((Path(entry.path), path, is_escaped))
                     elif entry.is_file() and path.startswith(prefix):
                         st = entry.stat()
-                        found.append(
-                            StoredObject(
-                                path,
-                                f"{st.st_mtime_ns:x}-{st.st_size:x}",
-                                st.st_size,
-                                datetime.fromtimestamp(st.st_mtime, UTC),
-                            )
+                        obj = StoredObject(
+                            path,
+                            f"{st.st_mtime_ns:x}-{st.st_size:x}",
+                            st.st_size,
+                            datetime.fromtimestamp(st.st_mtime, UTC),
                         )
+                        if rel_escaped or name is not entry.name:
+                            escaped.add(id(obj))
+                        found.append(obj)
                 except FileNotFoundError:
                     continue
         found.sort(key=attrgetter("path"))  # in key order, as S3 lists: the poller merges
-        return found
+        return _without_clashes(found, escaped) if escaped else found
+
+
+def _without_clashes(found: list[StoredObject], escaped: set[int]) -> list[StoredObject]:
+    """``found`` (sorted) with each path once: where the key of a path with escaped parts
+    equals a literal path, the escaped one is kept (the one file_name turns the key into)."""
+    kept: list[StoredObject] = []
+    for obj in found:
+        if kept and kept[-1].path == obj.path:
+            log.warning(
+                "local store: two files are listed under the key %r (a name that is not UTF-8, "
+                "escaped, next to one literally named so); listing only one of them",
+                obj.path,
+            )
+            if id(obj) in escaped:
+                kept[-1] = obj
+            continue
+        kept.append(obj)
+    return kept
 
 
 def _write(target: Path, data: bytes) -> None:

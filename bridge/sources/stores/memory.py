@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from itertools import count
 
-from bridge.sources.stores import StoredObject
+from bridge.sources.stores.base import StoredObject
 
 __all__ = ["MemoryStore"]
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from bridge.errors import MissingExtraError, SourceUnavailableError, StoreError
 from bridge.secrets import Secret, redact_url
-from bridge.sources.stores import StoredObject
+from bridge.sources.stores.base import StoredObject
 
 try:
     import aioboto3
