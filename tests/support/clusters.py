@@ -199,7 +199,10 @@ class NatsCluster:
         raise ServerError(f"no node named {name!r} in the cluster")
 
     def stream_info(self, stream: str) -> dict[str, Any] | None:
-        """The stream's entry of ``/jsz?streams=true`` from a running node (cluster info)."""
+        """The stream's entry of ``/jsz?streams=true`` as its leader reports it (the other
+        nodes' view of the replicas may lag), or another running node's if the leader's is
+        not to be had."""
+        seen: dict[str, dict[str, Any]] = {}
         for node in self.nodes:
             if not node.running:
                 continue
@@ -209,9 +212,11 @@ class NatsCluster:
             for account in jsz.get("account_details") or []:
                 for entry in account.get("stream_detail") or []:
                     if entry.get("name") == stream and entry.get("cluster", {}).get("leader"):
-                        found: dict[str, Any] = entry
-                        return found
-        return None
+                        seen[f"koprs-test-{node.port}"] = entry
+        for name, entry in seen.items():
+            if entry["cluster"]["leader"] == name:
+                return entry
+        return next(iter(seen.values()), None)
 
     def stream_leader(self, stream: str) -> NatsServer | None:
         info = self.stream_info(stream)
@@ -254,14 +259,20 @@ class NatsCluster:
     def wait_stream_current(self, stream: str, messages: int) -> None:
         """Until the stream's leader and every replica report ``messages`` messages."""
 
+        last: list[object] = [None]
+
         def current() -> bool:
             info = self.stream_info(stream)
+            last[0] = info and {"state": info.get("state"), "cluster": info.get("cluster")}
             if info is None or (info.get("state") or {}).get("messages") != messages:
                 return False
             replicas = info.get("cluster", {}).get("replicas") or []
             return all(r.get("current") and not r.get("offline") for r in replicas)
 
-        wait_until(current, f"stream {stream} with {messages} messages on every replica")
+        try:
+            wait_until(current, f"stream {stream} with {messages} messages on every replica")
+        except ServerError as exc:
+            raise ServerError(f"{exc}; last seen: {last[0]}") from None
 
     def close(self) -> None:
         for node in self.nodes:
