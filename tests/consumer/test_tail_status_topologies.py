@@ -1,4 +1,5 @@
-"""``koprs-bridge tail`` and ``status`` on Redis Cluster and Sentinel.
+"""``koprs-bridge tail`` and ``status`` on Redis Cluster and Sentinel; ``tail`` on the NATS
+cluster across a stream leader change.
 
 The Redis tail tests of tests/consumer/test_tail.py run here with ``redis_url`` pointing at
 each topology: ``tail --broker redis+cluster://...`` discovers the streams on every primary
@@ -19,9 +20,14 @@ import pytest
 import yaml
 
 from bridge.connections import redis_client
+from bridge.errors import PublishError
+from bridge.events import Added, Modified
 from bridge.ha.keys import DEFAULT_PREFIX
 from bridge.ha.leases import LeaseClient
+from bridge.sinks.nats import NatsSink
 from tests.consumer import test_tail as single
+from tests.support.clusters import NatsCluster, kill
+from tests.support.events import nats_test_config
 
 pytestmark = [pytest.mark.clusters, pytest.mark.servers]
 
@@ -76,3 +82,44 @@ def test_the_imported_tests_take_redis_url() -> None:
     assert imported
     for name in imported:
         assert "redis_url" in inspect.signature(globals()[name]).parameters
+
+
+async def test_tail_follows_an_r3_stream_across_a_leader_change(
+    nats_cluster: NatsCluster, nats_cluster_url: str, tmp_path: Path
+) -> None:
+    config = nats_test_config(nats_cluster_url, replicas=3)
+    sink = NatsSink(config)
+    await sink.connect()
+    path = single.write_config(
+        tmp_path,
+        {
+            "url": nats_cluster_url,
+            "stream": config.stream,
+            "subject_prefix": config.subject_prefix,
+            "replicas": 3,
+        },
+        ["files"],
+    )
+    try:
+        async with single.tail("--config", str(path)) as t:
+            await t.wait_ready()
+            await sink.publish("files", single.events("files", [(Added, "a")]))
+            first = await t.line()
+            leader = await asyncio.to_thread(nats_cluster.wait_stream_leader, config.stream)
+            await asyncio.to_thread(kill, leader)
+            later = single.events("files", [(Modified, "a")], 2)
+            while True:  # as the bridge does: the same batch again until acknowledged
+                try:
+                    await sink.publish("files", later)
+                    break
+                except PublishError:
+                    continue
+            second = await t.line()
+            code, _rest = await t.interrupt()
+    finally:
+        await sink.aclose()
+        await asyncio.to_thread(nats_cluster.ensure_running)
+        await asyncio.to_thread(nats_cluster.wait_stream_healthy, config.stream)
+    assert code == 0
+    assert first.split()[1:4] == ["added", "files", "a"]
+    assert second.split()[1:4] == ["modified", "files", "a"]
