@@ -9,6 +9,9 @@ s3          listing + diff of 100,000 objects (moto) vs listing alone    bench/s
 diff        CPU and memory of the 1,000,000-object in-memory diff        bench/diff_bench.py
 latency     change -> consumer handler, p50/p99 vs the poll interval     bench/latency_bench.py
 failover    SIGKILL of a leader -> first event of the next, vs lease_ttl bench/failover_bench.py
+schedule    5,000 HTTP sources every 10 s (lag, missed ticks, CPU, RSS)   bench/schedule_bench.py
+            vs plain httpx; leader election's Redis commands, 1/3 replicas
+folder      no-change poll CPU and state of a 1,000,000-file local: folder bench/folder_bench.py
 ==========  ==========================================================  =====================
 
 and prints one table: the bridge's figure, the reference measured in the same run, their
@@ -42,7 +45,7 @@ from bench.common import (
 )
 from bench.common import write_rows as _write_rows
 
-BENCHES = ("publish", "http", "s3", "diff", "latency", "failover")
+BENCHES = ("publish", "http", "s3", "diff", "latency", "failover", "schedule", "folder")
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 # Per benchmark: the options of a full run and of a quick one.
@@ -53,6 +56,8 @@ FULL: dict[str, dict[str, Any]] = {
     "diff": {"objects": 1_000_000, "repeat": 3},
     "latency": {"samples": 400, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 6, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
+    "schedule": {"sources": 5000, "interval": 10.0, "seconds": 30.0, "replicas": (1, 3)},
+    "folder": {"files": 1_000_000, "repeat": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "publish": {"events": 5000, "rounds": 2, "batch": 1000},
@@ -61,6 +66,13 @@ QUICK: dict[str, dict[str, Any]] = {
     "diff": {"objects": 200_000, "repeat": 2},
     "latency": {"samples": 60, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 2, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
+    "schedule": {
+        "sources": 200,
+        "interval": 2.0,
+        "seconds": 6.0,
+        "replicas": (1, 3),
+        "lease_ttl": 4.0,
+    },
 }
 
 
@@ -174,6 +186,14 @@ def runner(name: str) -> Callable[..., list[Row]]:
         from bench import latency_bench
 
         return latency_bench.run_rows
+    if name == "schedule":
+        from bench import schedule_bench
+
+        return schedule_bench.run_rows
+    if name == "folder":
+        from bench import folder_bench
+
+        return folder_bench.run_rows
     if name == "failover":
         from bench import failover_bench
 

@@ -41,10 +41,11 @@ class Backoff:
     more, never above ``cap_s`` (which wins over a larger ``first_s``); :meth:`reset` after a
     success starts over.
 
-    With ``jitter`` (the default) each delay is drawn uniformly between 0 and that ceiling
-    ("full jitter"), so clients that failed together do not retry together; ``rng`` is the
-    random source (a seeded ``random.Random`` in tests). Without, the delays are exactly the
-    ceilings.
+    With ``jitter`` (True, the default, is 1.0) each delay is ``ceiling * (1 - jitter * r)``
+    with ``r`` uniform in [0, 1) from ``rng``: 1.0 is "full jitter" (anywhere up to the
+    ceiling), so clients that failed together do not retry together; ``rng`` is the random
+    source (a seeded ``random.Random`` in tests). Without (False or 0), the delays are exactly
+    the ceilings.
     """
 
     __slots__ = ("cap_s", "failures", "first_s", "jitter", "rng")
@@ -54,14 +55,16 @@ class Backoff:
         first_s: float,
         cap_s: float,
         *,
-        jitter: bool = True,
+        jitter: bool | float = True,
         rng: random.Random | None = None,
     ) -> None:
         if not (first_s >= 0 and cap_s >= 0):
             raise ValueError(f"backoff: need first_s ({first_s}) and cap_s ({cap_s}) >= 0")
+        if not 0.0 <= float(jitter) <= 1.0:
+            raise ValueError(f"backoff: jitter must be between 0 and 1, not {jitter}")
         self.first_s = first_s
         self.cap_s = cap_s
-        self.jitter = jitter
+        self.jitter = float(jitter)
         self.rng = rng or random.Random()
         self.failures = 0
         """Failures in a row so far."""
@@ -74,7 +77,7 @@ class Backoff:
     def delay(self, failures: int) -> float:
         """The delay after ``failures`` failures in a row (jittered if so configured)."""
         ceiling = self.ceiling(failures)
-        return self.rng.uniform(0.0, ceiling) if self.jitter else ceiling
+        return ceiling * (1.0 - self.jitter * self.rng.random()) if self.jitter else ceiling
 
     def next(self) -> float:
         """Count one more failure; the delay before the next try."""

@@ -42,7 +42,12 @@ from urllib.parse import urlsplit
 import redis.asyncio
 import redis.exceptions
 from nats.aio.client import Client as NatsClient
-from redis.asyncio.connection import Connection, ConnectionPool, parse_url
+from redis.asyncio.connection import (
+    BlockingConnectionPool,
+    Connection,
+    ConnectionPool,
+    parse_url,
+)
 from redis.credentials import CredentialProvider
 
 from bridge.aio import keep_cancellation
@@ -325,14 +330,22 @@ async def redis_session(
 
 
 def redis_client(
-    url: str, tls: TlsConfig | None = None, auth: RedisAuthConfig | None = None, **options: Any
+    url: str,
+    tls: TlsConfig | None = None,
+    auth: RedisAuthConfig | None = None,
+    *,
+    pool_timeout_s: float | None = None,
+    **options: Any,
 ) -> redis.asyncio.Redis:
     """A ``redis.asyncio.Redis`` for ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
-    ``options`` are those of ``Redis.from_url`` (timeouts, ``retry``...). ``auth`` overrides
-    credentials in the URL. Nothing connects before the first command. ``redis+cluster://``
-    and ``redis+sentinel://`` URLs (and their ``rediss+`` forms) give a cluster client or a
-    client of the Sentinel-named primary: :mod:`bridge.connections_redis`.
+    ``options`` are those of ``Redis.from_url`` (timeouts, ``max_connections``, ``retry``...).
+    ``auth`` overrides credentials in the URL. With ``pool_timeout_s``, a command waits up to
+    that long for a free connection when all ``max_connections`` are busy, instead of failing
+    at once ("Too many connections"). Nothing connects before the first command.
+    ``redis+cluster://`` and ``redis+sentinel://`` URLs (and their ``rediss+`` forms) give a
+    cluster client or a client of the Sentinel-named primary: :mod:`bridge.connections_redis`
+    (``pool_timeout_s`` applies to a single server only).
     """
     if "+" in urlsplit(url).scheme:
         from bridge.connections_redis import clustered_client
@@ -361,4 +374,8 @@ def redis_client(
     elif redis_tls_required(url, tls):
         kwargs["connection_class"] = TlsConnection
         kwargs["tls_config"] = tls
+    if pool_timeout_s is not None:
+        return redis.asyncio.Redis.from_pool(
+            BlockingConnectionPool(timeout=pool_timeout_s, **kwargs)
+        )
     return redis.asyncio.Redis.from_pool(ConnectionPool(**kwargs))

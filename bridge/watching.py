@@ -7,6 +7,17 @@ jitter that never accumulates, so a slow poll does not push every later tick bac
 were missed entirely are skipped, not bunched). A failed poll is logged with the source's name
 and retried after ``interval * 2**failures``, capped at ``max_backoff``; a success re-anchors the
 schedule at the base interval.
+
+Spreading many sources (what the service does, see :mod:`bridge.service.delivery`):
+
+* :func:`start_offset_s`: a stable phase per source, from a hash of its name, so sources with
+  the same interval do not all tick together; the first round ramps over
+  ``min(interval, sources / START_RATE_PER_S)`` instead of firing every source at once.
+* ``WatchConfig(retry_jitter=1.0)``: "full jitter", each backoff delay drawn between 0 and its
+  ceiling, so sources that failed together do not retry in lockstep (0, the default, keeps the
+  exact doubling of the contract above).
+* :class:`Lag`: how late polls start (the ``koprs_bridge_schedule_lag_seconds`` histogram and
+  a warning at most every ``LAG_LOG_EVERY_S``).
 """
 
 from __future__ import annotations
@@ -14,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncGenerator, Sequence
+import zlib
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -26,14 +38,24 @@ from bridge.units import Seconds, to_seconds
 __all__ = [
     "Clock",
     "ExternalSource",
+    "Lag",
     "LoopClock",
     "Schedule",
     "WatchConfig",
+    "start_offset_s",
     "watch_external",
     "watch_external_with_config",
 ]
 
 log = logging.getLogger("bridge.watch")
+
+_MAX_DOUBLINGS = 64
+"""Consecutive failures past this no longer double the wait (it is at the ceiling anyway)."""
+START_RATE_PER_S = 200.0
+"""First polls per second at most when many sources start together (the ramp)."""
+LAG_LOG_EVERY_S = 30.0
+LAG_WARN_S = 1.0
+"""A poll that starts later than this after it was due counts as behind schedule."""
 
 
 @runtime_checkable
@@ -56,9 +78,17 @@ class WatchConfig:
     """Ceiling of the wait after consecutive failures; defaults to ``interval * 32``."""
     jitter: float
     """Largest random delay added to each tick, as a fraction of ``interval`` (0 disables)."""
+    retry_jitter: float
+    """Fraction of each backoff delay drawn at random: 0 (the default) waits exactly the
+    doubled delay, 1 anywhere between 0 and it ("full jitter")."""
 
     def __init__(
-        self, interval: Seconds, max_backoff: Seconds | None = None, *, jitter: float = 0.05
+        self,
+        interval: Seconds,
+        max_backoff: Seconds | None = None,
+        *,
+        jitter: float = 0.05,
+        retry_jitter: float = 0.0,
     ) -> None:
         interval_s = to_seconds(interval, name="interval")
         if interval_s <= 0:
@@ -72,17 +102,32 @@ class WatchConfig:
             )
         if not 0 <= jitter <= 1:
             raise ValueError(f"jitter must be a fraction between 0 and 1, got {jitter!r}")
+        if not 0 <= retry_jitter <= 1:
+            raise ValueError(
+                f"retry_jitter must be a fraction between 0 and 1, got {retry_jitter!r}"
+            )
         object.__setattr__(self, "interval", interval_s)
         object.__setattr__(self, "max_backoff", backoff_s)
         object.__setattr__(self, "jitter", float(jitter))
+        object.__setattr__(self, "retry_jitter", float(retry_jitter))
 
     def with_max_backoff(self, max_backoff: Seconds) -> WatchConfig:
         """A copy of this config with another backoff ceiling."""
-        return WatchConfig(self.interval, max_backoff, jitter=self.jitter)
+        return WatchConfig(
+            self.interval, max_backoff, jitter=self.jitter, retry_jitter=self.retry_jitter
+        )
 
     def with_jitter(self, jitter: float) -> WatchConfig:
         """A copy of this config with another jitter fraction."""
-        return WatchConfig(self.interval, self.max_backoff, jitter=jitter)
+        return WatchConfig(
+            self.interval, self.max_backoff, jitter=jitter, retry_jitter=self.retry_jitter
+        )
+
+    def with_retry_jitter(self, retry_jitter: float) -> WatchConfig:
+        """A copy of this config with another backoff jitter fraction (1: full jitter)."""
+        return WatchConfig(
+            self.interval, self.max_backoff, jitter=self.jitter, retry_jitter=retry_jitter
+        )
 
 
 class Clock(Protocol):
@@ -104,16 +149,32 @@ class LoopClock:
 
 
 class Schedule:
-    """When the next poll is due: fixed-rate ticks with jitter, exponential backoff on failure."""
+    """When the next poll is due: fixed-rate ticks with jitter, exponential backoff on failure.
 
-    def __init__(self, config: WatchConfig, now: float, rng: random.Random | None = None) -> None:
+    ``offset_s`` delays the first tick (and so the whole grid): :func:`start_offset_s`."""
+
+    def __init__(
+        self,
+        config: WatchConfig,
+        now: float,
+        rng: random.Random | None = None,
+        *,
+        offset_s: float = 0.0,
+    ) -> None:
         self.config = config
-        self._anchor = now
+        self.offset_s = offset_s
+        """Seconds from ``now`` to the first tick."""
+        self.missed = 0
+        """Ticks skipped so far because a poll (or the wait for a slot) overran them."""
+        self._anchor = now + offset_s
         self._tick = 0
         self._rng = rng or random.Random()
-        # Not jittered: "doubling up to max_backoff" is the documented contract (the ticks
-        # are jittered, and a failure is followed by ticks again once a poll succeeds).
-        self.backoff = Backoff(2 * config.interval, config.max_backoff, jitter=False)
+        # The ceilings double up to max_backoff (the documented contract); ``retry_jitter``
+        # (the service's: full) draws each delay below its ceiling, so sources that failed
+        # together do not retry together. The library default is exact doubling.
+        self.backoff = Backoff(
+            2 * config.interval, config.max_backoff, jitter=config.retry_jitter, rng=self._rng
+        )
 
     @property
     def failures(self) -> int:
@@ -130,9 +191,73 @@ class Schedule:
             self._anchor, self._tick = now, 0
         # The first tick strictly after `now` on the grid anchored at the schedule's start:
         # a poll slower than the interval skips the ticks it overran instead of bunching them.
-        self._tick = max(self._tick + 1, int((now - self._anchor) // interval) + 1)
-        due = self._anchor + self._tick * interval
+        tick = max(self._tick + 1, int((now - self._anchor) // interval) + 1)
+        self.missed += tick - self._tick - 1
+        self._tick = tick
+        due = self._anchor + tick * interval
         return max(0.0, due - now) + self._rng.uniform(0.0, self.config.jitter * interval)
+
+
+def start_offset_s(name: str, interval_s: float, sources: int = 1) -> float:
+    """When source ``name`` should first poll, in seconds after its start, so that ``sources``
+    sources starting together spread over their interval: a stable phase from a hash of the
+    name, scaled to the ramp ``min(interval, sources / START_RATE_PER_S)``."""
+    phase = zlib.crc32(name.encode("utf-8", "surrogateescape")) / 2**32
+    return phase * min(interval_s, sources / START_RATE_PER_S)
+
+
+class Lag:
+    """How late polls start after they were due: a metric and a rate-limited warning.
+
+    One per service (its sources share it). ``on_lag`` gets each poll's lag in seconds
+    (``koprs_bridge_schedule_lag_seconds``), ``on_missed`` the ticks a source skipped."""
+
+    def __init__(
+        self,
+        on_lag: Callable[[float], None] | None = None,
+        on_missed: Callable[[int], None] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.on_lag = on_lag
+        self.on_missed = on_missed
+        self.clock = clock or LoopClock()
+        self.missed = 0
+        """Ticks skipped by every source so far."""
+        self.late = 0
+        """Polls that started more than ``LAG_WARN_S`` late, since the last warning."""
+        self._worst_s = 0.0
+        self._worst_source = ""
+        self._logged_at: float | None = None
+
+    def observe(self, source: str, lag_s: float) -> None:
+        lag_s = max(0.0, lag_s)
+        if self.on_lag is not None:
+            self.on_lag(lag_s)
+        if lag_s < LAG_WARN_S:
+            return
+        self.late += 1
+        if lag_s > self._worst_s:
+            self._worst_s, self._worst_source = lag_s, source
+        now = self.clock.monotonic()
+        if self._logged_at is None or now - self._logged_at >= LAG_LOG_EVERY_S:
+            self._logged_at = now
+            log.warning(
+                "behind schedule: %d poll(s) started more than %.1fs late since the last "
+                "report (worst %.1fs late, source %r), %d tick(s) skipped so far; polls in "
+                "flight are limited by max_concurrent_polls",
+                self.late,
+                LAG_WARN_S,
+                self._worst_s,
+                self._worst_source,
+                self.missed,
+            )
+            self.late, self._worst_s = 0, 0.0
+
+    def skipped(self, ticks: int) -> None:
+        if ticks > 0:
+            self.missed += ticks
+            if self.on_missed is not None:
+                self.on_missed(ticks)
 
 
 def watch_external(

@@ -3,12 +3,13 @@
 The keys of one source share the hash tag ``{<source>}``, so on Redis Cluster they live in one
 slot and the fenced scripts that touch several of them work unchanged::
 
-    koprs:bridge:{S}:lease    the lease: "<replica-id>|<fence>", expiring after lease_ttl (PX)
+    koprs:bridge:{S}:lease    the lease: "<replica-id>|<fence>", alive while its holder's
+                              membership is (or, taken alone, by its own PX TTL)
     koprs:bridge:{S}:fence    fencing counter, INCR on every acquisition
     koprs:bridge:{S}:state    hash: the source's state map (object path -> ETag, HTTP validators)
     koprs:bridge:{S}:meta     hash: format version, revision, fence of the last commit
     koprs:bridge:{S}:intent   the batch being published (JSON), until its commit
-    koprs:bridge:replicas     sorted set: replica id -> heartbeat expiry (ms since the epoch)
+    koprs:bridge:replicas     sorted set: replica id -> membership expiry (ms since the epoch)
 """
 
 from __future__ import annotations

@@ -1,16 +1,29 @@
-"""Per-source leases in Redis, with a fencing token per acquisition.
+"""Per-source leases in Redis, with a fencing token per acquisition, kept alive by one
+membership lease per replica.
 
-* acquire: one script — if the lease key is free, ``INCR`` the fence counter and ``SET`` the
-  lease to ``"<replica>|<fence>"`` with ``PX ttl``. Losing the race is a normal outcome (None);
-  the client then knows when the holder's lease expires (:attr:`LeaseClient.free_in_s`).
-* renew: compare-and-extend — ``PEXPIRE`` only if the key still holds our token.
-* release: compare-and-delete, under ``asyncio.shield`` so cancellation still gives it back.
+A lease is the key ``{S}:lease`` holding ``"<replica>|<fence>"``. It is *held* while either the
+key lives by its own TTL (a lease taken alone with :meth:`LeaseClient.acquire`, renewed with
+:meth:`LeaseClient.renew`), or its holder's membership lives: the holder's entry in the sorted
+set ``koprs:bridge:replicas`` (replica id -> expiry, by the Redis server's clock). Leases taken
+with :meth:`LeaseClient.acquire_many` (what :class:`~bridge.ha.sharing.Coordinator` does) have
+no TTL of their own: one :meth:`LeaseClient.heartbeat` per period renews the membership and
+so all of the replica's leases at once, in one round trip whatever their number (the cost of
+leader election is O(replicas), not O(sources)). The same script reads back every lease key
+(``MGET``), so a lease taken from under us is noticed within one period.
 
-A lease also keeps a local deadline (the monotonic time of the last acquisition or renewal
-plus the TTL, less a safety margin). Work for the source may only go on while
+* acquire: if the lease is not held, ``INCR`` the fence counter and ``SET`` the key. A key of
+  this replica's own that it does not lead (a restart under the same id, a lease it gave up
+  locally) is taken again with a new fence. Losing the race is a normal outcome; the caller
+  learns when the holder's lease could end (:attr:`LeaseClient.free_in_s`).
+* renew (a lease taken alone): compare-and-extend, ``PEXPIRE`` only if the key holds our token.
+* release: compare-and-delete under ``asyncio.shield``; :meth:`LeaseClient.release_all` gives
+  back every lease (and the membership) in one script.
+
+A lease also keeps a local deadline (the monotonic time of the last acquisition, renewal or
+heartbeat plus the TTL, less a safety margin). Work for the source may only go on while
 :meth:`Lease.valid` is true: a replica that was paused or cut off from Redis past its TTL
-notices on its own clock before it would publish, and the fenced state commit refuses it in
-any case.
+notices on its own clock before it would publish, and the fenced state commit (a compare of
+the key with the token) refuses it in any case once another replica took the source over.
 """
 
 from __future__ import annotations
@@ -18,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -25,31 +39,104 @@ import redis.exceptions
 
 from bridge import aio
 from bridge.errors import FencedError, StateError
-from bridge.ha.keys import SourceKeys
+from bridge.ha.keys import SourceKeys, as_text, replicas_key
 
-__all__ = ["Lease", "LeaseClient"]
+__all__ = ["Heartbeat", "Lease", "LeaseClient", "Membership"]
 
 log = logging.getLogger("bridge.ha")
 
-# Returns the fence (>= 1), or -1 - the holder's remaining milliseconds.
-_ACQUIRE = """
-local left = redis.call('PTTL', KEYS[1])
-if left ~= -2 then
-  if left < 0 then left = tonumber(ARGV[2]) end
-  return -1 - left
-end
-local fence = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. '|' .. fence, 'PX', ARGV[2])
-return fence
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+# KEYS: replicas, then lease and fence of each source. ARGV: replica, ttl ms, '1' for a lease
+# with its own TTL ('0': it lives by the membership). One reply per source: the fence (>= 1),
+# or -1 - the milliseconds the holder's lease may still last.
+_ACQUIRE = (
+    _NOW
+    + """
+local me, ttl, alone = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1'
+local out = {}
+for i = 2, #KEYS, 2 do
+  local left = -1
+  local token = redis.call('GET', KEYS[i])
+  if token then
+    local holder = string.match(token, '^(.*)|[^|]*$') or ''
+    if alone or holder ~= me then
+      left = redis.call('PTTL', KEYS[i])
+      local expiry = redis.call('ZSCORE', KEYS[1], holder)
+      if expiry then left = math.max(left, tonumber(expiry) - now) end
+    end
+  end
+  if left > 0 then
+    out[#out + 1] = -1 - left
+  else
+    local fence = redis.call('INCR', KEYS[i + 1])
+    if alone then
+      redis.call('SET', KEYS[i], me .. '|' .. fence, 'PX', ttl)
+    else
+      redis.call('SET', KEYS[i], me .. '|' .. fence)
+    end
+    out[#out + 1] = fence
+  end
+end
+return out
+"""
+)
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+# KEYS: replicas, then the lease keys. ARGV: replica, '1' to leave the membership, then tokens.
 _RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+local deleted = 0
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    deleted = deleted + redis.call('DEL', KEYS[i])
+  end
+end
+if ARGV[2] == '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+return deleted
 """
+# KEYS: replicas, then the lease keys to read back. ARGV: replica, ttl ms.
+# Reply: {now ms, {member, expiry, ...}, {token or nil per lease key}}.
+_HEARTBEAT = (
+    _NOW
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local tokens = {}
+for i = 2, #KEYS, 1000 do
+  local got = redis.call('MGET', unpack(KEYS, i, math.min(i + 999, #KEYS)))
+  for j = 1, #got do tokens[#tokens + 1] = got[j] end
+end
+return {now, live, tokens}
+"""
+)
+_ACQUIRE_BATCH = 500
+"""Sources per acquisition script: Redis runs nothing else meanwhile."""
+
+
+@dataclass(eq=False)
+class Membership:
+    """This replica's membership lease: alive until :attr:`deadline` by the local clock."""
+
+    deadline: float = 0.0
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """What one :meth:`LeaseClient.heartbeat` saw."""
+
+    live: dict[str, float]
+    """Live replicas (this one included) -> seconds until their membership expires."""
+    tokens: dict[str, str | None]
+    """Source -> the token its lease key holds (None: no lease)."""
+
+    def holder(self, source: str) -> str | None:
+        token = self.tokens.get(source)
+        return token.rpartition("|")[0] if token else None
 
 
 @dataclass(eq=False)
@@ -61,8 +148,10 @@ class Lease:
     fence: int
     ttl_s: float
     deadline: float = field(default=0.0)
-    """Local monotonic time after which the lease must be considered lost."""
+    """Local monotonic time after which the lease must be considered lost (a lease taken
+    alone; one taken through a membership lives by :attr:`membership`'s deadline)."""
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    membership: Membership | None = None
 
     @property
     def source(self) -> str:
@@ -73,7 +162,8 @@ class Lease:
         return f"{self.replica}|{self.fence}"
 
     def valid(self) -> bool:
-        return not self.lost.is_set() and time.monotonic() < self.deadline
+        deadline = self.deadline if self.membership is None else self.membership.deadline
+        return not self.lost.is_set() and time.monotonic() < deadline
 
     def check(self) -> None:
         """Raise FencedError unless the lease is still valid by the local clock."""
@@ -99,54 +189,114 @@ class LeaseClient:
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.margin_s = min(1.0, ttl_s / 10) if margin_s is None else margin_s
-        self._acquire = redis.register_script(_ACQUIRE)
+        self.lost = 0
+        """Leases lost so far (not given back: taken, expired, membership lapsed)."""
+        self.membership = Membership()
+        """The deadline of this replica's membership (see :meth:`heartbeat`)."""
         self.free_in_s: float | None = None
-        """After an :meth:`acquire` that found the lease held: how long until it expires,
-        unless its holder renews it (None after a successful one)."""
+        """After an acquisition that found a lease held: how long until it may end, unless its
+        holder renews it (None when none was held)."""
+        self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._replicas = replicas_key(prefix)
 
     def _ttl_ms(self) -> int:
         return max(1, int(self.ttl_s * 1000))
 
     async def acquire(self, source: str) -> Lease | None:
-        """The lease on ``source`` if it was free; None if another replica holds it."""
-        keys = SourceKeys(source, self.prefix)
+        """The lease on ``source`` if it was free, with a TTL of its own (keep it with
+        :meth:`keep`); None if another replica holds it."""
+        leases = await self._acquire_batch([source], alone=True)
+        return leases[0]
+
+    async def acquire_many(self, sources: Sequence[str]) -> list[Lease]:
+        """The leases among ``sources`` that were free, living by this replica's membership
+        (renew them all with :meth:`heartbeat`). A few round trips, whatever the number."""
+        got: list[Lease] = []
+        soonest: float | None = None
+        for start in range(0, len(sources), _ACQUIRE_BATCH):
+            batch = sources[start : start + _ACQUIRE_BATCH]
+            got += [lease for lease in await self._acquire_batch(batch, alone=False) if lease]
+            if self.free_in_s is not None:
+                soonest = self.free_in_s if soonest is None else min(soonest, self.free_in_s)
+        self.free_in_s = soonest
+        return got
+
+    async def _acquire_batch(self, sources: Sequence[str], *, alone: bool) -> list[Lease | None]:
+        all_keys = [SourceKeys(source, self.prefix) for source in sources]
         started = time.monotonic()
         try:
-            fence = await self._acquire(
-                keys=[keys.lease, keys.fence], args=[self.replica, self._ttl_ms()]
+            replies = await self._acquire(
+                keys=[self._replicas, *(k for keys in all_keys for k in (keys.lease, keys.fence))],
+                args=[self.replica, self._ttl_ms(), "1" if alone else "0"],
             )
         except redis.exceptions.RedisError as exc:
-            raise StateError(f"cannot acquire the lease on source {source!r}: {exc}") from exc
-        fence = int(fence)
-        if fence < 0:
-            self.free_in_s = (-1 - fence) / 1000
-            log.debug(
-                "lease on source %r is held by another replica (%.3f s left)",
-                source,
-                self.free_in_s,
-            )
-            return None
+            what = sources[0] if len(sources) == 1 else f"{len(sources)} sources"
+            raise StateError(f"cannot acquire the lease on {what!r}: {exc}") from exc
         self.free_in_s = None
-        lease = Lease(keys, self.replica, int(fence), self.ttl_s)
-        lease.deadline = started + self.ttl_s - self.margin_s
-        log.info("acquired the lease on source %r (fence %d)", source, lease.fence)
-        return lease
+        leases: list[Lease | None] = []
+        for keys, reply in zip(all_keys, replies, strict=True):
+            fence = int(reply)
+            if fence < 0:
+                left_s = (-1 - fence) / 1000
+                self.free_in_s = left_s if self.free_in_s is None else min(self.free_in_s, left_s)
+                log.debug(
+                    "lease on source %r is held by another replica (%.3f s left)",
+                    keys.source,
+                    left_s,
+                )
+                leases.append(None)
+                continue
+            lease = Lease(keys, self.replica, fence, self.ttl_s)
+            if alone:
+                lease.deadline = started + self.ttl_s - self.margin_s
+            else:
+                lease.membership = self.membership
+            log.info("acquired the lease on source %r (fence %d)", keys.source, fence)
+            leases.append(lease)
+        return leases
+
+    async def heartbeat(self, sources: Sequence[str]) -> Heartbeat:
+        """Renew this replica's membership (so every lease taken through it) and read back
+        the lease keys of ``sources``: one script, one round trip."""
+        started = time.monotonic()
+        keys = [SourceKeys(source, self.prefix).lease for source in sources]
+        try:
+            now_ms, live, tokens = await self._heartbeat(
+                keys=[self._replicas, *keys], args=[self.replica, self._ttl_ms()]
+            )
+        except redis.exceptions.RedisError as exc:
+            raise StateError(
+                f"cannot renew the membership of replica {self.replica!r}: {exc}"
+            ) from exc
+        self.membership.deadline = started + self.ttl_s - self.margin_s
+        members = {
+            as_text(live[i]): (float(live[i + 1]) - int(now_ms)) / 1000
+            for i in range(0, len(live), 2)
+        }
+        return Heartbeat(
+            members,
+            {
+                source: as_text(token) if token is not None else None
+                for source, token in zip(sources, tokens, strict=True)
+            },
+        )
 
     async def renew(self, lease: Lease) -> bool:
-        """Extend ``lease``; False (and ``lease.lost`` set) if it is no longer ours."""
+        """Extend ``lease`` (taken alone); False (and ``lease.lost`` set) if it is not ours."""
         started = time.monotonic()
         try:
             renewed = await self._renew(keys=[lease.keys.lease], args=[lease.token, self._ttl_ms()])
         except redis.exceptions.RedisError as exc:
             if time.monotonic() >= lease.deadline:
-                self._lose(lease, f"Redis unreachable past the lease TTL ({exc})")
+                self.lose(lease, f"Redis unreachable past the lease TTL ({exc})")
                 return False
             log.warning("renewing the lease on source %r failed, retrying: %s", lease.source, exc)
             return True
         if not renewed:
-            self._lose(lease, "another replica holds it now")
+            self.lose(lease, "another replica holds it now")
             return False
         lease.deadline = started + self.ttl_s - self.margin_s
         return True
@@ -155,9 +305,7 @@ class LeaseClient:
         """Give ``lease`` back (compare-and-delete), even when the caller is being cancelled."""
         lease.lost.set()
         try:
-            deleted = await asyncio.shield(
-                self._release(keys=[lease.keys.lease], args=[lease.token])
-            )
+            deleted = await asyncio.shield(self._release_script([lease], leave=False))
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning(
                 "releasing the lease on source %r failed (it expires by itself): %s",
@@ -175,16 +323,48 @@ class LeaseClient:
                     lease.fence,
                 )
 
+    async def release_all(self, leases: Sequence[Lease], *, leave: bool = True) -> None:
+        """Give back every lease of ``leases`` and, with ``leave``, the membership: one script
+        (one round trip), even when the caller is being cancelled."""
+        for lease in leases:
+            lease.lost.set()
+        try:
+            deleted = await asyncio.shield(self._release_script(leases, leave=leave))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning(
+                "releasing %d lease(s) failed (other replicas take them over once the "
+                "membership of %s expires): %s",
+                len(leases),
+                self.replica,
+                exc,
+            )
+        else:
+            log.info(
+                "released %d of %d lease(s)%s",
+                deleted,
+                len(leases),
+                " and left the replicas" if leave else "",
+            )
+
+    async def _release_script(self, leases: Sequence[Lease], *, leave: bool) -> int:
+        return int(
+            await self._release(
+                keys=[self._replicas, *(lease.keys.lease for lease in leases)],
+                args=[self.replica, "1" if leave else "0", *(lease.token for lease in leases)],
+            )
+        )
+
     async def keep(self, lease: Lease, renew_every_s: float) -> None:
-        """Renew ``lease`` every ``renew_every_s`` until it is lost or this task is cancelled."""
+        """Renew ``lease`` (taken alone) every ``renew_every_s`` until it is lost or this task
+        is cancelled."""
         while not lease.lost.is_set():
             delay = max(0.0, min(renew_every_s, lease.deadline - time.monotonic()))
             if await aio.sleep(delay, lease.lost) or not await self.renew(lease):
                 return
 
-    @staticmethod
-    def _lose(lease: Lease, why: str) -> None:
+    def lose(self, lease: Lease, why: str) -> None:
         if not lease.lost.is_set():
+            self.lost += 1
             log.warning(
                 "lost the lease on source %r (fence %d): %s", lease.source, lease.fence, why
             )

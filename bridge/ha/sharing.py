@@ -1,28 +1,36 @@
 """Fair sharing of sources between replicas, each source led by the holder of its lease.
 
-Every ``period`` (a third of the lease TTL by default) a replica:
+Every ``period`` (a third of the lease TTL by default) a replica makes one round:
 
-1. heartbeats: ``ZADD koprs:bridge:replicas <expiry> <replica>`` and drops expired members
-   (by the Redis server's clock), which gives the number of live replicas ``n``;
-2. computes its share, ``ceil(sources / n)``;
-3. gives up leases above its share (the source's loop is stopped, then the lease released),
+1. heartbeat, one script (see :meth:`~bridge.ha.leases.LeaseClient.heartbeat`): renew this
+   replica's membership in ``koprs:bridge:replicas`` (which keeps every lease it holds alive),
+   drop expired members (by the Redis server's clock), and read back every source's lease key.
+   That gives the live replicas ``n``, and which held lease is no longer ours (stopped at once);
+2. compute its share, ``ceil(sources / n)``;
+3. give up leases above its share (the source's loop is stopped, then the lease released),
    so a replica that just joined finds free sources;
-4. tries to acquire free sources (``SET NX``) until it holds its share, starting at a point
-   that depends on its id so replicas do not all race for the same source. When it is below
-   its share and a lease it tried is held, its next round comes as that lease expires rather
-   than a full period later: a dead leader's sources are taken over within the TTL.
+4. acquire free sources (no lease key, or one whose holder is no longer a live member) until
+   it holds its share, in batches of one script, starting at a point that depends on its id so
+   replicas do not all race for the same source. The next round comes early when another
+   member's membership (or a lease with a TTL of its own) runs out before the period ends:
+   a dead leader's sources are taken over within the TTL.
 
-A held source runs in a task that also renews the lease; when the lease is lost (renewal
-refused, Redis unreachable past the TTL, a fenced write refused) the source's loop is
-cancelled at once and the replica keeps going: it competes again at its next round.
+Steady state costs one round trip and about ``5 + sources / 1000`` Redis commands per replica
+and period, whatever the number of sources. A dedicated connection carries the heartbeats, so
+state writes queued on the main pool never delay them. When the membership could not be
+renewed before its deadline (by the local clock), every lease is lost at once; a held source
+runs in a task that is cancelled as soon as its lease is lost (membership lapsed, taken by
+another replica, a fenced write refused) and the replica keeps going: it competes again at
+its next round. Shutdown gives back every lease and the membership in one script.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
+import random
+import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,18 +47,24 @@ from bridge.ha.leases import Lease, LeaseClient
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
 from bridge.sinks import Sink
 from bridge.telemetry.service import Telemetry
+from bridge.watching import Lag, start_offset_s
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "control_client"]
 
 log = logging.getLogger("bridge.ha")
 
-_HEARTBEAT = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now_ms)
-return redis.call('ZCARD', KEYS[1])
-"""
+
+def control_client(redis: aioredis.Redis) -> aioredis.Redis:
+    """A client on its own one-connection pool, to the same server as ``redis``."""
+    pool = redis.connection_pool
+    return aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool(
+            connection_class=pool.connection_class,
+            max_connections=1,
+            timeout=None,
+            **pool.connection_kwargs,
+        )
+    )
 
 
 @dataclass(eq=False)
@@ -76,10 +90,19 @@ class Coordinator:
         on_published: PublishedCallback | None = None,
         shutdown_grace_s: float = 5.0,
         telemetry: Telemetry | None = None,
+        slots: asyncio.Semaphore | None = None,
+        lag: Lag | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
+        self.slots = slots
+        self.lag = lag
+        self.rng = rng
         self.sink = sink
         self.redis = redis
+        """State writes (checkpoints) go through this client's pool."""
+        self.control = control_client(redis)
+        """Heartbeats, acquisitions and releases go through this one (one connection)."""
         self.replica = replica
         self.period_s = renew_every_s or lease_ttl_s / 3
         self.lease_ttl_s = lease_ttl_s
@@ -87,7 +110,7 @@ class Coordinator:
         self.on_published = on_published
         self.shutdown_grace_s = shutdown_grace_s
         self.telemetry = telemetry
-        self.leases = LeaseClient(redis, replica, ttl_s=lease_ttl_s, prefix=prefix)
+        self.leases = LeaseClient(self.control, replica, ttl_s=lease_ttl_s, prefix=prefix)
         self.held: dict[str, Lease] = {}
         self.state = RedisStateStore(redis, self.held)
         self.led: dict[str, _Led] = {}
@@ -95,11 +118,12 @@ class Coordinator:
         self.live_replicas = 0
         self.rounds = 0
         self._round_done = asyncio.Condition()
-        self._heartbeat = redis.register_script(_HEARTBEAT)
         self._order = self._acquisition_order()
         self._lock = asyncio.Lock()
         """Held by a round and by :meth:`update`, so the set of sources never changes mid-round."""
         self._running = False
+        self._released_together: set[Lease] = set()
+        """At shutdown: the leases :meth:`run` gives back in one script, not one by one."""
         self._retry_in_s: float | None = None
         """When the next round should come early (a held lease it wants expires by then)."""
 
@@ -113,8 +137,10 @@ class Coordinator:
         return math.ceil(len(self.specs) / max(1, self.live_replicas))
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Coordinate until ``stop`` is set; then stop every led source and release its lease."""
+        """Coordinate until ``stop`` is set; then stop every led source and give back every
+        lease and the membership (one script)."""
         self._running = True
+        watchdog = asyncio.create_task(self._watch_membership(), name="membership-watchdog")
         try:
             while not stop.is_set():
                 async with self._lock:
@@ -123,16 +149,32 @@ class Coordinator:
                     self.rounds += 1
                     self._round_done.notify_all()
                 wait_s = self.period_s
-                if self._retry_in_s is not None:  # +10 ms: Redis has expired the key by then
+                if self._retry_in_s is not None:  # +10 ms: Redis has expired it by then
                     wait_s = min(wait_s, self._retry_in_s + 0.01)
                 await aio.sleep(wait_s, stop)
         finally:
+            watchdog.cancel()
             async with self._lock:
                 self._running = False
+                held = [led.lease for led in self.led.values() if not led.lease.lost.is_set()]
+                self._released_together.update(held)
                 leaving = [self._give_up(self.led.pop(name)) for name in list(self.led)]
-                await asyncio.gather(*leaving, *self._leaving)
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await asyncio.shield(self.redis.zrem(replicas_key(self.prefix), self.replica))
+                await asyncio.gather(*leaving, *self._leaving, watchdog, return_exceptions=True)
+                await self.leases.release_all(held)
+                self._released_together.clear()
+            await self.control.aclose()
+
+    async def _watch_membership(self) -> None:
+        """Lose every lease as soon as the membership's deadline passes unrenewed."""
+        membership = self.leases.membership
+        while True:
+            left_s = membership.deadline - time.monotonic()
+            if left_s > 0:
+                await asyncio.sleep(left_s)
+                continue
+            for led in self.led.values():
+                self.leases.lose(led.lease, "its replica's membership could not be renewed")
+            await asyncio.sleep(self.period_s / 4)
 
     async def _try_round(self) -> None:
         try:
@@ -174,10 +216,11 @@ class Coordinator:
             if led.task.done():
                 self.led.pop(name)
                 self.held.pop(name, None)
-        ttl_ms = int(self.lease_ttl_s * 1000)
-        self.live_replicas = int(
-            await self._heartbeat(keys=[replicas_key(self.prefix)], args=[self.replica, ttl_ms])
-        )
+        beat = await self.leases.heartbeat(self._order)
+        for name, led in self.led.items():
+            if beat.tokens.get(name) != led.lease.token:
+                self.leases.lose(led.lease, "another replica holds it now")
+        self.live_replicas = len(beat.live)
         share = self.share
         extra = len(self.led) - share
         if extra > 0:
@@ -193,17 +236,25 @@ class Coordinator:
                 task = asyncio.create_task(self._give_up(self.led.pop(name)))
                 self._leaving.add(task)
                 task.add_done_callback(self._leaving.discard)
-        self._retry_in_s = None
-        for name in self._order:
-            if len(self.led) >= share:
-                break
-            if name in self.led:
-                continue
-            lease = await self.leases.acquire(name)
-            if lease is not None:
-                self._lead(self.specs[name], lease)
-            elif (free_in := self.leases.free_in_s) is not None:
-                soonest: float | None = self._retry_in_s
+        others = [left for member, left in beat.live.items() if member != self.replica]
+        self._retry_in_s = min(others) if others else None  # a member dying this period
+        want = share - len(self.led)
+        if want <= 0:
+            return
+        free = [
+            name
+            for name in self._order
+            if name not in self.led
+            and ((holder := beat.holder(name)) is None or holder == self.replica
+                 or holder not in beat.live)
+        ]  # fmt: skip
+        while want > 0 and free:
+            batch, free = free[:want], free[want:]
+            for lease in await self.leases.acquire_many(batch):
+                self._lead(self.specs[lease.source], lease)
+                want -= 1
+            if (free_in := self.leases.free_in_s) is not None:
+                soonest = self._retry_in_s
                 self._retry_in_s = free_in if soonest is None else min(free_in, soonest)
 
     def _lead(self, spec: SourceSpec, lease: Lease) -> None:
@@ -215,35 +266,38 @@ class Coordinator:
             on_published=self.on_published,
             guard=lease.check,
             telemetry=self.telemetry.source(spec.name) if self.telemetry else None,
+            slots=self.slots,
+            lag=self.lag,
+            offset_s=start_offset_s(spec.name, spec.watch.interval, len(self.specs)),
+            rng=self.rng,
         )
         loop.telemetry.set_lease_held(True)
         task = asyncio.create_task(self._run_led(lease, loop), name=f"lead:{spec.name}")
         self.led[spec.name] = _Led(lease, loop, task)
 
     async def _run_led(self, lease: Lease, loop: SourceLoop) -> None:
+        """Run a led source's loop until it ends or the lease is lost (which stops it at once);
+        then give the lease back, unless it is lost or :meth:`run` releases it with the rest."""
+        runner = asyncio.create_task(self._run_loop(lease, loop), name=f"source:{lease.source}")
+        lost = asyncio.create_task(lease.lost.wait())
         try:
-            async with asyncio.TaskGroup() as tasks:  # the loop and its lease live together
-                keeper = tasks.create_task(self.leases.keep(lease, self.period_s))
-                runner = tasks.create_task(
-                    self._run_loop(lease, loop), name=f"source:{lease.source}"
-                )
-                lost = tasks.create_task(lease.lost.wait())
-                try:
-                    await asyncio.wait([runner, lost], return_when=asyncio.FIRST_COMPLETED)
-                    if lease.lost.is_set():
-                        log.warning("stopping source %r at once: its lease is lost", lease.source)
-                finally:
-                    # Also stop both without relying on the cancellations: on Python 3.11 a
-                    # cancellation can be swallowed (asyncio.wait_for, used by redis-py), and
-                    # a keeper that survives it would renew the lease of a source nobody leads.
-                    lease.lost.set()
-                    loop.telemetry.set_lease_held(False)
-                    loop.stop()
-                    for task in (runner, keeper, lost):
-                        task.cancel()
+            await asyncio.wait([runner, lost], return_when=asyncio.FIRST_COMPLETED)
+            if lease.lost.is_set():
+                log.warning("stopping source %r at once: its lease is lost", lease.source)
         finally:
+            # Lost: nothing to give back (another replica's now, or free for the taking).
+            gone = lease.lost.is_set()
+            # Also stop the loop without relying on the cancellation: on Python 3.11 a
+            # cancellation can be swallowed (asyncio.wait_for, used by redis-py).
+            lease.lost.set()
+            loop.telemetry.set_lease_held(False)
+            loop.stop()
+            for task in (runner, lost):
+                task.cancel()
+            await asyncio.gather(runner, lost, return_exceptions=True)
             self.held.pop(lease.source, None)
-            await self.leases.release(lease)
+            if not gone and lease not in self._released_together:  # else: run() does
+                await self.leases.release(lease)
 
     @staticmethod
     async def _run_loop(lease: Lease, loop: SourceLoop) -> None:
@@ -276,16 +330,16 @@ async def election_status(
     """Who holds which source, read from Redis (for ``koprs-bridge status``)."""
     now_s, now_us = await redis.time()
     now_ms = now_s * 1000 + now_us // 1000
-    replicas = await redis.zrangebyscore(replicas_key(prefix), now_ms, "+inf")
+    replicas = {as_text(r) for r in await redis.zrangebyscore(replicas_key(prefix), now_ms, "+inf")}
     holders: dict[str, Any] = {}
     for name in sources:
         keys = SourceKeys(name, prefix)
         token = await redis.get(keys.lease)
         revision = await redis.hget(keys.meta, "revision")
         holder, _, fence = (as_text(token) if token else "").rpartition("|")
-        holders[name] = {
-            "holder": holder or None,
+        holders[name] = {  # a lease lives by its holder's membership
+            "holder": holder if holder in replicas else None,
             "fence": int(fence) if fence else None,
             "revision": int(revision) if revision else None,
         }
-    return {"replicas": sorted(as_text(r) for r in replicas), "sources": holders}
+    return {"replicas": sorted(replicas), "sources": holders}

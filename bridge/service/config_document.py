@@ -215,6 +215,8 @@ class BridgeConfig(ConfigModel):
     """Absent: no health/metrics server."""
     tracing: TracingConfig = TracingConfig()
     logging: LoggingConfig = LoggingConfig()
+    max_concurrent_polls: Annotated[int, at_least(1)] = 256
+    """Steps (poll, publish, commit) of all sources in flight at once; more wait their turn."""
     _origin: str = PrivateAttr("<config>")
 
     @property

@@ -21,8 +21,10 @@ their state is not committed, so they come back at the next poll: see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
+import random
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from bridge.telemetry.hooks import SourceTelemetry
 from bridge.watching import (
     Clock,
     ExternalSource,
+    Lag,
     LoopClock,
     Schedule,
     WatchConfig,
@@ -119,8 +122,20 @@ class SourceLoop:
         on_published: PublishedCallback | None = None,
         guard: Callable[[], None] | None = None,
         telemetry: SourceTelemetry | None = None,
+        slots: asyncio.Semaphore | None = None,
+        lag: Lag | None = None,
+        offset_s: float = 0.0,
+        rng: random.Random | None = None,
     ) -> None:
         self.spec = spec
+        self.slots = slots
+        """Shared by the sources of a service: a step (poll, publish, commit) runs holding one
+        of its slots, which bounds the polls and publishes in flight."""
+        self.lag = lag
+        self.offset_s = offset_s
+        """Seconds from the start to the first poll (the source's phase, see
+        :func:`bridge.watching.start_offset_s`)."""
+        self.rng = rng
         self._stateful = isinstance(spec.source, StatefulSource)
         """Checked once: a runtime Protocol check costs more than a poll answered 304."""
         self.telemetry = telemetry or SourceTelemetry(spec.name)
@@ -159,7 +174,9 @@ class SourceLoop:
         self._stopping = True
 
     async def run(self) -> None:
-        schedule = Schedule(self.spec.watch, self.clock.monotonic())
+        if self.offset_s > 0:
+            await self.clock.sleep(self.offset_s)
+        schedule = Schedule(self.spec.watch, self.clock.monotonic(), self.rng)
         while not self._stopping:  # a state store that is down delays the start, not kills it
             try:
                 await self.restore()
@@ -175,21 +192,30 @@ class SourceLoop:
                     exc,
                 )
                 await self.clock.sleep(delay)
-        schedule = Schedule(self.spec.watch, self.clock.monotonic())
+        due = self.clock.monotonic()
+        schedule = Schedule(self.spec.watch, due, self.rng)
         while not self._stopping:
-            self.busy = True
-            try:
-                error = await self.step()
-            finally:
-                self.busy = False
+            async with self.slots or contextlib.nullcontext():
+                if self.lag is not None:
+                    self.lag.observe(self.spec.name, self.clock.monotonic() - due)
+                self.busy = True
+                try:
+                    error = await self.step()
+                finally:
+                    self.busy = False
             async with self._stepped:
                 self.steps += 1
                 self._stepped.notify_all()
             if self._stopping:
                 break
-            delay = schedule.next_delay(self.clock.monotonic(), ok=error is None)
+            missed = schedule.missed
+            now = self.clock.monotonic()
+            delay = schedule.next_delay(now, ok=error is None)
+            if self.lag is not None:
+                self.lag.skipped(schedule.missed - missed)
             if error is not None:
                 self._log_failure(error, schedule.failures, delay)
+            due = now + delay
             await self.clock.sleep(delay)
 
     def _log_failure(self, error: Exception, failures: int, delay_s: float) -> None:

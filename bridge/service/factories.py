@@ -55,6 +55,7 @@ def build_source(config: SourceConfig) -> SourceSpec:
             timeout=httpx.Timeout(http.timeout_s, connect=min(5.0, http.timeout_s)),
             verify=verify,
             follow_redirects=False,  # the poller follows redirects itself, by its own rules
+            limits=http_limits(config.interval_s),
         )
         poller = HttpPoller(http.url).with_name(config.name).with_client(client, owned=True)
         poller.with_max_body_bytes(http.max_body_bytes).with_max_redirects(http.max_redirects)
@@ -97,13 +98,24 @@ def build_source(config: SourceConfig) -> SourceSpec:
         store_ = LocalStore(local.path)
         source = ObjectStorePoller(store_).with_prefix(local.prefix).with_name(config.name)
         uri = store_.uri + (f"/{local.prefix}" if local.prefix else "")
-    watch = WatchConfig(config.interval_s, config.max_backoff_s)
+    # Full jitter on retries: sources that failed together (a broker or origin outage) do
+    # not retry in lockstep.
+    watch = WatchConfig(config.interval_s, config.max_backoff_s, retry_jitter=1.0)
     return SourceSpec(
         name=config.name,
         source=source,
         watch=watch,
         source_uri=uri,
         max_inline_body_bytes=config.inline_body_bytes,
+    )
+
+
+def http_limits(interval_s: float) -> httpx.Limits:
+    """Connection limits of a source's HTTP client: its idle connection outlives the interval
+    (httpx's default keep-alive expiry, 5 s, would close it before each poll at 10 s and make
+    every poll connect again), so steady-state polls reuse it, unless the server closed it."""
+    return httpx.Limits(
+        max_connections=10, max_keepalive_connections=2, keepalive_expiry=2 * interval_s + 5.0
     )
 
 

@@ -51,6 +51,7 @@ RESTART_SECTIONS: tuple[tuple[str, str], ...] = (
     ("server", "server"),
     ("tracing", "tracing"),
     ("logging", "logging"),
+    ("max_concurrent_polls", "max_concurrent_polls"),
 )
 """(attribute of :class:`BridgeConfig`, config key) of the sections a reload cannot apply."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from typing import TYPE_CHECKING, Any, Literal
 
 from bridge import aio
@@ -26,6 +27,7 @@ from bridge.sinks import Sink
 from bridge.state import MemoryStateStore, StateStore
 from bridge.telemetry import Telemetry
 from bridge.telemetry.service import broker_ready
+from bridge.watching import Lag, start_offset_s
 
 if TYPE_CHECKING:
     from bridge.ha.sharing import Coordinator
@@ -34,6 +36,9 @@ if TYPE_CHECKING:
 __all__ = ["Bridge", "build_sink", "build_source"]  # the factories: bridge.service.factories
 
 log = logging.getLogger("bridge.service")
+
+REDIS_POOL_CONNECTIONS = 32
+"""Connections of the leader election's Redis pool (checkpoint loads and fenced writes)."""
 
 
 class Bridge:
@@ -49,8 +54,11 @@ class Bridge:
         shutdown_grace_s: float = 5.0,
         replica: str | None = None,
         telemetry: Telemetry | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
+        self.rng = rng
+        """The schedules' random source (tick and retry jitter); tests pin it."""
         self.replica = replica or replica_id()
         self.sink = sink or build_sink(config)
         self.state = state or build_state_store(config)
@@ -60,6 +68,10 @@ class Bridge:
         self.telemetry = telemetry or Telemetry.from_config(config)
         """Traces, metrics, readiness and the ``/healthz``-``/readyz``-``/metrics`` server."""
         self._track()
+        metrics = self.telemetry.metrics
+        self.slots = asyncio.Semaphore(config.max_concurrent_polls)
+        """Steps of all sources in flight at once (``max_concurrent_polls``)."""
+        self.lag = Lag(metrics.schedule_lag.observe, metrics.schedule_missed_ticks.inc)
         self.loops: dict[str, SourceLoop] = {}
         self.coordinator: Coordinator | None = None
         if config.leader_election is not None:
@@ -105,6 +117,10 @@ class Bridge:
             self.state,
             on_published=self.on_published,
             telemetry=self.telemetry.source(spec.name),
+            slots=self.slots,
+            lag=self.lag,
+            offset_s=start_offset_s(spec.name, spec.watch.interval, len(self.specs)),
+            rng=self.rng,
         )
         self.loops[spec.name] = loop
         task = asyncio.create_task(loop.run(), name=f"source:{spec.name}")
@@ -265,6 +281,10 @@ class Bridge:
             election.auth,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
+            # State writes wait for a connection rather than fail when all are busy; the
+            # heartbeats have a connection of their own (Coordinator.control).
+            max_connections=REDIS_POOL_CONNECTIONS,
+            pool_timeout_s=election.lease_ttl_s,
         )
         return Coordinator(
             self.specs,
@@ -276,6 +296,9 @@ class Bridge:
             on_published=self.on_published,
             shutdown_grace_s=self.shutdown_grace_s,
             telemetry=self.telemetry,
+            slots=self.slots,
+            lag=self.lag,
+            rng=self.rng,
         )
 
     def _track(self) -> None:

@@ -71,7 +71,8 @@ class ObjectStorePoller(StateMapSource):
         return self._tracked
 
     def restore(self, state: Mapping[str, str]) -> None:
-        self._tracked = PackedState(state)
+        migrate = getattr(self.store, "migrate_etags", None)  # ETags of an earlier version
+        self._tracked = PackedState(migrate(state) if migrate is not None else state)
 
     async def aclose(self) -> None:
         """Close the store if it holds connections."""

@@ -17,6 +17,8 @@ item key or a credential.
 | ``koprs_bridge_lease_held`` | gauge | source |
 | ``koprs_bridge_broker_connected`` | gauge | |
 | ``koprs_bridge_leader_election_connected`` | gauge | |
+| ``koprs_bridge_schedule_lag_seconds`` | histogram | |
+| ``koprs_bridge_schedule_missed_ticks_total`` | counter | |
 """
 
 from __future__ import annotations
@@ -95,6 +97,17 @@ class Metrics:
         self.leader_election_connected = Gauge(
             "leader_election_connected",
             "1 while the leader election's Redis answers (absent without leader election).",
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.schedule_lag = Histogram(
+            "schedule_lag_seconds",
+            "How late polls started after they were due (all sources): waiting for a slot "
+            "(max_concurrent_polls) or for a busy event loop.",
+            namespace=ns, registry=reg, buckets=_BUCKETS,
+        )  # fmt: skip
+        self.schedule_missed_ticks = Counter(
+            "schedule_missed_ticks",
+            "Ticks skipped, not queued, because a poll started or ended too late (all sources).",
             namespace=ns, registry=reg,
         )  # fmt: skip
         self._sources: dict[str, SourceMetrics] = {}

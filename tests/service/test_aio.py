@@ -28,7 +28,7 @@ def test_backoff_full_jitter_draws_between_zero_and_the_ceiling_from_the_given_r
     expected = random.Random(5)
     delays = [backoff.next() for _ in range(6)]
     ceilings = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    assert delays == [expected.uniform(0.0, c) for c in ceilings]
+    assert delays == [c * (1 - expected.random()) for c in ceilings]
     assert all(0.0 <= d <= c for d, c in zip(delays, ceilings, strict=True))
     assert len(set(delays)) == len(delays)  # really random, not the ceilings
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,13 @@ WAIT_S = 30.0
 
 
 # -- the service with a bad source and a healthy one -------------------------------------------
+
+
+class NoJitter(random.Random):
+    """Ticks exactly on their grid and backoff delays at their ceiling."""
+
+    def random(self) -> float:
+        return 0.0
 
 
 @dataclass
@@ -100,7 +108,8 @@ async def service(bad: dict[str, Any]) -> AsyncIterator[Service]:
         healthy = {"name": "healthy", "interval": INTERVAL_S, "http": {"url": docs.url("healthy")}}
         raw = {"broker": {"url": f"nats://{LOOPBACK}:9"}, "sources": [bad, healthy]}
         sink = MemorySink()
-        bridge = Bridge(parse_config(raw, env={}), sink=sink, shutdown_grace_s=1)
+        # Pinned randomness: the service's retries have full jitter, these delays are exact.
+        bridge = Bridge(parse_config(raw, env={}), sink=sink, shutdown_grace_s=1, rng=NoJitter())
         stop = asyncio.Event()
         task = asyncio.create_task(bridge.run(stop))
         try:

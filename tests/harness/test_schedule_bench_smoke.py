@@ -1,0 +1,29 @@
+"""`bench/schedule_bench.py` and `bench/folder_bench.py` still run (minimal modes; figures untested)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import schedule_bench
+
+pytestmark = pytest.mark.servers
+
+
+def test_schedule_bench_smoke() -> None:
+    rows = schedule_bench.run_rows(
+        sources=20, interval=0.5, seconds=1.0, replicas=(1,), lease_ttl=1.0
+    )
+    assert [row.bench for row in rows] == ["schedule"] * 3
+    assert all(row.ratio is not None and math.isfinite(row.ratio) for row in rows)
+    assert rows[2].values["led"] == 20
+
+
+def test_folder_bench_smoke() -> None:
+    from bench import folder_bench
+
+    rows = folder_bench.run_rows(files=1500, repeat=1)
+    assert [row.bench for row in rows] == ["folder"] * 2
+    assert all(row.ratio is not None and math.isfinite(row.ratio) for row in rows)
+    assert rows[1].values["unpacked"] == 0
