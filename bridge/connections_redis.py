@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, cast
 import redis.asyncio
 import redis.exceptions
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelManagedConnection
 
 from bridge.redis_urls import (
@@ -46,7 +47,7 @@ from bridge.redis_urls import (
 )
 
 if TYPE_CHECKING:
-    from redis.asyncio.connection import AbstractConnection
+    from redis.asyncio.connection import AbstractConnection, Connection
 
     from bridge.connection_settings import TlsConfig
 
@@ -89,20 +90,21 @@ def clustered_client(
     tls: TlsConfig | None,
     credentials: Any,
     options: dict[str, Any],
+    *,
+    tls_connection: type[Connection],
+    tls_sentinel_connection: type[SentinelManagedConnection],
 ) -> redis.asyncio.Redis:
     """The client of a ``+cluster`` or ``+sentinel`` URL.
 
-    ``credentials``: a redis-py ``CredentialProvider`` (None: the URL's user and password);
-    ``options``: the keyword arguments :func:`bridge.connections.redis_client` got (timeouts,
-    ``retry``). A :class:`~redis.asyncio.cluster.RedisCluster` is not a subclass of
-    ``redis.asyncio.Redis`` but offers the same commands: it is returned as one.
+    ``credentials``: a redis-py ``CredentialProvider`` (None: none, or the URL's username
+    alone); ``options``: the keyword arguments :func:`bridge.connections.redis_client` got
+    (timeouts, ``retry``); ``tls_connection`` / ``tls_sentinel_connection``: the connection
+    classes with the bridge's TLS context (:mod:`bridge.connections`). A
+    :class:`~redis.asyncio.cluster.RedisCluster` is not a subclass of ``redis.asyncio.Redis``
+    but offers the same commands: it is returned as one.
     """
-    from bridge.connections import TlsConnection, _Credentials  # the TLS context of the bridge
-
     target = parse_redis_url(url)
     use_tls = target.tls or tls is not None
-    if credentials is None and target.password is not None:
-        credentials = _Credentials(target.username, target.password)
     auth: dict[str, Any] = {}
     if credentials is not None:
         auth["credential_provider"] = credentials
@@ -117,26 +119,40 @@ def clustered_client(
         kwargs.pop("lib_version", None)
         node_kwargs: dict[str, Any] = {}
         if use_tls:
-            node_kwargs = {"connection_class": TlsConnection, "tls_config": tls}
+            node_kwargs = {"connection_class": tls_connection, "tls_config": tls}
         client = _Cluster(
             startup_nodes=[ClusterNode(h, p, **node_kwargs) for h, p in target.hosts],
             retry=retry,
             driver_info=None,
             **kwargs,
         )
-        if use_tls:  # nodes learnt later are made with the same connection class
+        if use_tls:  # the startup nodes (redis-py rebuilds them) and the nodes learnt later
             client.nodes_manager.connection_kwargs.update(node_kwargs)
+            for node in client.nodes_manager.startup_nodes.values():
+                node.connection_class = tls_connection
+                node.connection_kwargs["tls_config"] = tls
         return cast("redis.asyncio.Redis", client)
     sentinel_kwargs: dict[str, Any] = {k: v for k, v in options.items() if k.startswith("socket_")}
     data_kwargs: dict[str, Any] = {**auth, **options}
     if use_tls:
-        data_kwargs["connection_class"] = TlsSentinelConnection
+        data_kwargs["connection_class"] = tls_sentinel_connection
         data_kwargs["tls_config"] = tls
-        sentinel_kwargs["connection_class"] = TlsConnection
-        sentinel_kwargs["tls_config"] = tls
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.hosts), sentinel_kwargs=sentinel_kwargs, **data_kwargs
     )
+    if use_tls:  # the sentinels over TLS too (redis.asyncio.Redis takes no connection class)
+        sentinel.sentinels = [
+            redis.asyncio.Redis.from_pool(
+                ConnectionPool(
+                    host=host,
+                    port=port,
+                    connection_class=tls_connection,
+                    tls_config=tls,
+                    **sentinel_kwargs,
+                )
+            )
+            for host, port in target.hosts
+        ]
     assert target.service is not None
     primary = cast(
         "_SentinelPrimary",
@@ -193,23 +209,6 @@ class _Cluster(RedisCluster):
             if isinstance(exc, redis.exceptions.RedisError):
                 raise
             raise ClusterUnavailable(str(exc)) from exc
-
-
-class TlsSentinelConnection(SentinelManagedConnection):
-    """A connection to the primary a Sentinel names, over TLS with the bridge's context."""
-
-    def __init__(self, *, tls_config: TlsConfig | None = None, **kwargs: Any) -> None:
-        self.tls_config = tls_config
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-
-    def _connection_arguments(self) -> Any:
-        from bridge.connections import ssl_context
-
-        arguments = dict(super()._connection_arguments())
-        arguments["ssl"] = ssl_context(self.tls_config)
-        if self.tls_config is not None and self.tls_config.server_name:
-            arguments["server_hostname"] = self.tls_config.server_name
-        return arguments
 
 
 @contextlib.asynccontextmanager

@@ -146,3 +146,25 @@ async def test_cluster_url_gives_a_cluster_client_with_tls_for_rediss() -> None:
     assert redis_tls_required("rediss+cluster://h:1/", None)
     assert redis_tls_required("rediss+sentinel://h:1/m", None)
     assert not redis_tls_required("redis+sentinel://h:1/m", None)
+
+
+async def test_rediss_topologies_use_the_bridges_tls_connection_classes() -> None:
+    from bridge.connection_settings import TlsConfig
+    from bridge.connections import TlsConnection, TlsSentinelConnection
+
+    tls = TlsConfig(server_name="redis.internal")
+    cluster = redis_client("rediss+cluster://127.0.0.1:7000/", tls)
+    sentinel = redis_client("rediss+sentinel://127.0.0.1:26379/mymaster", tls)
+    try:
+        assert isinstance(cluster, RedisCluster)
+        assert cluster.nodes_manager.connection_kwargs["connection_class"] is TlsConnection
+        for node in cluster.nodes_manager.startup_nodes.values():
+            assert node.connection_class is TlsConnection
+        pool = sentinel.connection_pool
+        assert pool.connection_class is TlsSentinelConnection
+        assert pool.connection_kwargs["tls_config"] is tls
+        for client in sentinel.sentinels.sentinels:
+            assert client.connection_pool.connection_class is TlsConnection
+    finally:
+        await cluster.aclose()
+        await sentinel.aclose()
