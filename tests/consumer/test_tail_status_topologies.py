@@ -46,8 +46,8 @@ async def test_status_reads_the_election_state(redis_url: str, tmp_path: Path) -
     client = redis_client(redis_url)
     try:
         leases = LeaseClient(client, "replica-a", ttl_s=30, prefix=DEFAULT_PREFIX)
-        lease = await leases.acquire("files")
-        assert lease is not None
+        [_lease] = await leases.acquire_many(["files"])  # lives by the membership:
+        await leases.heartbeat(["files"])  # renewed here
         config = tmp_path / "bridge.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -114,6 +114,7 @@ async def test_tail_follows_an_r3_stream_across_a_leader_change(
                     break
                 except PublishError:
                     continue
+            await asyncio.to_thread(leader.start)  # back with its store
             second = await t.line()
             code, _rest = await t.interrupt()
     finally:

@@ -240,19 +240,20 @@ class NatsCluster:
         return found[-1]
 
     def wait_stream_healthy(self, stream: str) -> None:
-        """Until the stream has a leader and every running node reports it healthy
-        (``/healthz?account=$G&stream=...``: current, and reachable from that node)."""
+        """Until the stream has a running leader that reports every replica on a running node
+        current (its ``/jsz`` view)."""
 
         def healthy() -> bool:
-            if self.stream_leader(stream) is None:
+            info = self.stream_info(stream)
+            if info is None:
                 return False
-            for node in self.nodes:
-                if not node.running:
-                    continue
-                answer = _json(f"{node.monitor_url}/healthz?account=%24G&stream={stream}")
-                if answer is None or answer.get("status") != "ok":
-                    return False
-            return True
+            cluster = info.get("cluster") or {}
+            leader = cluster.get("leader")
+            running = {f"koprs-test-{n.port}" for n in self.nodes if n.running}
+            if leader not in running:
+                return False
+            replicas = [r for r in cluster.get("replicas") or [] if r.get("name") in running]
+            return all(r.get("current") and not r.get("offline") for r in replicas)
 
         wait_until(healthy, f"stream {stream} healthy on every node")
 
