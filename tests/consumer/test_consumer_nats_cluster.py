@@ -107,9 +107,9 @@ async def test_watch_goes_on_across_a_node_failure(
             victim = next(node for node in nats_cluster.nodes if node.port == port)
         await asyncio.to_thread(kill, victim)
         c = ev.make(Added, ["c"])
-        await single.publish_retrying(sink, c)
-        await seen.wait_for(lambda s: c[0].id in s.ids)
+        await single.publish_retrying(sink, c)  # on the two nodes left
         await asyncio.to_thread(victim.start)  # back with its store
+        await seen.wait_for(lambda s: c[0].id in s.ids)
         d = ev.make(Modified, ["a"], etag="e2")
         await single.publish_retrying(sink, d)
         await seen.wait_for(lambda s: d[0].id in s.ids)
