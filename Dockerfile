@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # koprs-bridge container image.
 #
 #   docker build -t koprs-bridge .
@@ -8,7 +6,9 @@
 # Stage 1 builds the wheel and installs it, with the s3, fast and otel extras, into a
 # virtual environment; stage 2 copies only that environment onto a clean slim image. The
 # final image has no compiler, no build backend and no pip in the environment, runs as the
-# unprivileged uid/gid 10001 and works with a read-only root filesystem.
+# unprivileged uid/gid 10001 and works with a read-only root filesystem. It uses no BuildKit-only
+# syntax, so it has no `# syntax=` line: that line makes BuildKit fetch a frontend image from a
+# registry. Without a registry, scripts/compose-e2e builds it on a local Python image.
 
 ARG PYTHON_IMAGE=python:3.12-slim
 

@@ -9,3 +9,8 @@ bench:  ## every benchmark, full size (about 10 minutes); BENCH_ARGS=--write-res
 
 bench-quick:  ## the same rows, smaller (about 2 minutes)
 	$(PYTHON) -m bench --quick $(BENCH_ARGS)
+
+.PHONY: compose-e2e
+
+compose-e2e:  ## the compose stack end to end, images built locally (scripts/compose-e2e; root, Debian)
+	./scripts/compose-e2e

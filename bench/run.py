@@ -12,6 +12,7 @@ failover    SIGKILL of a leader -> first event of the next, vs lease_ttl bench/f
 schedule    5,000 HTTP sources every 10 s (lag, missed ticks, CPU, RSS)   bench/schedule_bench.py
             vs plain httpx; leader election's Redis commands, 1/3 replicas
 folder      no-change poll CPU and state of a 1,000,000-file local: folder bench/folder_bench.py
+recovery    100,000 items' state rebuilt from NATS / Redis vs a raw read bench/recovery_bench.py
 ==========  ==========================================================  =====================
 
 and prints one table: the bridge's figure, the reference measured in the same run, their
@@ -45,7 +46,17 @@ from bench.common import (
 )
 from bench.common import write_rows as _write_rows
 
-BENCHES = ("publish", "http", "s3", "diff", "latency", "failover", "schedule", "folder")
+BENCHES = (
+    "publish",
+    "http",
+    "s3",
+    "diff",
+    "latency",
+    "failover",
+    "schedule",
+    "folder",
+    "recovery",
+)
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 # Per benchmark: the options of a full run and of a quick one.
@@ -58,6 +69,7 @@ FULL: dict[str, dict[str, Any]] = {
     "failover": {"runs": 6, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
     "schedule": {"sources": 5000, "interval": 10.0, "seconds": 30.0, "replicas": (1, 3)},
     "folder": {"files": 1_000_000, "repeat": 2},
+    "recovery": {"items": 100_000, "rounds": 2},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "publish": {"events": 5000, "rounds": 2, "batch": 1000},
@@ -73,6 +85,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "replicas": (1, 3),
         "lease_ttl": 4.0,
     },
+    "recovery": {"items": 20_000, "rounds": 1},
 }
 
 
@@ -198,6 +211,10 @@ def runner(name: str) -> Callable[..., list[Row]]:
         from bench import failover_bench
 
         return failover_bench.run_rows
+    if name == "recovery":
+        from bench import recovery_bench
+
+        return recovery_bench.run_rows
     raise ValueError(f"unknown benchmark {name!r}")
 
 

@@ -11,6 +11,9 @@ messages per channel (``added``, ``modified``, ``removed``):
 Messages follow the configured content mode: ``binary`` carries the CloudEvent attributes as
 ``ce-*`` headers (NATS headers, or the entry's fields on Redis) and the ``data`` as payload;
 ``structured`` carries the whole CloudEvent as payload (``application/cloudevents+json``).
+Every message also carries ``koprs-kind``, ``koprs-version`` and ``koprs-revision`` (NATS headers,
+or entry fields on Redis, in both modes): outside the CloudEvent, what rebuilding a source's state
+from the broker reads (:mod:`bridge.state.recovery`).
 Payloads reference ``components.schemas``, which embeds the JSON Schemas of ``schemas/v1/``
 (their ``$id`` kept, so a ``dataschema`` URI names them): ``http-resource`` for ``http:``
 sources, ``stored-object`` for ``s3:`` and ``local:`` ones, and the envelope ``cloudevent``.
@@ -27,7 +30,14 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from bridge.cloudevents import DATA_CONTENT_TYPE, SCHEMA_BASE_URI, event_type
+from bridge.cloudevents import (
+    DATA_CONTENT_TYPE,
+    KIND_HEADER,
+    REVISION_HEADER,
+    SCHEMA_BASE_URI,
+    VERSION_HEADER,
+    event_type,
+)
 from bridge.events import EventKind
 from bridge.schemas import load_schema
 from bridge.secrets import redact_url
@@ -40,6 +50,7 @@ __all__ = ["ASYNCAPI_VERSION", "asyncapi_document", "render"]
 ASYNCAPI_VERSION = "3.0.0"
 KINDS: tuple[EventKind, ...] = ("added", "modified", "removed")
 _ENVELOPE = "cloudevent"
+_STATE = "state-headers"
 _DATA_SCHEMA = {"http": "http-resource", "s3": "stored-object", "local": "stored-object"}
 _SCHEMA_KEYS = {
     "cloudevent": "CloudEventV1",
@@ -230,14 +241,22 @@ def _message(broker: BrokerConfig, kind: EventKind, data: str) -> dict[str, Any]
         if nats:
             message["headers"] = {
                 "type": "object",
-                "required": ["content-type", MSG_ID_HEADER],
+                "required": ["content-type", MSG_ID_HEADER, *_state_headers(kind)],
                 "properties": {
                     "content-type": {"const": STRUCTURED_CONTENT_TYPE},
                     MSG_ID_HEADER: {
                         "type": "string",
                         "description": "The CloudEvent id (JetStream deduplication).",
                     },
+                    **_state_headers(kind),
                 },
+            }
+        else:
+            message["headers"] = {
+                "type": "object",
+                "description": "The stream entry's fields beside event.",
+                "required": list(_state_headers(kind)),
+                "properties": _state_headers(kind),
             }
         message["payload"] = {
             "allOf": [
@@ -258,6 +277,15 @@ def _message(broker: BrokerConfig, kind: EventKind, data: str) -> dict[str, Any]
     return message
 
 
+def _state_headers(kind: EventKind) -> dict[str, Any]:
+    """The ``koprs-*`` headers (fields) of every message, from ``schemas/v1/state-headers.json``:
+    what recovery reads."""
+    properties: dict[str, Any] = copy.deepcopy(load_schema(_schema_uri(_STATE)))["properties"]
+    properties[KIND_HEADER] = {"const": kind, "description": properties[KIND_HEADER]["description"]}
+    assert set(properties) == {KIND_HEADER, VERSION_HEADER, REVISION_HEADER}
+    return properties
+
+
 def _binary_headers(kind: EventKind, data: str, *, nats: bool) -> dict[str, Any]:
     envelope = load_schema(_schema_uri(_ENVELOPE))
     attributes: dict[str, Any] = envelope["properties"]
@@ -276,6 +304,8 @@ def _binary_headers(kind: EventKind, data: str, *, nats: bool) -> dict[str, Any]
             required.append(f"ce-{name}")
     properties["content-type"] = {"const": DATA_CONTENT_TYPE}
     required.append("content-type")
+    properties.update(_state_headers(kind))
+    required += _state_headers(kind)
     if nats:
         properties[MSG_ID_HEADER] = {
             "type": "string",

@@ -5,9 +5,12 @@
 ``check --config FILE``   validate a config file and exit (2 when invalid)
 ``status --config FILE``  which replica leads which source (leader election in Redis)
 ``tail --config FILE | --broker URL [--source NAME ...] [--json] [--from-start]``
-                          follow the broker: one line per event (JSON lines with --json)
+                          follow the broker: one line per event (JSON lines with --json);
+                          ``--stats``: consumers and their lag; ``--dead-letters``: dead letters
 ``asyncapi --config FILE [--format json|yaml]``
                           print the AsyncAPI 3.0 document of what the bridge publishes
+``init [--http URL] [--s3 s3://BUCKET/PREFIX] [--local PATH] [--broker URL] [--redis URL]``
+                          write a commented starter bridge.yaml for those sources
 ``config-schema``         print the JSON Schema of the config file (for editors and CI)
 
 ``--log-level`` goes before or after the subcommand. Invalid configs exit with status 2 and
@@ -66,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tail(args)
         if args.command == "asyncapi":
             return _asyncapi(args.config, args.format)
+        if args.command == "init":
+            return _init(args)
         if args.command == "config-schema":
             return _config_schema()
     except ConfigError as exc:
@@ -154,13 +159,67 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--subject-prefix", help="with --broker nats://: subject prefix (default koprs.external)"
     )
+    shown = tail.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--stats", action="store_true", help="print the consumers (groups) and their lag, exit"
+    )
+    shown.add_argument(
+        "--dead-letters", action="store_true", help="follow the dead letters, not the events"
+    )
     asyncapi = command(
         "asyncapi", help="print the AsyncAPI 3.0 document of what the bridge publishes"
     )
     asyncapi.add_argument("--config", type=Path, required=True)
     asyncapi.add_argument("--format", choices=["json", "yaml"], default="json")
+    init = command(
+        "init",
+        help="write a commented starter bridge.yaml",
+        description="Write a starter config for the sources named (at least one); "
+        "`check` accepts it as written.",
+    )
+    init.add_argument("--http", action="append", default=[], metavar="URL", help="repeatable")
+    init.add_argument(
+        "--s3", action="append", default=[], metavar="s3://BUCKET/PREFIX", help="repeatable"
+    )
+    init.add_argument("--local", action="append", default=[], metavar="PATH", help="repeatable")
+    init.add_argument("--broker", default="nats://127.0.0.1:4222", help="nats:// or redis:// URL")
+    init.add_argument("--redis", metavar="URL", help="leader election's Redis (several replicas)")
+    init.add_argument("--interval", default="30s", help="poll interval of each source (30s)")
+    init.add_argument(
+        "--output", type=Path, default=Path("bridge.yaml"), help="file to write; - for stdout"
+    )
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
     command("config-schema", help="print the JSON Schema of the config file")
     return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    import yaml
+
+    from bridge.service.config import parse_config
+    from bridge.service.starter import StarterOptions, starter_config
+
+    text = starter_config(
+        StarterOptions(
+            broker=args.broker,
+            redis=args.redis,
+            http=args.http,
+            s3=args.s3,
+            local=args.local,
+            interval=args.interval,
+        )
+    )
+    parse_config(yaml.safe_load(text), origin="<koprs-bridge init>", env={})  # check accepts it
+    if str(args.output) == "-":
+        sys.stdout.write(text)
+        return 0
+    if args.output.exists() and not args.force:
+        raise BridgeError(f"{args.output} exists: choose another --output, or --force")
+    args.output.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output}; next:")
+    print(f"  koprs-bridge check --config {args.output}")
+    print(f"  koprs-bridge run --config {args.output}")
+    return 0
 
 
 def _shared_options(parser: argparse.ArgumentParser, *, default: str | None) -> None:
@@ -238,6 +297,8 @@ def _tail(args: argparse.Namespace) -> int:
         as_json=args.json,
         from_start=args.from_start,
         subject_prefix=args.subject_prefix,
+        stats=args.stats,
+        dead_letters=args.dead_letters,
     )
     return run_tail(options)
 
@@ -279,17 +340,13 @@ def _logging_from(config: BridgeConfig, args: argparse.Namespace) -> BridgeConfi
 
 
 async def _run_embedded(inbox: Path, home: Path, stop: asyncio.Event) -> int:
-    from bridge.service.embedded import embedded_config, nats_server, print_events
+    from bridge.service.embedded import banner, embedded_config, nats_server, print_events
     from bridge.service.runner import Bridge
 
     inbox.mkdir(parents=True, exist_ok=True)
     async with nats_server(home / "nats") as url:
         config = embedded_config(url, inbox, home)
-        print(f"koprs-bridge: embedded NATS JetStream at {url} (data in {home / 'nats'})")
-        print(f"koprs-bridge: watching {inbox.absolute()} - add, change or delete files there")
-        print(
-            "koprs-bridge: events go to subjects koprs.external.inbox.>; Ctrl-C stops", flush=True
-        )
+        print(banner(url, inbox, home), flush=True)
         await Bridge(config, on_published=print_events).run(stop)
     return 0
 

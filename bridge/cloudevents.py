@@ -11,6 +11,12 @@ content is a new ``Added``).
 ``data`` is documented by the JSON Schemas in ``schemas/v1/`` and ``dataschema`` names the one
 that applies. HTTP bodies up to ``max_inline_body_bytes`` are inlined (UTF-8 text as is,
 anything else base64); larger bodies are described by their digest and size only.
+
+Beside the CloudEvent (not part of it: transport headers, like ``Nats-Msg-Id``), every message
+carries what rebuilding a source's state from the broker needs (:mod:`bridge.state.recovery`),
+in both content modes: ``koprs-kind`` (``added``, ``modified``, ``removed``), ``koprs-version``
+(the item's version token, percent-encoded like the ``ce-*`` headers) and ``koprs-revision``
+(the revision its id derives from). :func:`state_headers` builds them.
 """
 
 from __future__ import annotations
@@ -30,14 +36,18 @@ from bridge.jsonable import jsonable, orjson
 
 __all__ = [
     "DATA_CONTENT_TYPE",
+    "KIND_HEADER",
+    "REVISION_HEADER",
     "SCHEMA_BASE_URI",
     "SPEC_VERSION",
+    "VERSION_HEADER",
     "CloudEvent",
     "ContentMode",
     "EventEncoder",
     "event_id",
     "event_type",
     "header_value",
+    "state_headers",
 ]
 
 ContentMode = Literal["binary", "structured"]
@@ -78,6 +88,10 @@ class CloudEvent:
     encoded_data: bytes | None = field(default=None, repr=False, compare=False)
     """``data`` already encoded as :meth:`data_bytes` would (set by the encoder, which knows
     its data is plain JSON), so publishing does not encode it again."""
+    version: str | None = field(default=None, compare=False)
+    """The item's version token (part of the id; sent as ``koprs-version``)."""
+    revision: int | None = field(default=None, compare=False)
+    """The revision the id derives from (sent as ``koprs-revision``)."""
 
     def attributes(self) -> dict[str, str]:
         """The context attributes (everything but ``data``)."""
@@ -139,6 +153,22 @@ def _header(value: str) -> str:
 
 _HEADER_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 _NEEDS_QUOTING = re.compile(r'[^\x21-\x7e]|["%]')
+
+
+KIND_HEADER = "koprs-kind"
+VERSION_HEADER = "koprs-version"
+REVISION_HEADER = "koprs-revision"
+
+
+def state_headers(event: CloudEvent) -> dict[str, str]:
+    """The ``koprs-*`` headers of ``event`` (none for an event built without a revision)."""
+    if event.revision is None or event.version is None:
+        return {}
+    return {
+        KIND_HEADER: event.type[len(TYPE_PREFIX) + 1 :].partition(".")[0],
+        VERSION_HEADER: _header(event.version),
+        REVISION_HEADER: str(event.revision),
+    }
 
 
 def header_value(raw: str) -> str:
@@ -204,6 +234,8 @@ class EventEncoder:
             data=data,
             encoded_data=encoded,
             traceparent=self.traceparent,
+            version=version,
+            revision=revision,
         )
 
 

@@ -25,6 +25,10 @@ the config's, or the one that captures the subject prefix), Redis with
 :func:`~bridge.consumer.redis.watch_redis` (no group). Events that do not decode are logged on
 stderr and skipped. Status messages go to stderr (``following ...`` once the subscription is in
 place); Ctrl-C (SIGINT) or SIGTERM ends it with exit status 0.
+
+``--stats`` prints the consumers (NATS durable consumers, Redis groups) with their lag and the
+dead-letter counts once and exits; ``--dead-letters`` follows the dead letters instead of the
+events (see :mod:`bridge.consumer.inspection`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from urllib.parse import urlsplit
 
 from bridge.aio import stop_on_signals, stop_with_grace
 from bridge.connection_settings import AuthConfig, TlsConfig
-from bridge.connections import describe_error, redis_session
+from bridge.connections import describe_error, redis_client, redis_session
 from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
@@ -77,6 +81,10 @@ class TailOptions:
     """TLS settings of the broker connection (from the config's ``broker.tls``)."""
     auth: AuthConfig | None = None
     """Credentials of the broker connection (from the config's ``broker.auth``)."""
+    stats: bool = False
+    """Print the consumers and their lag once, then exit."""
+    dead_letters: bool = False
+    """Follow the dead letters instead of the events."""
 
     @classmethod
     def from_args(
@@ -88,6 +96,8 @@ class TailOptions:
         as_json: bool,
         from_start: bool,
         subject_prefix: str | None,
+        stats: bool = False,
+        dead_letters: bool = False,
     ) -> TailOptions:
         """Options from the command line (``--config`` or ``--broker``); ConfigError if wrong."""
         for name in sources:
@@ -109,6 +119,8 @@ class TailOptions:
                 stream=loaded.broker.stream,
                 tls=loaded.broker.tls,
                 auth=loaded.broker.auth,
+                stats=stats,
+                dead_letters=dead_letters,
             )
         assert broker is not None
         scheme = urlsplit(broker).scheme.lower()
@@ -128,6 +140,8 @@ class TailOptions:
             as_json=as_json,
             from_start=from_start,
             subject_prefix=subject_prefix or DEFAULT_SUBJECT_PREFIX,
+            stats=stats,
+            dead_letters=dead_letters,
         )
 
 
@@ -243,6 +257,13 @@ async def _open_redis(options: TailOptions) -> tuple[Watch, Closer]:
             f"no koprs:external:* stream on {redact_url(options.url)} yet: name the sources "
             "with --source (their streams may be created later)"
         )
+    if not options.sources:  # Redis has no subject wildcard: the streams are named up front
+        print(
+            f"koprs-bridge tail: the streams that exist now are {', '.join(sources)}; a source "
+            "whose stream appears later is not followed: name it with --source, or start tail "
+            "again",
+            file=sys.stderr,
+        )
     watch = watch_redis(
         options.url,
         sources,
@@ -336,8 +357,76 @@ async def _follow(watch: Watch, options: TailOptions, out: TextIO) -> None:
         await item.ack()
 
 
+async def _inspect(options: TailOptions, stop: asyncio.Event) -> int:
+    """``--stats`` (once) or ``--dead-letters`` (until stopped)."""
+    from bridge.consumer import inspection
+
+    if options.kind == "redis":
+        sources = options.sources or await _redis_sources(options)
+        client = redis_client(
+            options.url, options.tls, options.auth, socket_timeout=10, socket_connect_timeout=10
+        )
+        try:
+            if options.stats:
+                stats = await inspection.redis_stats(client, sources)
+                print(inspection.format_stats(stats, as_json=options.as_json))
+                return 0
+            follow: Awaitable[None] = inspection.follow_redis_dead_letters(
+                client, sources, sys.stdout, as_json=options.as_json
+            )
+            _following(options, "the dead letters of " + ", ".join(sources))
+            await _until_stopped(follow, stop)
+            return 0
+        finally:
+            await client.aclose()
+    from bridge.connections import connect_nats
+
+    nc = await connect_nats(
+        options.url, options.tls, options.auth, name="koprs-bridge-tail", connect_timeout_s=10
+    )
+    try:
+        js = nc.jetstream()
+        stream = options.stream or await js.find_stream_name_by_subject(
+            f"{options.subject_prefix}.>"
+        )
+        if options.stats:
+            stats = await inspection.nats_stats(js, stream)
+            print(inspection.format_stats(stats, as_json=options.as_json))
+            return 0
+        follow = inspection.follow_nats_dead_letters(
+            js, stream, options.subject_prefix, sys.stdout, as_json=options.as_json
+        )
+        _following(options, f"the dead letters of stream {stream}")
+        await _until_stopped(follow, stop)
+        return 0
+    finally:
+        await nc.close()
+
+
+def _following(options: TailOptions, what: str) -> None:
+    where = redact_url(options.url)
+    print(f"koprs-bridge tail: following {where} ({what}); Ctrl-C stops", file=sys.stderr)
+    sys.stderr.flush()
+
+
+async def _until_stopped(work: Awaitable[None], stop: asyncio.Event) -> None:
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopping):
+            pending.cancel()
+        await asyncio.gather(task, stopping, return_exceptions=True)
+    error = task.exception() if task.done() and not task.cancelled() else None
+    if error is not None:
+        raise error
+
+
 async def _main(options: TailOptions) -> int:
     with stop_on_signals(asyncio.Event()) as stop:
+        if options.stats or options.dead_letters:
+            return await _inspect(options, stop)
         watch, close = await (_open_nats if options.kind == "nats" else _open_redis)(options)
         follow = asyncio.create_task(_follow(watch, options, sys.stdout))
         stopping = asyncio.create_task(stop.wait())

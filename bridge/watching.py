@@ -281,17 +281,33 @@ async def watch_external_with_config(
     """
     clock = clock or LoopClock()
     schedule = Schedule(config, clock.monotonic(), rng)
+    failing_since = 0.0
     while True:
         try:
             events = await source.poll()
         except Exception as exc:  # any poll failure is retried, never fatal
-            delay = schedule.next_delay(clock.monotonic(), ok=False)
+            now = clock.monotonic()
+            failing_since = failing_since if schedule.failures else now
+            delay = schedule.next_delay(now, ok=False)
             log_poll_failure(source.name, exc, schedule.failures, delay)
         else:
+            now = clock.monotonic()
+            if schedule.failures:
+                log_recovery(source.name, schedule.failures, now - failing_since)
             for event in events:
                 yield event
-            delay = schedule.next_delay(clock.monotonic(), ok=True)
+            delay = schedule.next_delay(now, ok=True)
         await clock.sleep(delay)
+
+
+def log_recovery(name: str, failures: int, failing_s: float) -> None:
+    """One line when a source works again after failures: how many, for how long."""
+    log.info(
+        "source %r recovered: polled and delivered again after %d failed attempt(s) over %.1fs",
+        name,
+        failures,
+        failing_s,
+    )
 
 
 def log_poll_failure(name: str, exc: BaseException, failures: int, delay_s: float) -> None:

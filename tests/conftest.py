@@ -1,6 +1,8 @@
 """Fixtures shared by the whole test suite.
 
-Servers (see ``tests/support/servers.py``), each started once per session on its own loopback port:
+Servers (see ``tests/support/servers.py``), each started once per session on its own loopback
+port, as local binaries, or as containers with ``KOPRS_TEST_CONTAINERS=1``
+(``tests/support/containers.py``: the same classes and lifecycle, so the same test code):
 
 - ``redis_server`` (:class:`RedisServer`): ``.url``, ``.port``, ``stop()``, ``start()``,
   ``restart()``, ``pause()``, ``resume()``, ``flushall()``.
@@ -35,6 +37,7 @@ import pytest
 import pytest_asyncio
 
 from bridge.telemetry.logs import quiet_asyncio_tls_notice
+from tests.support import containers
 from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet
 from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
@@ -78,17 +81,17 @@ def _ensure_running(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    yield from _session_server(RedisServer())
+    yield from _session_server(containers.redis_server())
 
 
 @pytest.fixture(scope="session")
 def nats_server() -> Iterator[NatsServer]:
-    yield from _session_server(NatsServer())
+    yield from _session_server(containers.nats_server())
 
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    yield from _session_server(S3Server())
+    yield from _session_server(containers.s3_server())
 
 
 # Clusters (tests/support/clusters.py): started once per session, only when a test asks for one.
@@ -168,6 +171,18 @@ def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     name = f"{stem}-{uuid.uuid4().hex[:12]}".strip("-")
     s3_server.create_bucket(name)
     return name
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if containers.containers_wanted():
+        # nats-py leaks the socket of a reconnection attempt that docker-proxy accepted while
+        # the server container was stopped (the published port stays open); with local
+        # binaries the connection is refused and nothing leaks. Only those two objects.
+        config.addinivalue_line(
+            "filterwarnings",
+            r"ignore:Exception ignored in. <(function StreamWriter\.__del__|socket\.socket)"
+            r":pytest.PytestUnraisableExceptionWarning",
+        )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

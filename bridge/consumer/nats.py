@@ -43,6 +43,20 @@ memory wants the list on every start: give it no durable name (or a new one). Fa
 durable name gets every event; watches sharing one name (other tasks, other processes) share its
 messages, each message going to one of them. An existing consumer with other filter subjects is
 a :class:`~bridge.errors.ConfigError` (delete it, or pick another name).
+With ``list_on_resume=True`` an existing durable lists too: through a short-lived consumer
+(``LAST_PER_SUBJECT``, no acknowledgements), after which the durable goes on after the list's
+last message (what it holds up to there is acknowledged quietly, the list covers it); its
+:class:`Synced` has ``listed=True``, a resume without a list ``listed=False``.
+
+**Expired history**: when a durable's acknowledgement floor is before the stream's first
+message at start, or a pull jumps past the watch's position to after the stream's first
+message while running (messages expired or dropped by the stream's age, size or count limits
+before they were read), the watch logs it and lists again (the durable goes on after the list,
+as above); without ``list_first`` the loss is logged.
+
+**Poison messages**: deliveries carry ``num_delivered`` (``attempt``), bounded by
+``max_deliveries`` (see :func:`~bridge.consumer.run_handler`); a dead letter goes to the stream
+``<stream>_DEADLETTER`` (:mod:`bridge.consumer.dead_letters`).
 
 **Without a durable name** an ephemeral consumer is used; the server deletes it
 ``inactive_threshold_s`` after the watch stopped pulling, and :meth:`NatsWatch.aclose` deletes
@@ -80,11 +94,12 @@ from typing import Any
 
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from bridge.aio import Backoff
 from bridge.connections import connect_nats, describe_error
 from bridge.consumer.nats_config import ErrorPolicy, NatsWatchConfig
-from bridge.consumer.nats_consumers import NatsConsumers
+from bridge.consumer.nats_consumers import NatsConsumers, drops_from_the_front
 from bridge.consumer.nats_messages import RETRYABLE, Session, Stopped, error_text
 from bridge.errors import BridgeError
 from bridge.secrets import redact_url
@@ -149,6 +164,11 @@ class NatsWatch(NatsConsumers):
         return self.config.sources
 
     @property
+    def durable_name(self) -> str | None:
+        """The durable consumer's name (None: ephemeral), e.g. for metrics labels."""
+        return self.config.durable
+
+    @property
     def consumer_name(self) -> str | None:
         """The name of the consumer in use (the durable name, or the server's ephemeral name)."""
         return self._session.consumer if self._session is not None else self.config.durable
@@ -202,8 +222,18 @@ class NatsWatch(NatsConsumers):
             self._session = await self._open(None)
             return
         session = self._session
+        if session.then_bind is not None and not session.listing:
+            self._session = await self._continue_durable(session)
+            return
         msgs = await self._fetch(session)
         if self._reconnects() != session.reconnects:
+            if session.then_bind is not None:
+                log.info(
+                    "NATS %s reconnected during the list: listing again", self._where
+                )  # fmt: skip
+                await self._drop(session)
+                self._session = await self._open(None)
+                return
             if self.config.durable is None:
                 # the server may have restarted, and it does not keep an ephemeral consumer's
                 # position: discard what it gave (it is not settled: it comes again), recreate
@@ -215,12 +245,17 @@ class NatsWatch(NatsConsumers):
                 return
             session.reconnects = self._reconnects()
             session.strict = False  # a list goes on from the durable position, as a catch-up
+        if msgs and await self._lost_before(session, msgs):
+            return
         if msgs:
             for msg in msgs:
                 await self._accept(session, msg)
             return
         info = await self._consumer_info(session.consumer)
-        if info is None:
+        if info is None and session.then_bind is not None:
+            log.warning("the list's consumer %s is gone: listing again", session.consumer)
+            self._session = await self._open(None)
+        elif info is None:
             log.warning(
                 "consumer %s of stream %s on %s is gone: creating it again",
                 session.consumer, self.config.stream, self._where,
@@ -228,6 +263,36 @@ class NatsWatch(NatsConsumers):
             self._session = await self._open(session)
         elif session.listing and info.num_pending == 0:
             self._end_listing(session)
+
+    async def _lost_before(self, session: Session, msgs: list[Msg]) -> bool:
+        """Whether messages between the watch's position and ``msgs`` expired or were trimmed
+        (a sequence gap reaching before the stream's first message): then list again, the
+        messages not accepted (True). Without ``list_first`` the loss is logged (False)."""
+        first_seq = msgs[0].metadata.sequence.stream
+        if session.listing or session.position is None or first_seq <= session.position + 1:
+            return False
+        stream = await self._stream_info()
+        start = stream.state.first_seq
+        if start <= session.position + 1 or not drops_from_the_front(stream):
+            return False  # the sequences in between are other subjects' (or kept)
+        cfg = self.config
+        log.warning(
+            "messages of stream %s after sequence %d expired or were trimmed before the watch "
+            "read them (the stream starts at %d now): %s",
+            cfg.stream, session.position, start,
+            "listing again" if cfg.list_first else "going on, they are lost",
+        )  # fmt: skip
+        if not cfg.list_first:
+            return False
+        if cfg.durable is None:
+            self._session = await self._open(session)  # its resume plan lists again
+            return True
+        for msg in msgs:  # they come again, after the list (covered by it, or later)
+            with contextlib.suppress(*RETRYABLE):
+                await msg.nak()
+        await self._drop(session)
+        self._session = await self._prelist(stream, "messages were lost")
+        return True
 
     async def _connect(self) -> None:
         if self._nc is None or (self._owns_client and self._nc.is_closed):

@@ -9,6 +9,7 @@ import re
 from typing import Literal
 
 from bridge.connection_settings import AuthConfig, TlsConfig
+from bridge.consumer.dead_letters import nats_dead_letter_prefix, nats_dead_letter_stream
 from bridge.errors import ConfigError
 from bridge.sinks.nats_config import DEFAULT_STREAM
 from bridge.subjects import DEFAULT_SUBJECT_PREFIX, validate_source_name
@@ -61,6 +62,16 @@ class NatsWatchConfig:
     """Pause between reconnection attempts of a client the watch made itself."""
     retry_max_s: float = 5.0
     """Backoff after errors: from 0.05 s, doubling up to this."""
+    list_on_resume: bool = False
+    """Also list when resuming an existing durable consumer (a cache wants it): the list is
+    read through a short-lived consumer, then the durable goes on after the list's last
+    message (what it held up to there is acknowledged quietly: the list covers it)."""
+    max_deliveries: int | None = 5
+    """Deliveries of one event before :func:`~bridge.consumer.run_handler` dead-letters it
+    (``Delivery.max_attempts``); None: retried for ever."""
+    dead_letters: bool = True
+    """Give deliveries the means to be dead-lettered (see
+    :mod:`bridge.consumer.dead_letters`); False: ``Delivery.dead_letter`` refuses."""
     tls: TlsConfig | None = None
     """TLS of a client the watch makes itself (CA, client certificate); see
     :mod:`bridge.connections`."""
@@ -83,6 +94,18 @@ class NatsWatchConfig:
                 raise ConfigError(
                     f"nats watch: {name} must be 'skip' or 'raise', not {getattr(self, name)!r}"
                 )
+        if self.dead_letter_prefix == self.subject_prefix:
+            raise ConfigError(
+                f"nats watch: subject_prefix {self.subject_prefix!r} ends in 'deadletter', the "
+                "token of the dead-letter subjects: pick another"
+            )
+        if self.max_deliveries is not None and (
+            not isinstance(self.max_deliveries, int) or self.max_deliveries < 1
+        ):
+            raise ConfigError(
+                f"nats watch: max_deliveries must be an integer >= 1 or None, "
+                f"got {self.max_deliveries!r}"
+            )
         for name in ("batch_size", "max_ack_pending"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -95,6 +118,16 @@ class NatsWatchConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"nats watch: {name} must be >= 0 seconds, got {value!r}")
+
+    @property
+    def dead_letter_prefix(self) -> str:
+        """The subject prefix of dead letters (``koprs.deadletter``)."""
+        return nats_dead_letter_prefix(self.subject_prefix)
+
+    @property
+    def dead_letter_stream(self) -> str:
+        """The stream of dead letters (``KOPRS_EXTERNAL_DEADLETTER``)."""
+        return nats_dead_letter_stream(self.stream)
 
     @property
     def filter_subjects(self) -> list[str]:

@@ -14,7 +14,6 @@ import logging
 
 import nats.js.errors
 from nats.aio.client import Client
-from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamInfo
 
 from bridge.consumer.base import Synced
@@ -36,7 +35,6 @@ class NatsConsumers(NatsMessages):
         super().__init__(config)
         self._nc = nc
         self._where = where
-        self._js: JetStreamContext | None = None
         self._waiting_for_stream = False
 
     async def _open(self, previous: Session | None) -> Session:
@@ -49,6 +47,10 @@ class NatsConsumers(NatsMessages):
         if cfg.durable is not None:
             info = await self._consumer_info(cfg.durable)
             if info is not None:
+                if previous is None and cfg.list_first:
+                    why = "list_on_resume" if cfg.list_on_resume else self._lost_since(info, stream)
+                    if why:
+                        return await self._prelist(stream, why)
                 return await self._bind_existing(info, stream, previous)
         if previous is None:
             plan, start = ("list", 0) if cfg.list_first else ("resume", stream.state.last_seq + 1)
@@ -74,7 +76,7 @@ class NatsConsumers(NatsMessages):
             if previous is not None:
                 self._carry_over(previous, session, listing=plan == "catch_up")
         if previous is None and plan != "list":
-            self._ready.append(Synced(cfg.sources))
+            self._ready.append(Synced(cfg.sources, listed=False))
         if session.listing and info.num_pending == 0:
             self._end_listing(session)
         return session
@@ -103,7 +105,7 @@ class NatsConsumers(NatsMessages):
             return "resume", max(1, state.first_seq)
         if prev.listing:
             return "catch_up", start
-        if start < state.first_seq and _drops_from_the_front(stream) and self.config.list_first:
+        if start < state.first_seq and drops_from_the_front(stream) and self.config.list_first:
             log.warning(
                 "messages of stream %s from sequence %d on may be gone (it starts at %d now): "
                 "listing again",
@@ -133,9 +135,67 @@ class NatsConsumers(NatsMessages):
                 "resuming durable consumer %s of stream %s on %s (not listing again)",
                 info.name, self.config.stream, self._where,
             )  # fmt: skip
-            self._ready.append(Synced(self.config.sources))
+            self._ready.append(Synced(self.config.sources, listed=False))
         elif previous.listing:
             session.listing, session.strict, session.seen = True, False, previous.seen
+        return session
+
+    def _lost_since(self, info: ConsumerInfo, stream: StreamInfo) -> str:
+        """Why messages after the durable's acknowledgement floor may be gone (expired,
+        trimmed), or ``""``."""
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        first = stream.state.first_seq
+        if floor + 1 < first and drops_from_the_front(stream) and stream.state.last_seq >= floor:
+            return (
+                f"its acknowledgement floor {floor} is before the stream's first message "
+                f"{first}: messages it did not get may have expired"
+            )
+        return ""
+
+    async def _prelist(self, stream: StreamInfo, why: str) -> Session:
+        """List through a short-lived consumer; the durable goes on after it
+        (:meth:`_continue_durable`)."""
+        assert self._js is not None
+        assert self.config.durable is not None
+        cfg = self.config
+        if why != "list_on_resume":
+            log.warning(
+                "durable consumer %s of stream %s on %s: %s; listing again",
+                cfg.durable, cfg.stream, self._where, why,
+            )  # fmt: skip
+        consumer_config = self._consumer_config(
+            DeliverPolicy.LAST_PER_SUBJECT, None, listing_only=True
+        )
+        info = await self._js.add_consumer(cfg.stream, consumer_config)
+        session = await self._session_for(info, stream)
+        session.listing, session.then_bind = True, cfg.durable
+        log.info(
+            "listing %s from stream %s on %s, then going on with durable consumer %s",
+            self._what(), cfg.stream, self._where, cfg.durable,
+        )  # fmt: skip
+        if info.num_pending == 0:
+            self._end_listing(session)
+        return session
+
+    async def _continue_durable(self, listed: Session) -> Session:
+        """After a list read by :meth:`_prelist`: the durable consumer, its messages up to the
+        list's last one acknowledged quietly (the list covers them)."""
+        assert self._js is not None
+        assert listed.then_bind is not None
+        upto = listed.floor if listed.position is None else listed.position
+        stream = await self._stream_info()
+        info = await self._consumer_info(listed.then_bind)
+        if info is None:
+            config = self._consumer_config(DeliverPolicy.BY_START_SEQUENCE, upto + 1)
+            info = await self._js.add_consumer(self.config.stream, config)
+        self._check_durable(info)
+        session = await self._session_for(info, stream)
+        session.position = session.skip_upto = upto
+        await self._drop(listed)
+        log.info(
+            "going on with durable consumer %s of stream %s after sequence %d",
+            info.name, self.config.stream, upto,
+        )  # fmt: skip
         return session
 
     async def _session_for(self, info: ConsumerInfo, stream: StreamInfo) -> Session:
@@ -149,19 +209,22 @@ class NatsConsumers(NatsMessages):
             floor=stream.state.last_seq,
         )
 
-    def _consumer_config(self, policy: DeliverPolicy, start: int | None) -> ConsumerConfig:
+    def _consumer_config(
+        self, policy: DeliverPolicy, start: int | None, *, listing_only: bool = False
+    ) -> ConsumerConfig:
         cfg = self.config
         filters = cfg.filter_subjects
+        durable = None if listing_only else cfg.durable
         return ConsumerConfig(
-            name=cfg.durable,
-            durable_name=cfg.durable,
-            description="koprs-bridge watch",
+            name=durable,
+            durable_name=durable,
+            description="koprs-bridge watch" + (" (list)" if listing_only else ""),
             deliver_policy=policy,
             opt_start_seq=start,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=cfg.ack_wait_s,
-            max_ack_pending=cfg.max_ack_pending,
-            inactive_threshold=None if cfg.durable else cfg.inactive_threshold_s,
+            ack_policy=AckPolicy.NONE if listing_only else AckPolicy.EXPLICIT,
+            ack_wait=None if listing_only else cfg.ack_wait_s,
+            max_ack_pending=None if listing_only else cfg.max_ack_pending,
+            inactive_threshold=None if durable else cfg.inactive_threshold_s,
             filter_subject=filters[0] if len(filters) == 1 else None,
             filter_subjects=filters if len(filters) > 1 else None,
         )
@@ -213,7 +276,7 @@ class NatsConsumers(NatsMessages):
         """Unsubscribe; delete an ephemeral consumer (best effort: it expires anyway)."""
         with contextlib.suppress(*RETRYABLE, ValueError):
             await session.sub.unsubscribe()
-        if self.config.durable is None and self._js is not None:
+        if (self.config.durable is None or session.then_bind is not None) and self._js:
             with contextlib.suppress(*RETRYABLE):
                 await asyncio.wait_for(
                     self._js.delete_consumer(self.config.stream, session.consumer),
@@ -225,7 +288,7 @@ class NatsConsumers(NatsMessages):
         return int(self._nc.stats["reconnects"])
 
 
-def _drops_from_the_front(stream: StreamInfo) -> bool:
+def drops_from_the_front(stream: StreamInfo) -> bool:
     """Whether the stream discards messages by age, size or count (not only per subject)."""
     config = stream.config
     return (config.max_age or 0) > 0 or (config.max_bytes or -1) > 0 or (config.max_msgs or -1) > 0

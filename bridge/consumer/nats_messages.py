@@ -20,9 +20,11 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from bridge.connections import ConnectError
 from bridge.consumer.base import Delivery, Synced
+from bridge.consumer.dead_letters import DEAD_LETTER_MAX_MSGS, dead_letter_fields
 from bridge.consumer.decoding import Envelope, UnknownEventTypeError, decode_nats
 from bridge.consumer.nats_config import NatsWatchConfig
 from bridge.consumer.queueing import QueuedWatch
@@ -68,6 +70,9 @@ class Session:
     consumer: they are acknowledged quietly and not delivered again."""
     more: bool = True
     """The last message said more are pending: pull a batch rather than one."""
+    then_bind: str | None = None
+    """A list read through a short-lived consumer (no acknowledgements) before the watch goes
+    on with this durable consumer, after the list's last message."""
 
 
 class NatsMessages(QueuedWatch):
@@ -78,6 +83,7 @@ class NatsMessages(QueuedWatch):
         super().__init__()
         self.config = config
         self._stop: asyncio.Future[None] | None = None
+        self._js: JetStreamContext | None = None
 
     # -- messages --
 
@@ -95,6 +101,9 @@ class NatsMessages(QueuedWatch):
         meta = msg.metadata
         seq = meta.sequence.stream
         session.more = meta.num_pending > 0
+        if session.then_bind is not None and not session.listing:
+            return  # the list is through: the durable consumer delivers the rest
+        before = session.position
         if session.position is None or seq > session.position:
             session.position = seq
         if seq <= session.skip_upto and seq not in session.redeliver:
@@ -112,6 +121,10 @@ class NatsMessages(QueuedWatch):
                 initial = True  # a listed message delivered again
             elif session.strict and meta.num_delivered == 1:
                 self._end_listing(session)  # changed after the snapshot: the first live change
+                if session.then_bind is not None:
+                    session.position = before  # the durable consumer delivers it
+                    session.unsettled.discard(seq)
+                    return
         try:
             envelope = decode_nats(
                 msg.subject, msg.headers, msg.data, subject_prefix=self.config.subject_prefix
@@ -137,7 +150,7 @@ class NatsMessages(QueuedWatch):
         session.seen = {}
         if session.position is None:
             session.position = session.floor
-        self._ready.append(Synced(self.config.sources))
+        self._ready.append(Synced(self.config.sources, listed=True))
         log.info("listed %s: watching", self._what())
 
     async def _undecodable(self, session: Session, msg: Msg, seq: int, exc: DecodeError) -> None:
@@ -153,13 +166,96 @@ class NatsMessages(QueuedWatch):
     def _delivery(
         self, session: Session, msg: Msg, seq: int, envelope: Envelope, *, initial: bool
     ) -> Delivery:
+        meta = msg.metadata
+
         async def ack() -> None:
             await self._settle(session, msg, seq, "ack")
 
         async def nak(delay_s: float) -> None:
-            await self._settle(session, msg, seq, "nak", delay_s)
+            if session.then_bind is None:
+                await self._settle(session, msg, seq, "nak", delay_s)
+                return
+            # listed through a consumer without acknowledgements: this watch delivers it again
+            again = dataclasses.replace(delivery, initial=False, attempt=delivery.attempt + 1)
+            loop = asyncio.get_running_loop()
+            loop.call_later(max(0.0, delay_s), self._ready.append, again)
 
-        return Delivery(envelope, initial=initial, _ack=ack, _nak=nak)
+        async def dead_letter(error: str) -> bool:
+            return await self._dead_letter(session, msg, seq, error)
+
+        delivery = Delivery(
+            envelope,
+            initial=initial,
+            attempt=max(1, meta.num_delivered),
+            max_attempts=self.config.max_deliveries,
+            position=(seq, 0),
+            pending=meta.num_pending,
+            _ack=ack,
+            _nak=nak,
+            _dead_letter=dead_letter if self.config.dead_letters else None,
+        )
+        return delivery
+
+    async def _dead_letter(self, session: Session, msg: Msg, seq: int, error: str) -> bool:
+        """Write ``msg`` with ``error`` to the dead-letter stream, then acknowledge it."""
+        cfg = self.config
+        if self._js is None or self._closed:
+            return False
+        rest = msg.subject[len(cfg.subject_prefix) :]
+        subject = cfg.dead_letter_prefix + rest
+        consumer = cfg.durable or session.consumer
+        origin = f"{cfg.stream}:{seq}"
+        headers = {
+            **(msg.headers or {}),
+            **dead_letter_fields(error, msg.metadata.num_delivered, consumer, origin),
+            "Nats-Msg-Id": f"{origin}:{consumer}",
+        }
+        try:
+            try:
+                await self._guarded(
+                    self._js.publish(
+                        subject, msg.data, timeout=cfg.request_timeout_s,
+                        stream=cfg.dead_letter_stream, headers=headers,
+                    )
+                )  # fmt: skip
+            except (nats.js.errors.NoStreamResponseError, nats.js.errors.NotFoundError):
+                await self._guarded(self._make_dead_letter_stream())
+                await self._guarded(
+                    self._js.publish(
+                        subject, msg.data, timeout=cfg.request_timeout_s,
+                        stream=cfg.dead_letter_stream, headers=headers,
+                    )
+                )  # fmt: skip
+        except (Stopped, *RETRYABLE) as exc:
+            log.warning(
+                "could not dead-letter message %d of stream %s to %s: %s",
+                seq, cfg.stream, cfg.dead_letter_stream, error_text(exc),
+            )  # fmt: skip
+            return False
+        await self._settle(session, msg, seq, "ack")
+        return True
+
+    async def _make_dead_letter_stream(self) -> None:
+        assert self._js is not None
+        cfg = self.config
+        log.info(
+            "creating stream %s for the dead letters of stream %s (subjects %s.>)",
+            cfg.dead_letter_stream, cfg.stream, cfg.dead_letter_prefix,
+        )  # fmt: skip
+        try:
+            await self._js.add_stream(
+                StreamConfig(
+                    name=cfg.dead_letter_stream,
+                    description=f"koprs-bridge dead letters of stream {cfg.stream}",
+                    subjects=[f"{cfg.dead_letter_prefix}.>"],
+                    storage=StorageType.FILE,
+                    retention=RetentionPolicy.LIMITS,
+                    discard=DiscardPolicy.OLD,
+                    max_msgs=DEAD_LETTER_MAX_MSGS,
+                )
+            )
+        except nats.js.errors.BadRequestError:
+            log.debug("stream %s exists already (made meanwhile)", cfg.dead_letter_stream)
 
     async def _settle(
         self,
@@ -171,6 +267,8 @@ class NatsMessages(QueuedWatch):
     ) -> None:
         """Acknowledge, nak or terminate; a failure is logged, not raised: the message is
         delivered again (at least once)."""
+        if session.then_bind is not None:
+            return  # a consumer without acknowledgements
         try:
             if how == "ack" and self.config.confirm_acks and not self._closed:
                 await self._guarded(msg.ack_sync(timeout=self.config.request_timeout_s))

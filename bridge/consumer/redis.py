@@ -46,15 +46,31 @@ replica, loading) is logged and the step tried again with exponential backoff, f
 other Redis error (a key of the wrong type...) is raised. After an error, and after every read
 that waited ``block_s`` for nothing, the watch checks whether the server lost data (restarted
 without persistence, failed over to an empty replica, a stream deleted): a stream whose last
-entry id is below the last one read, or (with a group) that lacks the group. Then, like the NATS
+entry id is below the last one read, whose count of entries ever added is below what the watch
+read (created again), or (with a group) that lacks the group. Then, like the NATS
 watch and kube-rs' watcher after a gap, it **lists again** (initial deliveries, then a new
 :class:`Synced`, so a :class:`~bridge.consumer.reflector.Reflector` drops what the new list
 lacks) and goes on after that list, creating the group again at its position. Without
 ``list_first`` it reads such a stream from its start instead (everything in it is new), and
 creates a missing group again at the last entry id read if the stream still holds it, else at
 ``0``. A reply lost with a broken connection leaves its entries pending in the group:
-``XAUTOCLAIM`` delivers them after ``claim_idle_s``. Entries trimmed by ``MAXLEN`` before this
-watch read them are not noticed: size ``maxlen`` for the slowest consumer.
+``XAUTOCLAIM`` delivers them after ``claim_idle_s``.
+
+**Trimmed history**: before each read the watch compares how many entries were trimmed from the
+stream's front (``entries-added`` - ``length``) with how many it (its group: the server's
+``entries-read``, kept since groups are created with ``ENTRIESREAD``) had read. More trimmed
+than read means entries it never got are gone: it logs that and lists that stream again (then
+the group's entries up to the list's position are acknowledged quietly: the list covers them);
+a pending entry found trimmed does the same. Without ``list_first`` the loss is logged. Still,
+size ``maxlen`` for the slowest consumer.
+
+``list_on_resume=True`` lists a stream that has the group too (a cache that starts empty wants
+it), with :class:`Synced` ``listed=True``; a resumed group otherwise sends ``listed=False``.
+Deliveries carry the group's delivery count (``attempt``, ``XPENDING`` for redeliveries and
+claims), bounded by ``max_deliveries`` (see :func:`~bridge.consumer.run_handler`); a dead letter
+goes to the stream ``koprs:deadletter:<source>`` (:mod:`bridge.consumer.dead_letters`). With a
+group, consumers with nothing pending idle for ``prune_idle_s`` are deleted from it at each
+claim round.
 
 Entries that do not decode (not a koprs CloudEvent, unknown type or version) are logged and
 skipped, and acknowledged with a group; with ``on_decode_error="raise"`` the
@@ -74,8 +90,6 @@ import dataclasses
 import heapq
 import itertools
 import logging
-import os
-import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
@@ -103,30 +117,85 @@ __all__ = ["SNAPSHOT_SCRIPT", "RedisWatch", "RedisWatchConfig", "watch_redis"]
 log = logging.getLogger(__name__)
 
 SNAPSHOT_SCRIPT = """
--- KEYS[1] stream, KEYS[2] items hash; ARGV[1] group ('' for none), ARGV[2] '1' to list
--- returns {last entry id, 1 if the stream has the group, else 0, HGETALL of the items (or {}
--- when not listing or the group exists)}: one atomic read, consistent with the sink's writes
-local last, has_group = '0-0', 0
+-- KEYS[1] stream, KEYS[2] items hash; ARGV[1] group ('' for none), ARGV[2] '1' to list when
+-- the stream lacks the group or entries after the group's position were trimmed, '2' to list
+-- in any case, '0' not to list
+-- returns {last entry id, 1 if the stream has the group else 0, HGETALL of the items (or {}),
+-- entries ever added, length, the group's last delivered id, the group's entries-read (-1:
+-- unknown), the group's lag (-1: unknown), 1 if entries after the group's position were
+-- trimmed else 0, the first entry id}: one atomic read, consistent with the sink's writes
+local function before(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local last, has_group, added, length, first = '0-0', 0, 0, 0, '0-0'
+local delivered, entries_read, lag, trimmed = '0-0', -1, -1, 0
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'stream' then
   local info = redis.call('XINFO', 'STREAM', KEYS[1])
   for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
+    local name = info[i]
+    if name == 'last-generated-id' then last = info[i + 1]
+    elseif name == 'entries-added' then added = info[i + 1]
+    elseif name == 'length' then length = info[i + 1]
+    elseif name == 'recorded-first-entry-id' then first = info[i + 1] end
   end
   if ARGV[1] ~= '' then
     for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-      for i = 1, #group, 2 do
-        if group[i] == 'name' and group[i + 1] == ARGV[1] then has_group = 1 end
+      local fields = {}
+      for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+      if fields['name'] == ARGV[1] then
+        has_group = 1
+        delivered = fields['last-delivered-id']
+        if fields['entries-read'] then entries_read = fields['entries-read'] end
+        if fields['lag'] then lag = fields['lag'] end
       end
+    end
+  end
+  if has_group == 1 and length > 0 then
+    if entries_read >= 0 then
+      if added - length > entries_read then trimmed = 1 end
+    elseif before(delivered, first) and added > length then
+      trimmed = 1
     end
   end
 elseif kind ~= 'none' then
   return redis.error_reply('WRONGTYPE ' .. KEYS[1] .. ' holds a ' .. kind .. ', not a stream')
 end
 local items = {}
-if ARGV[2] == '1' and has_group == 0 then items = redis.call('HGETALL', KEYS[2]) end
-return {last, has_group, items}
+if ARGV[2] == '2' or (ARGV[2] == '1' and (has_group == 0 or trimmed == 1)) then
+  items = redis.call('HGETALL', KEYS[2])
+end
+return {last, has_group, items, added, length, delivered, entries_read, lag, trimmed, first}
 """
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StreamState:
+    """What :data:`SNAPSHOT_SCRIPT` tells of one stream."""
+
+    last: str
+    has_group: bool
+    items: dict[str, str]
+    added: int
+    """Entries ever added to the stream."""
+    length: int
+    group_position: str
+    """The group's last delivered id."""
+    entries_read: int | None
+    """The group's count of entries read (None: unknown to the server)."""
+    lag: int | None
+    """Entries not yet delivered to the group (None: unknown)."""
+    trimmed: bool
+    """Entries after the group's position were trimmed before the group read them."""
+
+    @property
+    def removed(self) -> int:
+        """Entries trimmed (or deleted) from the front so far."""
+        return self.added - self.length
+
 
 _LIST_BATCH = 256
 """Entries of the list fetched in one pipelined round trip."""
@@ -145,6 +214,10 @@ def watch_redis(
     block_s: float = 5.0,
     claim_idle_s: float = 60.0,
     retry_max_s: float = 5.0,
+    list_on_resume: bool = False,
+    max_deliveries: int | None = 5,
+    dead_letters: bool = True,
+    prune_idle_s: float | None = 3600.0,
     tls: TlsConfig | None = None,
     auth: AuthConfig | None = None,
 ) -> RedisWatch:
@@ -160,6 +233,10 @@ def watch_redis(
         block_s=block_s,
         claim_idle_s=claim_idle_s,
         retry_max_s=retry_max_s,
+        list_on_resume=list_on_resume,
+        max_deliveries=max_deliveries,
+        dead_letters=dead_letters,
+        prune_idle_s=prune_idle_s,
         tls=tls,
         auth=auth,
     )
@@ -190,19 +267,22 @@ class RedisWatch(RedisEntries):
         else:
             super().__init__(config, url_or_client)
             self._owns_client, self._where = False, "Redis"
-        self.consumer = config.consumer or f"{socket.gethostname()}-{os.getpid()}"
         self._listing: deque[tuple[str, str, str]] = deque()
         """(stream, item key, entry id) still to fetch for the list."""
-        self._to_create: dict[str, str] = {}
-        """Per stream: the id to create the group at once the list is through."""
+        self._to_create: dict[str, tuple[str, int]] = {}
+        """Per stream: the id to create the group at once the list is through, and the count of
+        entries up to it."""
         self._own_pending: dict[str, str] = {}
         """Per stream: where the next read of this consumer's pending entries starts."""
         self._claim_from = dict.fromkeys(self._sources, "0-0")
         self._next_claim = 0.0
         self._started = self._synced = False
-        self._check_streams = False
-        """Set after a Redis error or an idle read: look for streams (or groups) the server
-        lost."""
+        self._listed = True
+        """Whether the last start listed every stream (``Synced.listed``)."""
+        self._prune_idle_s = config.prune_idle_s
+        self._said_no_counts = False
+        self._relist: set[str] = set()
+        """Streams to list again at the next start, even though they have the group."""
         self._cluster_reads = (
             ClusterReads() if is_cluster(self._client) and len(self._sources) > 1 else None
         )
@@ -220,15 +300,21 @@ class RedisWatch(RedisEntries):
                 await self._retrying(self._create_groups)
                 if not self._closed:
                     self._synced = True
-                    self._ready.append(Synced(tuple(self._sources.values())))
+                    self._ready.append(Synced(tuple(self._sources.values()), listed=self._listed))
             else:
                 await self._retrying(self._read_live)
 
+    @property
+    def durable_name(self) -> str | None:
+        """The group's name (None: no group), e.g. for metrics labels."""
+        return self.group
+
     async def _release(self) -> None:
-        """Close the client the watch made."""
+        """Close the client the watch made (once acknowledgements in flight are through)."""
         if self._cluster_reads is not None:
             await self._cluster_reads.cancel()
         if self._owns_client:
+            await self._acks_done(timeout_s=2.0)
             await self._client.aclose()
 
     # -- phases --
@@ -236,33 +322,72 @@ class RedisWatch(RedisEntries):
     async def _start(self) -> None:
         if self._cluster_reads is not None:  # reads from old positions
             await self._cluster_reads.cancel()
-        snapshots = await self._snapshot(list_items=self.config.list_first)
+        cfg = self.config
+        snapshots = await self._snapshot(list_items=cfg.list_first, force=self._relist)
         self._own_pending.clear()
         self._to_create.clear()
+        self._listed_upto.clear()
         self._claim_from = dict.fromkeys(self._sources, "0-0")
         listing: list[tuple[str, str, str]] = []
-        for stream, (last, has_group, items) in snapshots.items():
-            self._cursor[stream] = last
-            if self.group is not None and has_group:
+        self._listed = cfg.list_first
+        for stream, state in snapshots.items():
+            self._cursor[stream] = state.last
+            resumed = self.group is not None and state.has_group
+            trimmed = resumed and state.trimmed
+            if trimmed and cfg.list_first:
+                log.warning(
+                    "%s on %s: entries after %s were trimmed before group %r read them; "
+                    "listing again",
+                    stream, self._where, state.group_position, self.group,
+                )  # fmt: skip
+            listed = cfg.list_first and (
+                not resumed or cfg.list_on_resume or trimmed or stream in self._relist
+            )
+            self._listed = self._listed and listed
+            self._entries_read[stream] = state.added
+            if resumed:
                 self._own_pending[stream] = "0-0"
+                if listed:  # the group's entries up to here are covered by the list
+                    self._listed_upto[stream] = state.last
+                    self._entries_read[stream] = state.added
+                else:
+                    self._entries_read.pop(stream, None)
             elif self.group is not None:
-                self._to_create[stream] = last
-            listing += sorted(((stream, key, entry) for key, entry in items.items()), key=_by_id)
+                self._to_create[stream] = (state.last, state.added)
+            if listed:
+                items = state.items.items()
+                listing += sorted(((stream, key, entry) for key, entry in items), key=_by_id)
+        self._relist.clear()
+        self._pending_trimmed.clear()
         self._listing = deque(listing)
         self._started = True
 
-    async def _snapshot(self, *, list_items: bool) -> dict[str, tuple[str, bool, dict[str, str]]]:
-        """Per stream: (last entry id, has the group, {item key: entry id} when listed)."""
+    async def _snapshot(
+        self, *, list_items: bool, force: set[str] | None = None
+    ) -> dict[str, _StreamState]:
+        """Per stream: what :data:`SNAPSHOT_SCRIPT` returns (items: those listed)."""
         pipe = self._client.pipeline(transaction=False)
         for stream in self._sources:
             keys = (stream, items_key(self._sources[stream], self.config.stream_prefix))
-            args = (self.group or "", "1" if list_items else "0")
-            pipe.execute_command("EVAL", SNAPSHOT_SCRIPT, 2, *keys, *args)
+            always = self.config.list_on_resume or stream in (force or ())
+            how = ("2" if always else "1") if list_items else "0"
+            pipe.execute_command("EVAL", SNAPSHOT_SCRIPT, 2, *keys, self.group or "", how)
         replies = await keep_cancellation(pipe.execute())
         result = {}
-        for stream, (last, has_group, flat) in zip(self._sources, replies, strict=True):
+        for stream, reply in zip(self._sources, replies, strict=True):
+            last, has_group, flat, added, length, delivered, read, lag, trimmed, _first = reply
             items = {text(k): text(v) for k, v in zip(flat[::2], flat[1::2], strict=True)}
-            result[stream] = (text(last), bool(has_group), items)
+            result[stream] = _StreamState(
+                last=text(last),
+                has_group=bool(has_group),
+                items=items,
+                added=int(added),
+                length=int(length),
+                group_position=text(delivered),
+                entries_read=int(read) if int(read) >= 0 else None,
+                lag=int(lag) if int(lag) >= 0 else None,
+                trimmed=bool(trimmed),
+            )
         return result
 
     async def _fetch_list(self) -> None:
@@ -283,17 +408,24 @@ class RedisWatch(RedisEntries):
             envelope = self._decode(stream, entry_id, found[0][1])
             if envelope is not None:
                 added = dataclasses.replace(envelope, event=Added(envelope.event.resource))
-                self._ready.append(self._delivery(stream, entry_id, added, initial=True))
+                self._ready.append(
+                    self._delivery(stream, entry_id, added, fields=found[0][1], initial=True)
+                )
 
     async def _create_groups(self) -> None:
         assert self.group is not None or not self._to_create
-        for stream, position in list(self._to_create.items()):
-            await self._create_group(stream, position)
+        for stream, (position, entries_read) in list(self._to_create.items()):
+            await self._create_group(stream, position, entries_read)
             del self._to_create[stream]
 
-    async def _create_group(self, stream: str, position: str) -> None:
+    async def _create_group(self, stream: str, position: str, entries_read: int | None) -> None:
+        """``XGROUP CREATE``; with ``entries_read`` (the count of entries up to ``position``)
+        the server keeps the group's count of entries read, which tells trimmed entries."""
+        counted = () if entries_read is None else ("ENTRIESREAD", entries_read)
         try:
-            await self._command("XGROUP", "CREATE", stream, self.group, position, "MKSTREAM")
+            await self._command(
+                "XGROUP", "CREATE", stream, self.group, position, "MKSTREAM", *counted
+            )
         except redis.exceptions.ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise
@@ -304,10 +436,9 @@ class RedisWatch(RedisEntries):
         await self._release_retries(loop.time())
         if self._ready:
             return
-        if self._check_streams:
-            await self._recover_lost_streams()
-            if not self._started:  # to list again
-                return
+        await self._check_history()
+        if not self._started:  # to list again
+            return
         if self.group is not None:
             if self._own_pending:
                 await self._read_own_pending()
@@ -315,6 +446,7 @@ class RedisWatch(RedisEntries):
             if loop.time() >= self._next_claim:
                 self._next_claim = loop.time() + self.config.claim_idle_s
                 await self._autoclaim()
+                await self._prune_consumers()
                 if self._ready:
                     return
         wait = self.config.block_s
@@ -339,9 +471,7 @@ class RedisWatch(RedisEntries):
             )  # fmt: skip
             got = _per_stream(reply)
         for stream, entries in got:
-            await self._accept(stream, entries)
-        # idle: the time to notice a stream the server lost (read from where it no longer is)
-        self._check_streams = not got
+            await self._accept(stream, entries, lag=self._lag.get(stream))
 
     async def _read_each(self, block_ms: int, wait_s: float) -> list[tuple[str, list[Any]]]:
         """Redis Cluster: a blocking read of each stream, left running between calls."""
@@ -387,7 +517,7 @@ class RedisWatch(RedisEntries):
                 del self._own_pending[stream]
                 continue
             self._own_pending[stream] = text(entries[-1][0])
-            await self._accept(stream, entries)
+            await self._accept(stream, entries, counts=await self._counts(stream, entries))
 
     async def _autoclaim(self) -> None:
         idle_ms = int(self.config.claim_idle_s * 1000)
@@ -404,7 +534,7 @@ class RedisWatch(RedisEntries):
                 )  # fmt: skip
             if reply[1]:
                 log.info("claimed %d idle pending entries of %s", len(reply[1]), stream)
-            await self._accept(stream, reply[1])
+            await self._accept(stream, reply[1], counts=await self._counts(stream, reply[1]))
 
     async def _release_retries(self, now: float) -> None:
         """Deliver again what was nak'ed and is due (an ``XCLAIM`` first, with a group)."""
@@ -422,39 +552,124 @@ class RedisWatch(RedisEntries):
             if not claimed:
                 log.debug("%s of %s: acknowledged or claimed by another consumer since its nak",
                           retry.entry_id, retry.stream)  # fmt: skip
-            await self._accept(retry.stream, claimed)
+            counts = await self._counts(retry.stream, claimed)
+            await self._accept(retry.stream, claimed, counts=counts)
 
-    async def _recover_lost_streams(self) -> None:
-        """Look for streams (or groups) the server lost: list again, or without ``list_first``
-        read them from their start (a missing group is created again)."""
+    async def _prune_consumers(self) -> None:
+        """Delete the group's consumers with nothing pending, idle for ``prune_idle_s``."""
+        idle_s = self._prune_idle_s
+        if idle_s is None or self.group is None:
+            return
+        for stream in self._sources:
+            try:
+                consumers = await keep_cancellation(
+                    self._client.xinfo_consumers(stream, self.group)
+                )
+            except redis.exceptions.NoPermissionError as exc:
+                log.warning("not pruning dead consumers of group %r: %s", self.group, exc)
+                self._prune_idle_s = None
+                return
+            for consumer in consumers:
+                name = text(consumer["name"])
+                if name == self.consumer or int(consumer["pending"]) > 0:
+                    continue
+                if int(consumer["idle"]) < idle_s * 1000:
+                    continue
+                await self._command("XGROUP", "DELCONSUMER", stream, self.group, name)
+                log.info(
+                    "deleted consumer %r of group %r of %s (nothing pending, idle %.0f s)",
+                    name, self.group, stream, int(consumer["idle"]) / 1000,
+                )  # fmt: skip
+
+    async def _counts(self, stream: str, entries: list[Any]) -> dict[str, int]:
+        """Per entry id: how many times the group delivered it (``XPENDING``)."""
+        if self.group is None or not entries:
+            return {}
+        ids = sorted((text(entry[0]) for entry in entries), key=parse_id)
+        try:
+            rows = await keep_cancellation(
+                self._client.xpending_range(
+                    stream, self.group, ids[0], ids[-1], len(entries) * 2, self.consumer
+                )
+            )
+        except redis.exceptions.NoPermissionError as exc:
+            if not self._said_no_counts:
+                self._said_no_counts = True
+                log.warning("delivery counts unknown (redeliveries are not bounded): %s", exc)
+            return {}
+        return {text(row["message_id"]): int(row["times_delivered"]) for row in rows or ()}
+
+    async def _check_history(self) -> None:
+        """Before a read: look for streams (or groups) the server lost, and for entries trimmed
+        (``MAXLEN``) before this watch read them. List those streams again, or without
+        ``list_first`` read them from their start (a missing group is created again); trimmed
+        entries without ``list_first`` are logged as lost."""
         snapshots = await self._snapshot(list_items=False)
-        self._check_streams = False
-        lost = {
-            stream: last
-            for stream, (last, has_group, _items) in snapshots.items()
-            if parse_id(last) < parse_id(self._cursor[stream])
-            or (self.group is not None and not has_group)
-        }
-        for stream, last in lost.items():
+        lost: dict[str, str] = {}
+        trimmed: dict[str, str] = {}
+        for stream, state in snapshots.items():
+            self._lag[stream] = state.lag
+            cursor = self._cursor[stream]
+            if parse_id(state.last) < parse_id(cursor):
+                lost[stream] = f"it ends at {state.last}, before {cursor} already read"
+                continue
+            if self.group is not None and not state.has_group:
+                lost[stream] = f"group {self.group!r} is missing"
+                continue
+            read = self._entries_read.get(stream)
+            if self.group is None and read is not None and state.added < read:
+                lost[stream] = (
+                    f"it was created again ({state.added} entries added, fewer than the {read} "
+                    "this watch knew)"
+                )
+                continue
+            if self._trimmed(stream, state):
+                trimmed[stream] = (
+                    f"{state.removed} entries were trimmed from its front, some before this "
+                    "watch read them"
+                )
+                self._entries_read[stream] = state.removed  # reported once
+            elif stream in self._pending_trimmed:
+                trimmed[stream] = "entries delivered but not acknowledged were trimmed"
+        self._pending_trimmed.clear()
+        for stream, why in {**lost, **trimmed}.items():
             log.warning(
-                "%s on %s: %s; %s", stream, self._where,
-                f"group {self.group!r} is missing"
-                if parse_id(last) >= parse_id(self._cursor[stream])
-                else f"it ends at {last}, before {self._cursor[stream]} already read",
-                "listing again" if self.config.list_first else "reading it from its start",
+                "%s on %s: %s; %s", stream, self._where, why,
+                "listing again"
+                if self.config.list_first
+                else "reading it from its start" if stream in lost else "they are lost",
             )  # fmt: skip
-        if lost and self._cluster_reads is not None:
-            await self._cluster_reads.cancel()
-        if lost and self.config.list_first:
+        if (lost or trimmed) and self._cluster_reads is not None:
+            await self._cluster_reads.cancel()  # reads from positions no longer right
+        if (lost or trimmed) and self.config.list_first:
+            self._relist |= set(trimmed)
             self._started = self._synced = False
             self._retries.clear()  # stale: the list brings every item's latest event
             return
-        for stream, last in lost.items():
-            if parse_id(last) < parse_id(self._cursor[stream]):
+        for stream, state in snapshots.items():
+            if stream not in lost:
+                continue
+            read = self._entries_read.get(stream)
+            recreated = self.group is None and read is not None and state.added < read
+            if parse_id(state.last) < parse_id(self._cursor[stream]) or recreated:
                 self._cursor[stream] = "0-0"
             if self.group is not None:
-                await self._create_group(stream, self._cursor[stream])
+                await self._create_group(stream, self._cursor[stream], None)
                 self._claim_from[stream] = "0-0"
+            self._entries_read[stream] = 0 if self._cursor[stream] == "0-0" else state.added
+
+    def _trimmed(self, stream: str, state: _StreamState) -> bool:
+        """Whether entries were trimmed from the stream before this watch (its group) read them:
+        more were removed from the front than had been read."""
+        if state.length == 0:
+            return False
+        known = self._entries_read.get(stream)
+        if self.group is None:
+            return known is not None and state.removed > known
+        read = state.entries_read
+        if read is None and known is None:
+            return state.trimmed  # the server's estimate from ids
+        return state.removed > max(read or 0, known or 0)
 
     # -- errors --
 
@@ -472,12 +687,10 @@ class RedisWatch(RedisEntries):
                 log.warning(
                     "Redis %s: %s; trying again in %.2f s", self._where, describe_error(exc), delay
                 )
-                self._check_streams = True
             except redis.exceptions.ResponseError as exc:
                 if not str(exc).startswith("NOGROUP"):
                     raise
                 log.warning("Redis %s: %s; recreating it", self._where, exc)
-                self._check_streams = True
             await asyncio.sleep(delay)
             delay = backoff.next()
 

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Literal
 
 from bridge.connection_settings import AuthConfig, TlsConfig
+from bridge.consumer.dead_letters import redis_dead_letter_prefix
 from bridge.errors import ConfigError
 from bridge.subjects import REDIS_STREAM_PREFIX, validate_source_name
 
@@ -38,10 +39,28 @@ class RedisWatchConfig:
     """A pending entry idle for this long is claimed (``XAUTOCLAIM``), this often."""
     retry_max_s: float = 5.0
     """Backoff after Redis errors: from 0.05 s, doubling up to this."""
+    list_on_resume: bool = False
+    """Also list when the stream has the group already (a cache wants it): the list is the
+    state at the stream's last entry; the group's entries up to there are acknowledged
+    quietly (the list covers them), later ones are delivered."""
+    max_deliveries: int | None = 5
+    """Deliveries of one entry before :func:`~bridge.consumer.run_handler` dead-letters it
+    (``Delivery.max_attempts``, from the group's delivery count); None: retried for ever."""
+    dead_letters: bool = True
+    """Give deliveries the means to be dead-lettered (the stream
+    ``koprs:deadletter:<source>``, see :mod:`bridge.consumer.dead_letters`)."""
+    prune_idle_s: float | None = 3600.0
+    """With a group: consumers with nothing pending, idle for this long, are deleted from it
+    (``XGROUP DELCONSUMER``; checked every ``claim_idle_s``); None: never."""
     tls: TlsConfig | None = None
     """TLS of a client the watch makes itself (CA, client certificate)."""
     auth: AuthConfig | None = None
     """ACL username/password of a client the watch makes itself."""
+
+    @property
+    def dead_letter_prefix(self) -> str:
+        """The key prefix of the dead-letter streams (``koprs:deadletter:``)."""
+        return redis_dead_letter_prefix(self.stream_prefix)
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -58,6 +77,19 @@ class RedisWatchConfig:
             )
         if self.batch_size < 1:
             raise ConfigError(f"redis watch: batch_size must be >= 1, got {self.batch_size!r}")
+        if self.max_deliveries is not None and (
+            not isinstance(self.max_deliveries, int) or self.max_deliveries < 1
+        ):
+            raise ConfigError(
+                f"redis watch: max_deliveries must be an integer >= 1 or None, "
+                f"got {self.max_deliveries!r}"
+            )
+        if self.prune_idle_s is not None and not (
+            isinstance(self.prune_idle_s, int | float) and self.prune_idle_s >= 0
+        ):
+            raise ConfigError(
+                f"redis watch: prune_idle_s must be >= 0 seconds or None, got {self.prune_idle_s!r}"
+            )
         for name in ("block_s", "claim_idle_s", "retry_max_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and value >= 0):

@@ -19,14 +19,17 @@ How items change the store:
 * ``Added`` / ``Modified`` (listed or live): the item's resource is stored under
   ``(source name, item key)``; ``Removed``: the item leaves the store.
 * :class:`~bridge.consumer.base.Synced` ends a list: the first one marks the store as synced
-  (:meth:`Reflector.wait_synced` returns). Each one also drops, from the sources it covers (all
-  of them when it names none), every item that was not delivered as ``initial`` since the
-  previous one: after a watch lists again (a lost position, see
-  :mod:`bridge.consumer.nats`), items that disappeared meanwhile do not linger.
+  (:meth:`Reflector.wait_synced` returns). One that ends a full list (``Synced.listed``) also
+  drops, from the sources it covers (all of them when it names none), every item that was not
+  delivered as ``initial`` since the previous one: after a watch lists again (a lost position,
+  trimmed history, see :mod:`bridge.consumer.nats`), items that disappeared meanwhile do not
+  linger. One that says the watch resumed without listing drops nothing.
 
-So feed it a watch that lists: one without a durable consumer, or a new one. A watch resuming an
-existing durable consumer or group does not list, and its :class:`Synced` would empty a store
-that was filled before.
+So the store equals the source after :meth:`Reflector.wait_synced` when the watch lists: one
+without a durable consumer or group, a new one, or one with ``list_on_resume=True``, which lists
+even when it resumes an existing durable consumer or group and then goes on from the durable
+position after the list, without losing or repeating a change. A watch that resumes without
+listing only brings changes: a warning says so, and the items that did not change are missing.
 
 Items are kept in the order deliveries arrive: an event delivered again after a ``nak`` can set
 an item back until its later event is delivered again too. :meth:`Reflector.run` acknowledges
@@ -37,6 +40,7 @@ under (``Envelope.source_name``; ``""`` when it could not be told).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -44,6 +48,8 @@ from bridge.consumer.base import Delivery, Synced, Watch, WatchItem
 from bridge.consumer.decoding import Envelope
 
 __all__ = ["Reflector"]
+
+log = logging.getLogger(__name__)
 
 
 class Reflector:
@@ -104,7 +110,13 @@ class Reflector:
     def apply(self, item: WatchItem) -> None:
         """Update the store from one watch item."""
         if isinstance(item, Synced):
-            self._relisted(item.sources)
+            if item.listed:
+                self._relisted(item.sources)
+            elif not self.synced:
+                log.warning(
+                    "reflector: the watch resumed a durable position without listing: items "
+                    "that did not change since are missing (give the watch list_on_resume=True)"
+                )
             self._synced.set()
         elif isinstance(item, Delivery):
             self._apply(item)

@@ -28,9 +28,11 @@ from bridge.settings import (
     duration_at_least,
     kind,
     matching,
+    one_of,
     text,
     together,
 )
+from bridge.sources.stores.local import LocalEtag
 from bridge.subjects import SOURCE_NAME_PATTERN
 
 __all__ = [
@@ -175,6 +177,10 @@ class LocalSourceConfig(ConfigModel):
     prefix: TextOrEmpty = ""
     create: Flag = False
     """Create the folder if it does not exist."""
+    etag: Annotated[LocalEtag, one_of("mtime", "content")] = "mtime"
+    """What decides that a file changed: ``mtime`` (modification time and size, no read: the
+    default) or ``content`` (a digest of the bytes, read again only when mtime or size moved:
+    a ``touch`` or a rewrite with the same bytes is no event)."""
 
     def _problems(self) -> Iterable[Problem]:
         if not self.create and not self.path.is_dir():

@@ -36,8 +36,9 @@ from bridge.errors import BridgeError, FencedError, StateError
 from bridge.events import ExternalEvent
 from bridge.service.vetting import Rejections, encode_checked
 from bridge.sinks import Sink, SizeLimitedSink
-from bridge.sources.base import Changeset, Replay, StatefulSource
+from bridge.sources.base import Changeset, Replay, StateDelta, StatefulSource
 from bridge.state import Intent, StateStore, apply_delta
+from bridge.state.recovery import recover
 from bridge.telemetry.hooks import SourceTelemetry
 from bridge.watching import (
     Clock,
@@ -47,6 +48,7 @@ from bridge.watching import (
     Schedule,
     WatchConfig,
     log_poll_failure,
+    log_recovery,
 )
 
 __all__ = ["PublishedCallback", "SourceLoop", "SourceSpec", "stop_loops"]
@@ -194,6 +196,7 @@ class SourceLoop:
                 await self.clock.sleep(delay)
         due = self.clock.monotonic()
         schedule = Schedule(self.spec.watch, due, self.rng)
+        failing_since = 0.0
         while not self._stopping:
             async with self.slots or contextlib.nullcontext():
                 if self.lag is not None:
@@ -210,6 +213,10 @@ class SourceLoop:
                 break
             missed = schedule.missed
             now = self.clock.monotonic()
+            if error is None and schedule.failures:
+                log_recovery(self.spec.name, schedule.failures, now - failing_since)
+            elif error is not None and not schedule.failures:
+                failing_since = now
             delay = schedule.next_delay(now, ok=error is None)
             if self.lag is not None:
                 self.lag.skipped(schedule.missed - missed)
@@ -257,6 +264,14 @@ class SourceLoop:
             await self.state.reset(self.spec.name)
             checkpoint = None
         if checkpoint is None:
+            # The broker is the fallback checkpoint (bridge.state.recovery).
+            recovered = await recover(source, self.sink, self.spec.name)
+            if recovered is not None:
+                delta: StateDelta = dict(recovered.state)
+                await self.state.commit(self.spec.name, recovered.revision, delta)
+                source.restore(recovered.state)
+                self.revision = recovered.revision
+                return
             # A new lineage of state starts at a random multiple of 2**32, persisted at once, so
             # the ids of its events never repeat those of a lost earlier state (the low 32 bits
             # count committed changesets).

@@ -29,7 +29,7 @@ from bridge.service.config import (
     StateConfig,
 )
 
-__all__ = ["embedded_config", "find_nats_server", "nats_server", "print_events"]
+__all__ = ["banner", "embedded_config", "find_nats_server", "nats_server", "print_events"]
 
 DEFAULT_PORT = 4222
 
@@ -123,6 +123,25 @@ def embedded_config(nats_url: str, inbox: Path, home: Path) -> BridgeConfig:
         ),
         state=StateConfig(path=home / "state"),
     ).located("<embedded default>")
+
+
+def banner(nats_url: str, inbox: Path, home: Path) -> str:
+    """What the embedded default prints at start: where things are and what to do next."""
+    port = nats_url.rsplit(":", 1)[-1]
+    moved = f" (port {DEFAULT_PORT} was taken)" if port != str(DEFAULT_PORT) else ""
+    tail = f"koprs-bridge tail --broker {nats_url} --from-start"
+    return "\n".join(
+        [
+            f"koprs-bridge: embedded default (no --config): NATS JetStream at {nats_url}{moved}",
+            f"  watching  {inbox.absolute()}  every 1 s: add, change or delete files there",
+            f"  data      {home.absolute()}  (NATS store in nats/, checkpoints in state/)",
+            f"  follow    {tail}   (in another terminal)",
+            "  stop      Ctrl-C",
+            "  next      koprs-bridge init --http URL | --s3 s3://BUCKET/PREFIX | --local PATH",
+            "            writes a starter bridge.yaml; then: koprs-bridge run --config bridge.yaml",
+            "events (kind, source, item, id):",
+        ]
+    )
 
 
 def print_events(source_name: str, events: Sequence[CloudEvent]) -> None:

@@ -95,7 +95,7 @@ def build_source(config: SourceConfig) -> SourceSpec:
         local = config.local
         if local.create:
             local.path.mkdir(parents=True, exist_ok=True)
-        store_ = LocalStore(local.path)
+        store_ = LocalStore(local.path, etag=local.etag)
         source = ObjectStorePoller(store_).with_prefix(local.prefix).with_name(config.name)
         uri = store_.uri + (f"/{local.prefix}" if local.prefix else "")
     # Full jitter on retries: sources that failed together (a broker or origin outage) do

@@ -25,6 +25,7 @@ from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, s
 from bridge.service.factories import build_sink, build_source, build_state_store, replica_id
 from bridge.sinks import Sink
 from bridge.state import MemoryStateStore, StateStore
+from bridge.state.recovery import PublishedReader
 from bridge.telemetry import Telemetry
 from bridge.telemetry.service import broker_ready
 from bridge.watching import Lag, start_offset_s
@@ -88,10 +89,17 @@ class Bridge:
         """Run until ``stop`` is set; then stop within about ``shutdown_grace_s``."""
         await self.telemetry.start()  # /healthz answers (and /readyz says why not) at once
         if isinstance(self.state, MemoryStateStore) and self.config.leader_election is None:
-            log.warning(
-                "source state is kept in memory only (no state.path): a restart publishes "
-                "every item again as Added, under new event ids; set state.path to keep it"
-            )
+            if isinstance(self.sink, PublishedReader):
+                log.info(
+                    "source state is kept in memory only (no state.path): each start rebuilds "
+                    "it from what %s holds (recovery from the broker)",
+                    self.sink.description,
+                )
+            else:
+                log.warning(
+                    "source state is kept in memory only (no state.path): a restart publishes "
+                    "every item again as Added, under new event ids; set state.path to keep it"
+                )
         try:
             if not await self._connect(stop):
                 return

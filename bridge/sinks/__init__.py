@@ -68,5 +68,6 @@ def frame_bound(event: CloudEvent) -> int:
         + len(event.dataschema)
         + len(event.datacontenttype)
         + len(event.traceparent or "")
+        + len(event.version or "")  # koprs-version (its revision and kind fit in the 1 KiB)
     )
     return len(event.data_bytes()) + 12 * attrs + 1024

@@ -13,6 +13,10 @@ success. Content modes:
   fold them); decode them with :func:`bridge.cloudevents.header_value`.
 * ``structured``: the whole event as JSON, ``content-type: application/cloudevents+json``.
 
+In both modes the ``koprs-kind``, ``koprs-version`` and ``koprs-revision`` headers
+(:func:`bridge.cloudevents.state_headers`) let :mod:`bridge.sinks.nats_recovery` rebuild a
+source's state from a headers-only ``LAST_PER_SUBJECT`` read.
+
 A message (headers and body) larger than the server's ``max_payload`` (1 MiB by default) or
 the stream's ``max_msg_size`` would make the server close the connection, or refuse it: such
 events are found by :meth:`NatsSink.oversized` before publishing, and the delivery loop leaves
@@ -53,7 +57,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from bridge.cloudevents import CloudEvent
+from bridge.cloudevents import CloudEvent, state_headers
 from bridge.connections import ConnectError, connect_nats, describe_error
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
@@ -65,6 +69,7 @@ from bridge.sinks.nats_config import (
     stream_changes,
     subject_filter_covers,
 )
+from bridge.state.recovery import Published
 from bridge.subjects import nats_subject, validate_source_name
 
 __all__ = [
@@ -158,6 +163,7 @@ class NatsSink:
         self._server_error: str | None = None
         """The last error the server reported asynchronously (a permissions violation...)."""
         self._logged_error: str | None = None
+        self._limits_warned = False
         if self.config.content_mode == "binary":
             self._encode = _encode_binary
         else:
@@ -424,6 +430,33 @@ class NatsSink:
         else:
             batch.settle(int(index), _ack_error(msg))
 
+    async def read_published(self, source_name: str) -> Published:
+        """What the stream holds of ``source_name`` (:mod:`bridge.sinks.nats_recovery`)."""
+        from bridge.sinks.nats_recovery import read_published
+
+        validate_source_name(source_name)
+        nc = await self._ready()
+        assert self._js is not None
+        cfg = self.config
+        try:
+            published = await read_published(
+                nc,
+                self._js,
+                cfg.stream,
+                cfg.subject_prefix,
+                source_name,
+                timeout_s=max(10.0, cfg.ack_timeout_s),
+            )
+        except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
+            raise PublishError(
+                f"NATS {self.description}: cannot read what the stream holds of "
+                f"{source_name!r}: {self._with_server_error(_describe(exc))}"
+            ) from exc
+        if self._limits_warned:  # the stream's limits: said once, not once per source
+            published.warnings = []
+        self._limits_warned = True
+        return published
+
     async def aclose(self) -> None:
         nc, self._nc, self._js = self._nc, None, None
         self._connected.clear()
@@ -470,14 +503,14 @@ def _ack_error(msg: Msg) -> str | None:
 def _encode_binary(event: CloudEvent) -> tuple[dict[str, str], bytes]:
     headers, body = event.to_binary()
     headers[MSG_ID_HEADER] = event.id
+    headers.update(state_headers(event))
     return headers, body
 
 
 def _encode_structured(event: CloudEvent) -> tuple[dict[str, str], bytes]:
-    return (
-        {MSG_ID_HEADER: event.id, "content-type": STRUCTURED_CONTENT_TYPE},
-        event.to_structured(),
-    )
+    headers = {MSG_ID_HEADER: event.id, "content-type": STRUCTURED_CONTENT_TYPE}
+    headers.update(state_headers(event))
+    return headers, event.to_structured()
 
 
 def _worth_a_warning(exc: BaseException, text: str) -> bool:

@@ -27,6 +27,10 @@ Entry fields:
 * ``structured`` content mode: one field ``event``, the whole event as JSON (CloudEvents JSON
   format).
 
+In both modes, after those: ``koprs-kind``, ``koprs-version`` and ``koprs-revision``
+(:func:`bridge.cloudevents.state_headers`), which :mod:`bridge.sinks.redis_recovery` reads to
+rebuild a source's state.
+
 A batch is published in parts of at most :data:`EVENTS_PER_TRANSACTION` events and about
 :data:`BYTES_PER_TRANSACTION` bytes (a usual batch is one part). A part costs two round trips on
 one connection, whatever its size:
@@ -100,6 +104,7 @@ from bridge.sinks.redis_packing import (
     command,
     structured_fields,
 )
+from bridge.state.recovery import Published
 from bridge.subjects import redis_stream_key, validate_source_name
 
 __all__ = [
@@ -406,6 +411,28 @@ class RedisSink:
                 f"the write reached {reply} of the {self._wait_replicas} replicas asked for "
                 f"(WAIT, {self._wait_ms} ms): not acknowledged, to be retried"
             )
+
+    async def read_published(self, source_name: str) -> Published:
+        """What the stream holds of ``source_name`` (:mod:`bridge.sinks.redis_recovery`)."""
+        from bridge.sinks.redis_recovery import read_published
+
+        validate_source_name(source_name)
+        if self._client is None:
+            await self.connect()
+        assert self._client is not None
+        cfg = self.config
+        try:
+            return await read_published(
+                self._client,
+                redis_stream_key(source_name, cfg.stream_prefix),
+                items_key(source_name, cfg.stream_prefix),
+                maxlen=cfg.maxlen,
+            )
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            raise PublishError(
+                f"Redis {self.description}: cannot read what the stream holds of "
+                f"{source_name!r}: {_describe(exc)}"
+            ) from exc
 
     async def aclose(self) -> None:
         client, self._client = self._client, None

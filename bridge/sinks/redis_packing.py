@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from bridge.cloudevents import CloudEvent
+from bridge.cloudevents import CloudEvent, state_headers
 
 __all__ = ["Packed", "Parts", "binary_fields", "bulk", "command", "structured_fields"]
 
@@ -69,6 +69,7 @@ def binary_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
     """Append the packed field names and values of ``event`` to ``out``; return how many
     arguments that is and (about) how many bytes."""
     headers, body = event.to_binary()
+    headers.update(state_headers(event))
     names = _FIELD_NAMES
     size = len(body)
     for name, value in headers.items():
@@ -85,4 +86,8 @@ def binary_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
 def structured_fields(event: CloudEvent, out: list[bytes]) -> tuple[int, int]:
     document = event.to_structured()
     out += (_EVENT_FIELD, b"$%d\r\n" % len(document), document, b"\r\n")
-    return 2, len(document)
+    extra = state_headers(event)
+    for name, value in extra.items():
+        raw = value.encode()
+        out += (bulk(name.encode()), bulk(raw))
+    return 2 + 2 * len(extra), len(document)

@@ -17,7 +17,15 @@ from typing import Any, Protocol, runtime_checkable
 from bridge.events import ExternalEvent
 from bridge.watching import ExternalSource
 
-__all__ = ["Changeset", "DeltaTarget", "Replay", "StateDelta", "StateMapSource", "StatefulSource"]
+__all__ = [
+    "Changeset",
+    "DeltaTarget",
+    "RecoverableSource",
+    "Replay",
+    "StateDelta",
+    "StateMapSource",
+    "StatefulSource",
+]
 
 StateDelta = dict[str, str | None]
 """State entries a changeset sets (a string) or deletes (``None``)."""
@@ -142,6 +150,17 @@ class StatefulSource(ExternalSource, Protocol):
 
     def restore(self, state: Mapping[str, str]) -> None:
         """Replace the committed state with a checkpoint (a later poll diffs against it)."""
+        ...
+
+
+@runtime_checkable
+class RecoverableSource(StatefulSource, Protocol):
+    """A source whose state can be rebuilt from its published events
+    (:mod:`bridge.state.recovery`): the key and version token of every live item."""
+
+    def state_from_published(self, items: Mapping[str, str]) -> Mapping[str, str]:
+        """The committed state that ``items`` (live item key -> version token of its last
+        event) implies, for :meth:`restore`."""
         ...
 
 

@@ -74,6 +74,10 @@ class ObjectStorePoller(StateMapSource):
         migrate = getattr(self.store, "migrate_etags", None)  # ETags of an earlier version
         self._tracked = PackedState(migrate(state) if migrate is not None else state)
 
+    def state_from_published(self, items: Mapping[str, str]) -> Mapping[str, str]:
+        """The state is path -> ETag, and an object's version token is its ETag."""
+        return items
+
     async def aclose(self) -> None:
         """Close the store if it holds connections."""
         close = getattr(self.store, "aclose", None)

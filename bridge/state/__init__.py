@@ -16,7 +16,9 @@ its ``time`` (and, for an HTTP ``Removed``, the last body) may differ from the l
 Commits carry only the delta of one batch, so a one-object change in a large bucket writes one
 entry, not the listing. ``MemoryStateStore`` keeps nothing across restarts; ``FileStateStore``
 keeps a journal per source in a folder (one replica); ``RedisStateStore`` serves replicas that
-elect leaders, with every write fenced by the lease.
+elect leaders, with every write fenced by the lease. A source whose store has no checkpoint is
+rebuilt from what the broker holds (:mod:`bridge.state.recovery`): the checkpoint is primary,
+the broker the fallback.
 """
 
 from __future__ import annotations

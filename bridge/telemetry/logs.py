@@ -77,10 +77,24 @@ def quiet_asyncio_tls_notice() -> None:
         asyncio_log.addFilter(_not_the_tls_eof_notice)
 
 
+CHATTY = ("httpx", "httpcore")
+"""Client libraries that log a line per request at INFO (every poll of every source): shown
+at DEBUG only. The bridge logs what matters of a poll itself (failures, recoveries)."""
+
+
+def _quiet_clients(level: str) -> None:
+    quiet = (
+        logging.DEBUG if logging.getLevelName(level.upper()) == logging.DEBUG else logging.WARNING
+    )
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(quiet)
+
+
 def basic_logging(level: str) -> None:
     """Text lines on stderr at ``level`` (the command line, before a config is read)."""
     logging.basicConfig(level=level.upper(), format=TEXT_FORMAT)
     quiet_asyncio_tls_notice()
+    _quiet_clients(level)
 
 
 def configure_logging(config: LoggingConfig, *, level: str | None = None) -> None:
@@ -89,6 +103,7 @@ def configure_logging(config: LoggingConfig, *, level: str | None = None) -> Non
     quiet_asyncio_tls_notice()
     root = logging.getLogger()
     root.setLevel((level or config.level).upper())
+    _quiet_clients(level or config.level)
     if not root.handlers:
         root.addHandler(logging.StreamHandler(sys.stderr))
     formatter = JsonFormatter() if config.format == "json" else logging.Formatter(TEXT_FORMAT)

@@ -19,6 +19,19 @@ item key or a credential.
 | ``koprs_bridge_leader_election_connected`` | gauge | |
 | ``koprs_bridge_schedule_lag_seconds`` | histogram | |
 | ``koprs_bridge_schedule_missed_ticks_total`` | counter | |
+
+:class:`ConsumerMetrics` (the consumer side, :func:`bridge.consumer.run_handler`), labelled with
+the consumer (durable / group name, else the handler's name) and the source:
+
+| metric | type | labels |
+|---|---|---|
+| ``koprs_bridge_consumer_events_handled_total`` | counter | consumer, source |
+| ``koprs_bridge_consumer_handler_failures_total`` | counter | consumer, source |
+| ``koprs_bridge_consumer_redeliveries_total`` | counter | consumer, source |
+| ``koprs_bridge_consumer_dead_letters_total`` | counter | consumer, source |
+| ``koprs_bridge_consumer_stale_events_total`` | counter | consumer, source |
+| ``koprs_bridge_consumer_lag_events`` | gauge | consumer, source |
+| ``koprs_bridge_consumer_lag_seconds`` | gauge | consumer, source |
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Metrics", "SourceMetrics"]
+__all__ = ["ConsumerMetrics", "Metrics", "SourceMetrics"]
 
 NAMESPACE = "koprs_bridge"
 KINDS = ("added", "modified", "removed")
@@ -181,3 +194,58 @@ class SourceMetrics:
 
     def set_lease_held(self, held: bool) -> None:
         self.lease_held.labels(self.source).set(1 if held else 0)
+
+
+class ConsumerMetrics:
+    """Metrics of event handlers (:func:`bridge.consumer.run_handler`), in a registry of their
+    own unless one is given (an application exposes it beside its own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        reg = self.registry
+        ns = NAMESPACE
+        labels = ["consumer", "source"]
+        self.handled = Counter(
+            "consumer_events_handled", "Events a handler handled (acknowledged).", labels,
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.failures = Counter(
+            "consumer_handler_failures", "Handler calls that raised (each attempt).", labels,
+            namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.redeliveries = Counter(
+            "consumer_redeliveries",
+            "Deliveries of an event the broker had delivered before (attempt > 1).",
+            labels, namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.dead_letters = Counter(
+            "consumer_dead_letters",
+            "Events given up on and written to the dead-letter destination.",
+            labels, namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.stale = Counter(
+            "consumer_stale_events",
+            "Retried events dropped because a newer event of the same item was handled first.",
+            labels, namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.lag_events = Gauge(
+            "consumer_lag_events",
+            "Events of the consumer still waiting behind the one handled last.",
+            labels, namespace=ns, registry=reg,
+        )  # fmt: skip
+        self.lag_seconds = Gauge(
+            "consumer_lag_seconds",
+            "Age of the event handled last (its CloudEvent time) while events are waiting "
+            "behind it; 0 when none is.",
+            labels, namespace=ns, registry=reg,
+        )  # fmt: skip
+
+    def render(self) -> bytes:
+        """The text exposition format (``text/plain; version=0.0.4``)."""
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 when absent), e.g.
+        ``value("consumer_dead_letters_total", consumer="ops", source="files")``."""
+        found = self.registry.get_sample_value(f"{NAMESPACE}_{name}", labels)
+        return 0.0 if found is None else found

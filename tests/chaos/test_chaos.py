@@ -34,6 +34,13 @@ of these kinds, one at a time, in a seeded order (the fixed seeds cover every ki
   (SIGKILL the node leading the stream, start it again with its store) and ``kill-node`` (a
   random node), besides ``kill`` and ``pause`` of replicas.
 
+The variant **without any state store** (``test_chaos_nats_without_state_store``): one replica,
+no leader election, source state in memory only, so every start rebuilds it from the stream
+(``bridge.state.recovery``); its faults are ``kill`` and ``kill-in-flight`` of that replica
+(in flight: nats-server frozen a moment before the kill, so a publish is likely waiting for its
+acknowledgements), ``pause-server`` and ``restart-nats``. The same checks hold: a restart must
+publish nothing again (no id twice, nothing re-``Added``) and lose no change.
+
 A fault's window lasts from its start until the system demonstrably recovered: every source
 leased, no replica above its fair share, and every source has published a version that was made
 after that (bounded: a bridge that does not recover fails the test). A lease hand-over a replica
@@ -92,6 +99,7 @@ from tests.support.replicas import (
     cluster,
     holders,
     kind,
+    logged,
     until,
     version,
 )
@@ -139,6 +147,9 @@ FAULTS: dict[Broker, tuple[str, ...]] = {
 }
 FAULTS_PER_RUN: dict[Broker, int] = {"nats": 4, "redis": 4, "nats-cluster": 4}
 """Faults of one run: a seeded choice of kinds (the fixed seeds cover every kind together)."""
+STATELESS_FAULTS = ("kill", "kill-in-flight", "pause-server", "restart-nats")
+"""The faults of the variant without a state store (one replica, NATS)."""
+STATELESS_SEEDS = (2,)
 
 
 def seeds(fixed: Sequence[int]) -> list[int]:
@@ -146,16 +157,19 @@ def seeds(fixed: Sequence[int]) -> list[int]:
     return [int(chosen)] if chosen else list(fixed)
 
 
-def fault_plan(broker: Broker, seed: int, count: int | None = None) -> list[str]:
+def fault_plan(
+    broker: Broker, seed: int, count: int | None = None, *, stateless: bool = False
+) -> list[str]:
     """The kinds of fault a run injects, in order: ``count`` (default ``KOPRS_CHAOS_FAULTS``,
     else :data:`FAULTS_PER_RUN`) drawn from the broker's kinds, every kind once before any
     twice."""
+    kinds = STATELESS_FAULTS if stateless else FAULTS[broker]
     if count is None:
         count = int(os.environ.get("KOPRS_CHAOS_FAULTS", FAULTS_PER_RUN[broker]))
     rng = random.Random(f"plan-{seed}")
     plan: list[str] = []
     while len(plan) < count:
-        plan += rng.sample(FAULTS[broker], k=len(FAULTS[broker]))
+        plan += rng.sample(kinds, k=len(kinds))
     return plan[:count]
 
 
@@ -349,7 +363,13 @@ class RedisStreamReader(StreamReader):
 
 
 def replica_config(
-    replica: str, *, broker_url: str, redis_url: str, world: World, s3: S3Server
+    replica: str,
+    *,
+    broker_url: str,
+    redis_url: str,
+    world: World,
+    s3: S3Server,
+    stateless: bool = False,
 ) -> dict[str, Any]:
     sources: list[dict[str, Any]] = []
     common = {"interval": INTERVAL_S, "max_backoff": MAX_BACKOFF_S}
@@ -371,6 +391,8 @@ def replica_config(
         broker["max_msgs_per_subject"] = 0  # keep every event: the check reads them all
     if "," in broker_url:  # the NATS cluster
         broker["replicas"] = 3
+    if stateless:  # no leader election, no state: section: the state lives in memory only
+        return {"broker": broker, "sources": sources}
     return {
         "broker": broker,
         "leader_election": {
@@ -397,6 +419,8 @@ class Chaos:
     reader: StreamReader
     redis: aioredis.Redis
     plan: list[str]
+    stateless: bool = False
+    """One replica, no state store (see the module docstring)."""
     nats_cluster: NatsCluster | None = None
     faults: Faults = field(default_factory=Faults)
     log: list[str] = field(default_factory=list)
@@ -415,6 +439,8 @@ class Chaos:
 
     async def a_leader(self) -> str:
         """The replica leading a random source (a random replica if none leads)."""
+        if self.stateless:
+            return "r1"
         held = await self.held()
         if held:
             return held[self.rng.choice(sorted(held))][0]
@@ -478,9 +504,12 @@ class Chaos:
         if meanwhile is not None:
             await meanwhile
         await asyncio.sleep(down_s)
+        since = victim.mark()
         await victim.start()
 
         async def joined() -> bool:
+            if self.stateless:  # no heartbeats: its sources' loops started
+                return logged(victim, r"publishing 4 source\(s\)", since)()
             return await self.heartbeat(fault.target) > beat
 
         await until(joined, f"{fault.target} to join again", replicas=self.replicas)
@@ -540,7 +569,20 @@ class Chaos:
         started = time.monotonic()
         meanwhile: Awaitable[None] | None = None
         source = ""
-        if kind_.endswith("-in-flight"):
+        if kind_.endswith("-in-flight") and self.stateless:
+            # no intent to wait for: freeze nats-server for more than a poll interval while
+            # the items keep changing, so a publish is most likely waiting for its acks
+            assert self.nats_server is not None
+            await asyncio.to_thread(self.nats_server.pause)
+            try:
+                await asyncio.sleep(self.rng.uniform(2 * INTERVAL_S, 4 * INTERVAL_S))
+            except BaseException:
+                self.nats_server.resume()
+                raise
+            source, target = "", "r1"
+            self.note("nats-server frozen for a while; r1 most likely waits for acks")
+            meanwhile = self.thaw_nats_later()
+        elif kind_.endswith("-in-flight"):
             source, target = await self.in_flight()
             meanwhile = self.thaw_nats_later()
         elif kind_ in ("kill", "pause"):
@@ -591,7 +633,7 @@ class Chaos:
             return
         await self.leased(startup)
         startup.lifted = startup.end = time.monotonic()
-        self.note("3 replicas up, every initial state published")
+        self.note(f"{len(self.replicas.replicas)} replica(s) up, every initial state published")
 
         stop = asyncio.Event()
         changers = [
@@ -647,6 +689,9 @@ class Chaos:
 
     async def leased(self, fault: Fault) -> None:
         """Wait until every source is leased, no replica above its fair share."""
+        if self.stateless:  # nothing is leased: the one replica must be alive
+            self.replicas.check_alive()
+            return
 
         async def stable() -> bool:
             held = await self.held()
@@ -743,9 +788,12 @@ async def run_chaos(
     s3: S3Server,
     bucket: str,
     tmp_path: Path,
+    stateless: bool = False,
 ) -> None:
     rng = random.Random(seed)
-    print(f"\nchaos seed {seed} ({broker}); rerun with KOPRS_CHAOS_SEED={seed}")
+    names = ("r1",) if stateless else REPLICAS
+    variant = f"{broker}, no state store" if stateless else broker
+    print(f"\nchaos seed {seed} ({variant}); rerun with KOPRS_CHAOS_SEED={seed}")
     began = time.monotonic()
     with contextlib.ExitStack() as servers:
         redis_server = servers.enter_context(PersistentRedisServer())
@@ -770,7 +818,12 @@ async def run_chaos(
 
         def config_for(replica: str) -> dict[str, Any]:
             return replica_config(
-                replica, broker_url=broker_url, redis_url=redis_server.url, world=world, s3=s3
+                replica,
+                broker_url=broker_url,
+                redis_url=redis_server.url,
+                world=world,
+                s3=s3,
+                stateless=stateless,
             )
 
         for item in world.items:  # the initial states, most items present
@@ -779,12 +832,12 @@ async def run_chaos(
         redis = aioredis.from_url(redis_server.url, socket_timeout=1, socket_connect_timeout=1)
         try:
             async with cluster(tmp_path, config_for) as replicas, running(reader.follow()):
-                plan = fault_plan(broker, seed)
+                plan = fault_plan(broker, seed, stateless=stateless)
                 chaos = Chaos(
                     rng, world, replicas, redis_server, nats_server, reader, redis, plan,
-                    nats_cluster=nats_cluster,
+                    stateless, nats_cluster=nats_cluster,
                 )  # fmt: skip
-                await replicas.start(*REPLICAS)
+                await replicas.start(*names)
                 async with live_consumer(broker, broker_url) as live:
                     await chaos.run()
                     codes = await replicas.stop_all()
@@ -801,11 +854,12 @@ async def run_chaos(
             await redis.aclose()
             await reader.aclose()
 
-    assert codes == dict.fromkeys(REPLICAS, 0), f"a replica did not exit cleanly: {codes}"
+    assert codes == dict.fromkeys(names, 0), f"a replica did not exit cleanly: {codes}"
     report = check(world, chaos.faults, reader, live_events)
-    survived = Counter(f.kind for f in chaos.faults.windows if f.kind in FAULTS[broker])
+    kinds = STATELESS_FAULTS if stateless else FAULTS[broker]
+    survived = Counter(f.kind for f in chaos.faults.windows if f.kind in kinds)
     line = (
-        f"chaos {broker} seed {seed}: survived "
+        f"chaos {variant} seed {seed}: survived "
         + ", ".join(f"{n} {k}" for k, n in sorted(survived.items()))
         + f" ({replays} unsettled batch(es) republished by a new leader, {unplanned} unplanned "
         f"lease hand-over(s)); {world.truth.changes} changes, {report}; "
@@ -899,6 +953,14 @@ async def test_chaos_redis_streams(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", seeds(STATELESS_SEEDS), ids=lambda s: f"seed{s}")
+async def test_chaos_nats_without_state_store(
+    seed: int, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    await run_chaos("nats", seed, s3=s3_server, bucket=s3_bucket, tmp_path=tmp_path, stateless=True)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.clusters
 @pytest.mark.xfail(
     reason="open finding (issue 15): with NATS nodes SIGKILLed (the stream leader, another "
@@ -924,3 +986,8 @@ async def test_chaos_nats_cluster(
 def test_the_fixed_seeds_inject_every_kind_of_fault(broker: Broker, fixed: Sequence[int]) -> None:
     planned = {k for seed in fixed for k in fault_plan(broker, seed, FAULTS_PER_RUN[broker])}
     assert planned == set(FAULTS[broker])
+
+
+def test_the_fixed_seed_without_state_store_injects_every_kind_of_fault() -> None:
+    planned = {k for seed in STATELESS_SEEDS for k in fault_plan("nats", seed, 4, stateless=True)}
+    assert planned == set(STATELESS_FAULTS)

@@ -21,7 +21,7 @@ import pytest
 
 from bridge.events import Added, Modified
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
-from tests import test_consumer_nats as single
+from tests.consumer import test_consumer_nats as single
 from tests.support.clusters import NatsCluster, kill
 from tests.support.events import nats_test_config
 

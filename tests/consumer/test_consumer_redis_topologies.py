@@ -23,7 +23,7 @@ from bridge.consumer import watch_redis
 from bridge.consumer.base import Delivery
 from bridge.events import Modified
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
-from tests import test_consumer_redis as single
+from tests.consumer import test_consumer_redis as single
 from tests.support.clusters import RedisClusterSet, SentinelSet
 
 pytestmark = [pytest.mark.clusters, pytest.mark.servers]

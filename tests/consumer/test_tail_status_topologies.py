@@ -28,6 +28,7 @@ from bridge.sinks.nats import NatsSink
 from tests.consumer import test_tail as single
 from tests.support.clusters import NatsCluster, kill
 from tests.support.events import nats_test_config
+from tests.support.tailing import tail
 
 pytestmark = [pytest.mark.clusters, pytest.mark.servers]
 
@@ -101,7 +102,7 @@ async def test_tail_follows_an_r3_stream_across_a_leader_change(
         ["files"],
     )
     try:
-        async with single.tail("--config", str(path)) as t:
+        async with tail("--config", str(path)) as t:
             await t.wait_ready()
             await sink.publish("files", single.events("files", [(Added, "a")]))
             first = await t.line()

@@ -352,7 +352,7 @@ def test_compose_schema_rejects_what_compose_rejects() -> None:
 
 def test_compose_comes_up_in_dependency_order() -> None:
     services: dict[str, dict[str, Any]] = compose()["services"]
-    assert {"nats", "redis", "minio", "minio-init", "web", "tail"} <= services.keys()
+    assert {"nats", "redis", "s3", "s3-init", "web", "tail"} <= services.keys()
     graph: dict[str, set[str]] = {}
     for name, service in services.items():
         depends = service.get("depends_on") or {}
@@ -373,13 +373,17 @@ def test_compose_comes_up_in_dependency_order() -> None:
         order += ready
         for n in ready:
             del graph[n]
-    assert order.index("minio-init") < order.index("tail")
+    assert order.index("s3-init") < order.index("tail")
 
     nats = services["nats"]
     assert "-js" in nats["command"]
     assert "8222/healthz" in " ".join(nats["healthcheck"]["test"])
     assert "redis-cli ping" in " ".join(services["redis"]["healthcheck"]["test"])
-    assert "mc mb" in " ".join(services["minio-init"]["command"])
+    init = services["s3-init"]
+    assert init["entrypoint"] == ["python", "/opt/koprs-s3/s3_put.py"]
+    assert "--put-if-missing" in init["command"]  # a rerun at every `up` changes nothing
+    assert environment_of(init)["S3_BUCKET"] == "manifests"
+    assert init["read_only"] is True
 
 
 def bridge_services(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -417,7 +421,7 @@ def test_compose_runs_two_replicas_with_readiness_healthchecks() -> None:
         assert service["command"][:3] == ["run", "--config", CONFIG_PATH]
         assert service["user"] == "10001:10001"
         assert service["read_only"] is True
-        assert {"nats", "redis", "minio-init", "web"} <= set(service["depends_on"])
+        assert {"nats", "redis", "s3-init", "web"} <= set(service["depends_on"])
         # everything the config talks to is a service of this compose file
         hosts = {
             urlsplit(config["broker"]["url"]).hostname,

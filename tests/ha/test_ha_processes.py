@@ -537,10 +537,10 @@ async def test_d_redis_outage_pauses_polling_and_loses_nothing(
     redis_server: RedisServer, redis_url: str, nats_url: str, tmp_path: Path
 ) -> None:
     """2 replicas, 3 HTTP sources. While redis-server is stopped the replicas lose their leases
-    and stop polling: a change made then is not published. Redis comes back empty (no
-    persistence), so the checkpoints are gone: the bridge adds the current items again, and
-    every item's latest state, the change made during the outage included, reaches the
-    consumer; nothing else is published twice."""
+    and stop polling: changes made then are not published. Redis comes back empty (no
+    persistence), so the checkpoints are gone: the new leaders rebuild the state from the
+    broker (bridge.state.recovery), so the unchanged item publishes nothing, the changed one
+    its Modified and the one deleted during the outage its Removed, each once."""
     try:
         async with two_replicas_leading(tmp_path, redis_url, nats_url) as world:
             names, docs, urls, current = world.names, world.docs, world.urls, world.current
@@ -550,17 +550,16 @@ async def test_d_redis_outage_pauses_polling_and_loses_nothing(
             polls = len(docs.requests())
             published = len(received.events)
             current["b"] = docs.set("b", b'{"b": 2}')  # changes while Redis is down
-            current["c"] = docs.set("c", b'{"c": 2}')
+            last_c = current["c"]
+            current["c"] = docs.set("c", None)  # deleted while Redis is down
             await rounds_failed(replicas, 2)
             assert len(docs.requests()) == polls, "a source was polled without a lease"
             assert len(received.events) == published, "published while Redis was down"
 
             restarted_at = len(received.events)
             redis_server.start()  # empty: leases, fences and checkpoints are gone
-            # The checkpoints are gone: every item is added again (a too: its v2 was
-            # a Modified before), b and c with their change made during the outage.
-            for n in names:
-                await expect(received, f"{n} v2", has(n, urls[n], "added", current[n]))
+            await expect(received, "b v2", has("b", urls["b"], "modified", current["b"]))
+            await expect(received, "c removed", has("c", urls["c"], "removed", last_c))
             current["a"] = docs.set("a", b'{"a": 3}')
             await expect(received, "a v3", has("a", urls["a"], "modified", current["a"]))
             seen = {n: len(docs.requests(n)) for n in names}
@@ -573,12 +572,14 @@ async def test_d_redis_outage_pauses_polling_and_loses_nothing(
     finally:
         redis_server.start()
 
-    after = events[restarted_at:]
-    assert all(kind(e) in ("added", "modified") for e in after)
-    for n in names:
+    after = [(e["subject"], kind(e)) for e in events[restarted_at:]]
+    assert sorted(after) == sorted(
+        [(urls["b"], "modified"), (urls["c"], "removed"), (urls["a"], "modified")]
+    ), "the recovered state is what the broker holds: nothing published again"
+    for n in ("a", "b"):
         assert final_state(events, n) == {urls[n]: current[n]}, f"latest state of {n}"
-    # Re-added after the restart: allowed to repeat a change already published.
-    assert_no_duplicates(events, allowed=[e for e in after if kind(e) == "added"])
+    assert final_state(events, "c") == {}
+    assert_no_duplicates(events)
 
 
 async def leases_lost_when(stop: Callable[[], None], replicas: Cluster, names: list[str]) -> None:

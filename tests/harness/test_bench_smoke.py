@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from bench import http_bench, latency_bench, run, s3_bench
+from bench import http_bench, latency_bench, recovery_bench, run, s3_bench
 from bench.common import Row, format_table
 
 pytestmark = pytest.mark.servers
@@ -44,3 +44,7 @@ def test_diff_bench_smoke() -> None:
 def test_latency_bench_smoke() -> None:
     rows = latency_bench.run_rows(samples=3, interval_s=0.2, gap_s=0.05, seed=1)
     check(rows, "latency")
+
+
+def test_recovery_bench_smoke() -> None:
+    check(recovery_bench.run_rows(items=300, rounds=1), "recovery")

@@ -9,6 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tests.support import containers
 from tests.support.servers import (
     LOOPBACK,
     NatsServer,
@@ -29,10 +30,27 @@ def test_free_port_is_on_loopback_and_not_repeated() -> None:
     assert all(1024 <= port <= 65535 for port in ports)
 
 
-def test_containers_switch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("KOPRS_TEST_CONTAINERS", "1")
-    with pytest.raises(ServerError, match="local binaries"):
-        RedisServer()
+@pytest.mark.parametrize("switch", ["1", "0", ""])
+def test_containers_switch_picks_the_kind_of_server(
+    monkeypatch: pytest.MonkeyPatch, switch: str
+) -> None:
+    monkeypatch.setenv("KOPRS_TEST_CONTAINERS", switch)
+    made = [containers.redis_server(), containers.nats_server(), containers.s3_server()]
+    try:
+        kinds = [type(server) for server in made]
+        if switch == "1":
+            assert kinds == [
+                containers.RedisContainer,
+                containers.NatsContainer,
+                containers.S3Container,
+            ]
+            assert all(isinstance(s, containers.ContainerServer) for s in made)
+        else:
+            assert kinds == [RedisServer, NatsServer, S3Server]
+        assert all(not server.running for server in made)  # nothing started yet
+    finally:
+        for server in made:
+            server.close()
 
 
 async def test_redis_ping_set_get_and_restart(redis_server: RedisServer, redis_url: str) -> None:

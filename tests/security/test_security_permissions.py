@@ -19,10 +19,8 @@ differs from the config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,6 @@ import pytest
 import redis.asyncio
 import redis.exceptions
 import yaml
-from nats.aio.client import Client
 
 from bridge.cli import main
 from bridge.connections import connect_nats, redis_client
@@ -39,102 +36,31 @@ from bridge.consumer import Delivery, Synced
 from bridge.consumer.nats import watch_nats
 from bridge.consumer.redis import watch_redis
 from bridge.errors import PublishError
-from bridge.secrets import Secret
-from bridge.service.config import AuthConfig
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.subjects import encode_item_token
 from tests.support.events import object_events
+from tests.support.permissions import (
+    BRIDGE_NATS,
+    BRIDGE_REDIS,
+    CONSUMER_NATS,
+    CONSUMER_REDIS,
+    STREAM,
+    acl_log,
+    admin_nats,
+    admin_redis,
+    auth,
+    fresh_stream,
+    nats_precreated,
+    nats_server,
+    redis_server,
+    violations,
+)
 from tests.support.security import recording_logs, running_bridge
 from tests.support.servers import NatsServer, RedisServer
 
 pytestmark = pytest.mark.servers
-
-SECURITY = Path(__file__).resolve().parents[2] / "deploy" / "security"
-STREAM = "KOPRS_EXTERNAL"
-ADMIN = "adm1n-Pw-q8"
-BRIDGE_NATS = "br1dge-nats-Pw-z4"
-CONSUMER_NATS = "c0nsumer-nats-Pw-r2"
-BRIDGE_REDIS = "br1dge-redis-Pw-k7"
-CONSUMER_REDIS = "c0nsumer-redis-Pw-m3"
-
-
-def nats_users(*, precreated_stream: bool = False) -> str:
-    """The shipped NATS users, passwords filled in, plus ``admin``; with
-    ``precreated_stream`` the bridge's CREATE/UPDATE lines dropped, as the file explains."""
-    text = (SECURITY / "nats-permissions.conf").read_text()
-    text = text.replace("$KOPRS_BRIDGE_NATS_PASSWORD", f'"{BRIDGE_NATS}"')
-    text = text.replace("$KOPRS_CONSUMER_NATS_PASSWORD", f'"{CONSUMER_NATS}"')
-    assert text.count("users = [") == 1
-    text = text.replace("users = [", f'users = [\n    {{user: admin, password: "{ADMIN}"}}', 1)
-    if precreated_stream:
-        lines = text.splitlines()
-        text = "\n".join(
-            line
-            for line in lines
-            if f"$JS.API.STREAM.CREATE.{STREAM}" not in line
-            and f"$JS.API.STREAM.UPDATE.{STREAM}" not in line
-        )
-    return text
-
-
-@pytest.fixture(scope="module")
-def nats_server() -> Iterator[NatsServer]:
-    with NatsServer(config=nats_users()) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def nats_precreated() -> Iterator[NatsServer]:
-    with NatsServer(config=nats_users(precreated_stream=True)) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    shipped = (SECURITY / "redis-acl.conf").read_text()
-    shipped = shipped.replace("CHANGE_ME_BRIDGE_PASSWORD", BRIDGE_REDIS)
-    shipped = shipped.replace("CHANGE_ME_CONSUMER_PASSWORD", CONSUMER_REDIS)
-    acl = tmp_path_factory.mktemp("acl") / "users.acl"
-    acl.write_text(f"user default off\nuser admin on >{ADMIN} ~* &* +@all\n{shipped}")
-    with RedisServer(extra_args=["--aclfile", str(acl)]) as server:
-        yield server
-
-
-def auth(user: str, password: str) -> AuthConfig:
-    return AuthConfig(username=user, password=Secret.inline(password))
-
-
-async def admin_nats(server: NatsServer) -> Client:
-    return await connect_nats(server.url, auth=auth("admin", ADMIN))
-
-
-@pytest.fixture
-async def admin_redis(redis_server: RedisServer) -> Any:
-    client: Any = redis_client(redis_server.url, auth=auth("admin", ADMIN))
-    await client.execute_command("FLUSHALL")
-    await client.execute_command("ACL", "LOG", "RESET")
-    yield client
-    await client.aclose()
-
-
-async def fresh_stream(server: NatsServer) -> None:
-    nc = await admin_nats(server)
-    try:
-        js = nc.jetstream()
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(STREAM)
-    finally:
-        await nc.close()
-
-
-def violations(server: NatsServer) -> list[str]:
-    return [line for line in server.log_since_start().splitlines() if "Violation" in line]
-
-
-async def acl_log(admin: Any) -> list[Any]:
-    entries: list[Any] = await admin.execute_command("ACL", "LOG")
-    return entries
+__all__ = ["admin_redis", "nats_precreated", "nats_server", "redis_server"]  # fixtures
 
 
 @pytest.fixture
@@ -260,6 +186,48 @@ async def test_bridge_on_redis_with_election_on_the_same_user(
         await sink.aclose()
     assert len(await admin_redis.xrange("koprs:external:drop")) == 5
     assert await acl_log(admin_redis) == []
+    assert logs.warnings() == []
+
+
+@pytest.mark.parametrize("kind", ["nats", "redis"])
+async def test_restart_without_a_state_store_recovers_with_the_shipped_rights(
+    kind: str,
+    nats_server: NatsServer,
+    redis_server: RedisServer,
+    admin_redis: Any,
+    drop: Path,
+) -> None:
+    """One replica, no state store: each start rebuilds the source's state from the broker
+    (README "Recovery from the broker") with nothing but the shipped rights."""
+    await fresh_stream(nats_server)
+    if kind == "nats":
+        broker = {
+            "url": nats_server.url,
+            "auth": {"username": "koprs-bridge", "password": BRIDGE_NATS},
+        }
+    else:
+        broker = {
+            "url": redis_server.url,
+            "auth": {"username": "koprs-bridge", "password": BRIDGE_REDIS},
+        }
+    config = {"broker": broker, "sources": source(drop)}
+    with recording_logs(logging.INFO) as logs:
+        async with running_bridge(config) as (bridge, first):
+            await first.wait_for(2)
+            await bridge.started.wait()
+            loop = bridge.loops["drop"]
+            async with asyncio.timeout(60):
+                await loop.wait_for_steps(loop.steps + 2)
+        (drop / "a.txt").write_text("a2 changed while stopped")
+        async with running_bridge(config) as (bridge, second):
+            await second.wait_for(1)
+            loop = bridge.loops["drop"]
+            async with asyncio.timeout(60):
+                await loop.wait_for_steps(loop.steps + 2)
+    assert [(e.type.split(".")[-2], e.subject) for _, e in second.events] == [("modified", "a.txt")]
+    assert "rebuilt the state of 2 live items" in logs.text()
+    assert await acl_log(admin_redis) == []
+    assert violations(nats_server) == []
     assert logs.warnings() == []
 
 

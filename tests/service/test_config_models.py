@@ -84,7 +84,7 @@ def test_unknown_and_missing_keys_of_one_mapping_share_a_line() -> None:
     lines = problems({"sources": [{"name": "a", "interval": 1, "local": {"path": "/"}}], "x": 1, "y": 2})  # fmt: skip
     assert lines == [
         "bridge.yaml: (top level): unknown key(s) x, y (allowed: broker, leader_election, "
-        "logging, server, sources, state, tracing)",
+        "logging, max_concurrent_polls, server, sources, state, tracing)",
         "bridge.yaml: (top level): missing required key(s) broker",
     ]
 

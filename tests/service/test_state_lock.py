@@ -23,6 +23,7 @@ from bridge.service.config import (
 from bridge.service.runner import Bridge
 from bridge.sinks.memory import MemorySink
 from bridge.state.files import LOCK_FILE, FileStateStore
+from bridge.state.recovery import Published
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLD = """
@@ -134,3 +135,28 @@ async def test_memory_state_is_announced_at_start(
     else:
         assert warnings == []
         FileStateStore(tmp_path / "state", exclusive=True)  # released at shutdown
+
+
+async def test_memory_state_with_a_broker_that_recovers_is_no_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sink that can tell what it holds (bridge.state.recovery) makes memory state safe: each
+    start rebuilds it from the broker, so the notice is information, not a warning."""
+    bridge = Bridge(config(tmp_path, None), sink=RecoveringSink(), shutdown_grace_s=0.01)
+    stop = asyncio.Event()
+    stop.set()
+    with caplog.at_level(logging.INFO, "bridge.service"):
+        await bridge.run(stop)
+    notices = [r for r in caplog.records if "in memory" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in notices] == [
+        (
+            logging.INFO,
+            "source state is kept in memory only (no state.path): each start rebuilds it from "
+            "what memory://memory holds (recovery from the broker)",
+        )
+    ]
+
+
+class RecoveringSink(MemorySink):
+    async def read_published(self, source_name: str) -> Published:
+        return Published()

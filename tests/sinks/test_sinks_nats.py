@@ -15,6 +15,7 @@ import nats.js.api
 import nats.js.errors
 import pytest
 
+from bridge.cloudevents import state_headers
 from bridge.errors import ConfigError, PublishError
 from bridge.events import Modified
 from bridge.secrets import redact_url
@@ -249,11 +250,18 @@ async def test_headers_of_each_content_mode(
     assert msg.headers["Nats-Msg-Id"] == event.id
     if mode == "binary":
         headers, body = event.to_binary()
-        assert msg.headers == {**headers, "Nats-Msg-Id": event.id}
+        assert msg.headers == {**headers, "Nats-Msg-Id": event.id, **state_headers(event)}
         assert msg.data == body
     else:
-        assert msg.headers["content-type"] == "application/cloudevents+json"
+        assert msg.headers == {
+            "Nats-Msg-Id": event.id,
+            "content-type": "application/cloudevents+json",
+            **state_headers(event),
+        }
         assert msg.data == event.to_structured()
+    assert msg.headers["koprs-kind"] == "added"
+    assert msg.headers["koprs-version"] == event.version
+    assert msg.headers["koprs-revision"] == str(event.revision)
     assert decode_nats(msg) == expected([event])[0]
 
 

@@ -18,7 +18,7 @@ import redis.exceptions
 from redis.asyncio.connection import AbstractConnection
 
 import bridge.sinks.redis
-from bridge.cloudevents import header_value
+from bridge.cloudevents import header_value, state_headers
 from bridge.errors import ConfigError, PublishError
 from bridge.events import Modified, Removed
 from bridge.secrets import redact_url
@@ -75,9 +75,11 @@ async def test_binary_entry_fields(sink: RedisSink, client: redis.asyncio.Redis)
     headers, body = event.to_binary()
     assert fields == {
         **{k.encode(): v.encode() for k, v in headers.items()},
+        **{k.encode(): v.encode() for k, v in state_headers(event).items()},
         b"data": body,
     }
     assert list(fields)[:2] == [b"ce-specversion", b"ce-id"]
+    assert fields[b"koprs-kind"] == b"added"
 
 
 async def test_binary_fields_are_percent_encoded(
@@ -102,7 +104,11 @@ async def test_structured_entry_field(redis_url: str, client: redis.asyncio.Redi
     finally:
         await sink.aclose()
     [(_id, fields)] = await xrange(client, redis_stream_key("web"))
-    assert fields == {b"event": event.to_structured()}
+    assert fields == {
+        b"event": event.to_structured(),
+        **{k.encode(): v.encode() for k, v in state_headers(event).items()},
+    }
+    assert fields[b"koprs-revision"] == str(event.revision).encode()
     assert decode_redis(fields) == expected([event])[0]
 
 

@@ -31,6 +31,7 @@ from bridge import (
     watch_external,
 )
 from bridge.sources.http import DEFAULT_MAX_BODY_BYTES, DEFAULT_TIMEOUT
+from tests.support import containers
 from tests.support.httpserver import (
     Document,
     Exchange,
@@ -561,10 +562,10 @@ async def test_static_server_with_last_modified_only(tmp_path: Path) -> None:
 
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[NginxServer]:
-    binary = nginx_binary()
-    if binary is None:
+    server = containers.nginx_server(nginx_binary(), tmp_path / "nginx")
+    if server is None:
         pytest.skip("nginx is not installed (Debian: apt-get install -y nginx-light)")
-    with NginxServer(binary, tmp_path / "nginx") as running:
+    with server as running:
         yield running
 
 

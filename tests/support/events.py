@@ -30,6 +30,7 @@ from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
 
 ENVELOPE_SCHEMA = "https://koprs.dev/schemas/bridge/v1/cloudevent.json"
+STATE_SCHEMA = "https://koprs.dev/schemas/bridge/v1/state-headers.json"
 FIXED_NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SPECIAL_KEYS = [
     "plain",
@@ -113,6 +114,7 @@ def decode_nats(msg: Msg) -> dict[str, Any]:
         event["data"] = json.loads(msg.data)
     assert headers["Nats-Msg-Id"] == event["id"]
     validate(event)
+    validate_state_headers(headers, event)
     return event
 
 
@@ -132,7 +134,18 @@ def decode_redis(fields: dict[bytes, bytes]) -> dict[str, Any]:
         event["datacontenttype"] = fields[b"content-type"].decode()
         event["data"] = json.loads(fields[b"data"])
     validate(event)
+    validate_state_headers({k.decode(): v.decode() for k, v in fields.items()}, event)
     return event
+
+
+def validate_state_headers(headers: dict[str, str], event: dict[str, Any]) -> None:
+    """The ``koprs-*`` headers or fields, when there (an event the tests encoded without a
+    revision has none), against ``schemas/v1/state-headers.json`` and the event's type."""
+    state = {k: v for k, v in headers.items() if k.startswith("koprs-")}
+    if not state:
+        return
+    jsonschema.Draft202012Validator(load_schema(STATE_SCHEMA)).validate(state)
+    assert event["type"] == f"dev.koprs.external.{state['koprs-kind']}.v1"
 
 
 Entry = tuple[bytes, dict[bytes, bytes]]

@@ -16,10 +16,10 @@ server that hangs while its socket stays open. ``start()`` returns only once the
 its log. Data and logs live in a temporary directory that ``close()`` removes; NATS keeps its
 JetStream store there, so its streams survive a restart.
 
-Where the servers come from: local binaries, on every machine, CI included (DESIGN §7: the CI
-machine has no Docker engine). ``KOPRS_TEST_CONTAINERS=1`` would select testcontainers where
-Docker is reachable; this module does not offer that path and raises :class:`ServerError` when
-the switch is set, rather than silently running something other than what was asked for.
+Where the servers come from: local binaries by default, on every machine, CI included.
+``KOPRS_TEST_CONTAINERS=1`` makes the session fixtures of ``tests/conftest.py`` start
+containers instead, through testcontainers (``tests/support/containers.py``: subclasses of these classes
+with the same lifecycle); servers a test constructs itself from these classes stay local.
 
 Nothing here imports pytest; ``tests/conftest.py`` wraps these classes in fixtures.
 """
@@ -95,14 +95,6 @@ def free_port() -> int:
     raise ServerError("no free TCP port found on 127.0.0.1 after 100 tries")
 
 
-def _check_no_containers_switch() -> None:
-    if os.environ.get("KOPRS_TEST_CONTAINERS", "") not in ("", "0"):
-        raise ServerError(
-            "KOPRS_TEST_CONTAINERS is set, but the test servers only run as local binaries "
-            "(redis-server, nats-server, moto); unset KOPRS_TEST_CONTAINERS"
-        )
-
-
 class ServerProcess:
     """One server process on a fixed loopback port, restartable; subclasses give the command.
 
@@ -114,7 +106,6 @@ class ServerProcess:
     _live: ClassVar[set[ServerProcess]] = set()
 
     def __init__(self, *, port: int | None = None, data_dir: Path | None = None) -> None:
-        _check_no_containers_switch()
         self.port: int = port if port is not None else free_port()
         self._owns_dir = data_dir is None
         self.data_dir: Path = (

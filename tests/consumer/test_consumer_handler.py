@@ -29,7 +29,7 @@ from bridge.events import EventKind, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from bridge.sources.stores import StoredObject
 from tests.support.events import nats_test_config, object_events
-from tests.test_consumer_reflector import ScriptedWatch, envelope
+from tests.support.scripted import ScriptedWatch, envelope
 
 
 class Recorder(EventHandler[list[str]]):

@@ -27,7 +27,6 @@ from bridge.consumer.nats import NatsWatchConfig
 from bridge.errors import ConfigError, DecodeError, PublishError
 from bridge.events import Added, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
-from bridge.sources.stores import StoredObject
 from tests.support.events import nats_test_config, object_events
 from tests.support.servers import NatsServer
 
@@ -166,44 +165,6 @@ async def next_item(it: AsyncIterator[WatchItem]) -> WatchItem:
 
 
 # -- list, then watch -------------------------------------------------------------------------
-
-
-async def test_lists_live_items_then_synced_then_changes(
-    sink: NatsSink, config: NatsSinkConfig
-) -> None:
-    ev = Events()
-    await ev.publish(sink, ev.make(Added, ["a", "b", "c"]))
-    modified = await ev.publish(sink, ev.make(Modified, ["b"], etag="e2"))
-    await ev.publish(sink, ev.make(Removed, ["c"]))
-    async with collecting(watch(config)) as seen:
-        await seen.wait_for(lambda s: s.synced == 1)
-        later = await ev.publish(sink, ev.make(Added, ["d"]))
-        later += await ev.publish(sink, ev.make(Removed, ["a"]))
-        await seen.wait_for(lambda s: len(s.deliveries) == 4)
-    assert [summary(i) for i in seen.items] == [
-        ("added", "a", True),
-        ("modified", "b", True),
-        "synced",
-        ("added", "d", False),
-        ("removed", "a", False),
-    ]
-    listed_b = seen.deliveries[1].envelope
-    assert isinstance(listed_b.event, Added)  # a listed item is an Added, whatever it was
-    assert listed_b.id == modified[0].id  # ... of the latest event, with its id and type
-    assert isinstance(listed_b.event.resource, StoredObject)
-    assert listed_b.event.resource.etag == "e2"
-    assert isinstance(seen.deliveries[3].envelope.event, Removed)
-    assert seen.ids[2:] == [e.id for e in later]
-    assert seen.items[2] == Synced(("files",))
-
-
-async def test_empty_stream_gives_synced_at_once(sink: NatsSink, config: NatsSinkConfig) -> None:
-    ev = Events()
-    async with collecting(watch(config)) as seen:
-        await seen.wait_for(lambda s: s.synced == 1)
-        await ev.publish(sink, ev.make(Added, ["a"]))
-        await seen.wait_for(lambda s: len(s.deliveries) == 1)
-    assert [summary(i) for i in seen.items] == ["synced", ("added", "a", False)]
 
 
 async def test_other_sources_are_not_watched(sink: NatsSink, config: NatsSinkConfig) -> None:
@@ -348,7 +309,7 @@ async def test_durable_resumes_without_acked_events_and_with_unacked_ones(
     later += await ev.publish(sink, ev.make(Modified, ["b"], etag="e2"))
     async with collecting(watch(config, durable="ops", ack_wait_s=1.0)) as again:
         await again.wait_for(lambda s: len(s.deliveries) == 3)
-    assert again.items[0] == Synced(("files",))  # resumed: no list
+    assert again.items[0] == Synced(("files",), listed=False)  # resumed: no list
     assert Counter(again.ids) == Counter([unacked, *(e.id for e in later)])
     assert not any(d.initial for d in again.deliveries)
     info = await js.consumer_info(config.stream, "ops")
@@ -362,73 +323,6 @@ async def test_durable_created_fresh_lists(sink: NatsSink, config: NatsSinkConfi
     async with collecting(watch(config, durable="fresh")) as seen:
         await seen.wait_for(lambda s: s.synced == 1)
     assert [summary(i) for i in seen.items] == [("added", "a", True), "synced"]
-
-
-async def test_every_durable_gets_every_event(sink: NatsSink, config: NatsSinkConfig) -> None:
-    ev = Events()
-    await ev.publish(sink, ev.make(Added, ["a", "b"]))
-    async with (
-        collecting(watch(config, durable="one")) as one,
-        collecting(watch(config, durable="two")) as two,
-        collecting(watch(config)) as ephemeral,
-    ):
-        for seen in (one, two, ephemeral):
-            await seen.wait_for(lambda s: s.synced == 1)
-        await ev.publish(sink, ev.make(Modified, ["a"], etag="e2"))
-        await ev.publish(sink, ev.make(Added, ["c"]))
-        for seen in (one, two, ephemeral):
-            await seen.wait_for(lambda s: len(s.deliveries) == 4)
-    assert one.ids == two.ids == ephemeral.ids
-    assert [summary(i) for i in one.items] == [
-        ("added", "a", True),
-        ("added", "b", True),
-        "synced",
-        ("modified", "a", False),
-        ("added", "c", False),
-    ]
-
-
-async def test_watches_sharing_a_durable_split_the_events(
-    sink: NatsSink, config: NatsSinkConfig
-) -> None:
-    ev = Events()
-    got: dict[str, list[str]] = {"a": [], "b": []}
-    has_one = {"a": asyncio.Event(), "b": asyncio.Event()}
-    synced = {"a": asyncio.Event(), "b": asyncio.Event()}
-    done = asyncio.Event()
-    expected: set[str] = set()
-
-    async def consume(name: str, other: str) -> None:
-        async with watch(config, durable="workers", batch_size=1) as w:
-            async for item in w:
-                if isinstance(item, Synced):
-                    synced[name].set()
-                    continue
-                got[name].append(item.envelope.id)
-                has_one[name].set()
-                await has_one[other].wait()  # hold it: the other one must get the next events
-                await item.ack()
-                if expected and set(got["a"]) | set(got["b"]) >= expected:
-                    done.set()
-
-    tasks = [asyncio.create_task(consume("a", "b")), asyncio.create_task(consume("b", "a"))]
-    try:
-        async with asyncio.timeout(30):
-            await synced["a"].wait()
-            await synced["b"].wait()
-            events = ev.make(Added, [f"k{i}" for i in range(20)])
-            expected.update(e.id for e in events)
-            await ev.publish(sink, events)
-            await done.wait()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    assert got["a"]
-    assert got["b"]
-    assert set(got["a"]) | set(got["b"]) == expected
-    assert not set(got["a"]) & set(got["b"])
-    assert len(got["a"]) + len(got["b"]) == len(expected)
 
 
 async def test_durable_with_other_sources_is_refused(
@@ -797,6 +691,15 @@ def test_config_is_checked() -> None:
         NatsWatchConfig(batch_size=0)
     with pytest.raises(ConfigError, match="fetch_timeout_s"):
         NatsWatchConfig(fetch_timeout_s=0)
+    with pytest.raises(ConfigError, match="max_deliveries"):
+        NatsWatchConfig(max_deliveries=0)
+    with pytest.raises(ConfigError, match="dead-letter"):
+        NatsWatchConfig(subject_prefix="koprs.deadletter")
+    config = NatsWatchConfig(stream="S", subject_prefix="acme.koprs.external")
+    assert (config.dead_letter_stream, config.dead_letter_prefix) == (
+        "S_DEADLETTER",
+        "acme.koprs.deadletter",
+    )
     assert NatsWatchConfig(sources=("b", "a")).filter_subjects == [
         "koprs.external.a.>",
         "koprs.external.b.>",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -25,10 +25,11 @@ from bridge.cloudevents import CloudEvent
 from bridge.consumer import RedisWatch, watch_redis
 from bridge.consumer.base import Delivery, Synced, WatchItem
 from bridge.errors import ConfigError, DecodeError
-from bridge.events import Added, ExternalEvent, Modified, Removed
+from bridge.events import Added, ExternalEvent
 from bridge.sinks.redis import RedisSink, RedisSinkConfig, items_key
 from bridge.subjects import redis_stream_key
 from tests.support.events import object_events, xrange
+from tests.support.replicas import until
 from tests.support.servers import RedisServer
 
 pytestmark = pytest.mark.servers
@@ -139,79 +140,6 @@ async def expect_sentinel(watch: RedisWatch, sink: RedisSink, key: str = "sentin
 # -- list-then-watch --
 
 
-@pytest.mark.parametrize("group", GROUPS)
-async def test_lists_live_items_then_synced_then_live_changes(
-    sink: RedisSink, open_watch: OpenWatch, group: str | None
-) -> None:
-    await sink.publish("files", events(["a", "b", "c"]))
-    await sink.publish("files", events(["b"], Modified, etag="e2"))
-    await sink.publish("files", events(["c"], Removed))
-    await sink.publish("web", events(["w"], source="web"))
-    watch = open_watch("files", "web", group=group)
-
-    listed = await take(watch, 4)
-    assert seen(listed) == [
-        ("files", "added", "a", "e1", True),
-        ("files", "added", "b", "e2", True),  # its latest state, as an Added
-        ("web", "added", "w", "e1", True),
-        "synced",
-    ]
-    assert listed[3] == Synced(("files", "web"))
-    modified = listed[1]
-    assert isinstance(modified, Delivery)
-    assert isinstance(modified.envelope.event, Added)
-    assert modified.envelope.type == "dev.koprs.external.modified.v1"  # the context is kept
-    await settle(listed)
-
-    await sink.publish("files", events(["a"], Modified, etag="e3"))
-    await sink.publish("web", events(["w"], Removed, source="web"))
-    live = await take(watch, 2)
-    assert sorted(seen(live), key=str) == [
-        ("files", "modified", "a", "e3", False),
-        ("web", "removed", "w", "e1", False),
-    ]
-    await settle(live)
-    await expect_sentinel(watch, sink)
-
-
-@pytest.mark.parametrize("group", GROUPS)
-async def test_no_gap_and_no_duplicate_between_the_list_and_live_changes(
-    sink: RedisSink, open_watch: OpenWatch, group: str | None
-) -> None:
-    await sink.publish("files", events(["a", "b"]))
-    watch = open_watch(group=group)
-    first = await take(watch, 1)  # the snapshot is taken before the first item
-    # published after the snapshot and before the live phase (and before the group exists)
-    await sink.publish("files", events(["a"], Modified, etag="e2"))
-    await sink.publish("files", events(["c"]))
-
-    rest = await take(watch, 4)
-    assert seen(first + rest) == [
-        ("files", "added", "a", "e1", True),
-        ("files", "added", "b", "e1", True),
-        "synced",
-        ("files", "modified", "a", "e2", False),
-        ("files", "added", "c", "e1", False),
-    ]
-    await settle(first + rest)
-    await expect_sentinel(watch, sink)
-
-
-async def test_without_list_first_only_live_changes(sink: RedisSink, open_watch: OpenWatch) -> None:
-    await sink.publish("files", events(["old"]))
-    watch = open_watch(list_first=False)
-    assert await take(watch, 1) == [Synced(("files",))]
-    await expect_sentinel(watch, sink)
-
-
-async def test_empty_redis_lists_nothing_then_watches(
-    sink: RedisSink, open_watch: OpenWatch
-) -> None:
-    watch = open_watch(group="ops")
-    assert await take(watch, 1) == [Synced(("files",))]
-    await expect_sentinel(watch, sink)
-
-
 async def test_a_list_longer_than_one_fetch(sink: RedisSink, open_watch: OpenWatch) -> None:
     keys = [f"k{i:04}" for i in range(700)]
     await sink.publish("files", events(keys))
@@ -287,7 +215,7 @@ async def test_a_dead_consumers_pending_entries_are_claimed(
     sink: RedisSink, client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     dead = open_watch(group="ops", consumer="dead", list_first=False)
-    assert await take(dead, 1) == [Synced(("files",))]
+    assert await take(dead, 1) == [Synced(("files",), listed=False)]
     await sink.publish("files", events(["x", "y"]))
     assert len(await take(dead, 2)) == 2  # never acknowledged
     await dead.aclose()
@@ -305,30 +233,14 @@ async def test_a_dead_consumers_pending_entries_are_claimed(
     assert consumers == {b"dead": 0, b"heir": 0}
 
 
-async def test_two_groups_each_get_every_event(sink: RedisSink, open_watch: OpenWatch) -> None:
-    await sink.publish("files", events(["a"]))
-    one, two = open_watch(group="one"), open_watch(group="two")
-    for watch in (one, two):
-        assert seen(await take(watch, 2)) == [("files", "added", "a", "e1", True), "synced"]
-    await sink.publish("files", events(["b", "c"]))
-    for watch in (one, two):
-        live = await take(watch, 2)
-        assert [s[2] for s in seen(live) if isinstance(s, tuple)] == ["b", "c"]
-        await settle(live)
-    await sink.publish("files", events(["sentinel"]))
-    for watch in (one, two):
-        [item] = await take(watch, 1)
-        assert seen([item]) == [("files", "added", "sentinel", "e1", False)]
-
-
-async def test_consumers_of_one_group_split_the_events(
+async def test_one_read_takes_at_most_batch_size_entries_of_the_group(
     sink: RedisSink, client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     keys = [f"k{i}" for i in range(10)]
     first = open_watch(group="ops", consumer="c1", list_first=False, batch_size=3)
     second = open_watch(group="ops", consumer="c2", list_first=False)
     for watch in (first, second):
-        assert await take(watch, 1) == [Synced(("files",))]
+        assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await sink.publish("files", events(keys))
     got_first = await take(first, 3)  # one read of at most 3 entries
     got_second = await take(second, 7)  # the rest
@@ -345,7 +257,7 @@ async def test_nak_delivers_again_and_stays_pending_until_acked(
     sink: RedisSink, client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     watch = open_watch(group="ops", consumer="c1", list_first=False)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await sink.publish("files", events(["a"]))
     [first] = await take(watch, 1)
     assert isinstance(first, Delivery)
@@ -523,7 +435,7 @@ async def test_without_list_first_a_lost_stream_is_read_from_its_start(
 ) -> None:
     await sink.publish("files", events(["a"]))
     watch = open_watch(group=group, list_first=False)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     await read_an_entry_from_the_future(watch, client)
     await asyncio.to_thread(redis_server.restart)
     await sink.publish("files", events(["b", "c"]))
@@ -571,7 +483,7 @@ async def test_closing_ends_a_blocked_iteration(
     client: redis.asyncio.Redis, open_watch: OpenWatch
 ) -> None:
     watch = open_watch(group="ops", list_first=False, block_s=60)
-    assert await take(watch, 1) == [Synced(("files",))]
+    assert await take(watch, 1) == [Synced(("files",), listed=False)]
     blocked = asyncio.create_task(anext(watch))
 
     async def read_blocked() -> None:  # polled until the server reports the read blocked
@@ -595,6 +507,8 @@ async def test_closing_ends_a_blocked_iteration(
         (["files"], {"on_decode_error": "ignore"}, "on_decode_error"),
         (["files"], {"batch_size": 0}, "batch_size"),
         (["files"], {"claim_idle_s": -1}, "claim_idle_s"),
+        (["files"], {"max_deliveries": 0}, "max_deliveries"),
+        (["files"], {"prune_idle_s": -1}, "prune_idle_s"),
     ],
 )
 def test_invalid_configuration(sources: list[str], options: dict[str, Any], message: str) -> None:
@@ -630,3 +544,59 @@ async def test_one_cancel_stops_a_handler_right_after_it_handled(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await watch.aclose()
+
+
+async def test_a_dead_consumer_is_pruned_once_its_entries_are_claimed(
+    sink: RedisSink, open_watch: OpenWatch, client: redis.asyncio.Redis
+) -> None:
+    dead = open_watch(group="ops", consumer="dead", list_first=False)
+    assert await take(dead, 1) == [Synced(("files",), listed=False)]
+    await sink.publish("files", events(["a"]))
+    [got] = await take(dead, 1)  # delivered, never acknowledged: it "died"
+    assert isinstance(got, Delivery)
+    await dead.aclose()
+
+    live = open_watch(group="ops", consumer="live", claim_idle_s=0.05, prune_idle_s=0)
+    claimed = await take(live, 2)
+    assert claimed[0] == Synced(("files",), listed=False)
+    assert isinstance(claimed[1], Delivery)
+    assert claimed[1].envelope.id == got.envelope.id
+    assert claimed[1].attempt == 2  # the group's delivery count
+    await settle(claimed)
+
+    async def names() -> set[str]:
+        consumers = await client.xinfo_consumers(FILES, "ops")
+        return {c["name"].decode() for c in consumers}
+
+    async def consume() -> None:
+        async for item in live:
+            await settle([item])
+
+    task = asyncio.create_task(consume())
+    try:
+        await until(lambda: _only_live(names), "the dead consumer pruned")
+    finally:
+        await live.aclose()
+        async with asyncio.timeout(10):
+            await task
+    assert await pending(client, "ops") == 0
+
+
+async def _only_live(names: Callable[[], Awaitable[set[str]]]) -> bool:
+    return await names() == {"live"}
+
+
+async def test_a_stream_emptied_and_written_again_between_reads_is_listed_again(
+    sink: RedisSink, open_watch: OpenWatch, client: redis.asyncio.Redis
+) -> None:
+    """Without a group, entry ids say nothing (the new entries' ids are later): the count of
+    entries ever added, below what the watch read, tells the stream was created again."""
+    await sink.publish("files", events(["a", "b"]))
+    watch = open_watch()
+    assert len(await take(watch, 3)) == 3  # a, b, Synced
+    await client.flushall()  # as a restart without persistence would
+    await sink.publish("files", events(["c"]))
+    items = await take(watch, 2)
+    assert seen(items) == [("files", "added", "c", "e1", True), "synced"]
+    assert items[1] == Synced(("files",), listed=True)  # a Reflector drops a and b
+    await expect_sentinel(watch, sink)
