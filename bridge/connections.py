@@ -48,6 +48,7 @@ from redis.asyncio.connection import (
     ConnectionPool,
     parse_url,
 )
+from redis.asyncio.sentinel import SentinelManagedConnection
 from redis.credentials import CredentialProvider
 
 from bridge.aio import keep_cancellation
@@ -269,7 +270,11 @@ except ImportError:  # pragma: no cover - older redis-py
 
 def redis_tls_required(url: str, tls: TlsConfig | None) -> bool:
     """Whether TLS is used: a ``rediss://`` URL or a ``tls`` section."""
-    return tls is not None or urlsplit(url).scheme.lower() == "rediss"
+    return tls is not None or urlsplit(url).scheme.lower() in (
+        "rediss",
+        "rediss+cluster",
+        "rediss+sentinel",
+    )
 
 
 class _Credentials(CredentialProvider):
@@ -325,6 +330,22 @@ async def redis_session(
         await client.aclose()
 
 
+class TlsSentinelConnection(SentinelManagedConnection):
+    """A connection to the primary a Sentinel names, over TLS with a context from
+    :func:`ssl_context`."""
+
+    def __init__(self, *, tls_config: TlsConfig | None = None, **kwargs: Any) -> None:
+        self.tls_config = tls_config
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        arguments = dict(super()._connection_arguments())
+        arguments["ssl"] = ssl_context(self.tls_config)
+        if self.tls_config is not None and self.tls_config.server_name:
+            arguments["server_hostname"] = self.tls_config.server_name
+        return arguments
+
+
 def redis_client(
     url: str,
     tls: TlsConfig | None = None,
@@ -339,7 +360,28 @@ def redis_client(
     ``auth`` overrides credentials in the URL. With ``pool_timeout_s``, a command waits up to
     that long for a free connection when all ``max_connections`` are busy, instead of failing
     at once ("Too many connections"). Nothing connects before the first command.
+    ``redis+cluster://`` and ``redis+sentinel://`` URLs (and their ``rediss+`` forms) give a
+    cluster client or a client of the Sentinel-named primary: :mod:`bridge.connections_redis`
+    (``pool_timeout_s`` applies to a single server only).
     """
+    if "+" in urlsplit(url).scheme:
+        from bridge.connections_redis import clustered_client
+        from bridge.redis_urls import parse_redis_url
+
+        target = parse_redis_url(url)
+        provider = None
+        if auth is not None and auth.password is not None:
+            provider = _Credentials(auth.username, auth.password)
+        elif target.password is not None:
+            provider = _Credentials(target.username, target.password)
+        return clustered_client(
+            url,
+            tls,
+            provider,
+            {**options},
+            tls_connection=TlsConnection,
+            tls_sentinel_connection=TlsSentinelConnection,
+        )
     try:
         kwargs: dict[str, Any] = {**_NO_CLIENT_INFO, **options, **parse_url(url)}
     except ValueError as exc:

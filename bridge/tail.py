@@ -53,6 +53,7 @@ from bridge.consumer.base import Synced, Watch
 from bridge.consumer.decoding import CustomResource, Envelope
 from bridge.errors import BridgeError, ConfigError
 from bridge.jsonable import jsonable
+from bridge.redis_urls import REDIS_SCHEMES, check_nats_urls, check_redis_url
 from bridge.secrets import redact_url
 from bridge.sources.http import HttpResource
 from bridge.sources.stores import StoredObject
@@ -60,7 +61,7 @@ from bridge.subjects import DEFAULT_SUBJECT_PREFIX, REDIS_STREAM_PREFIX, validat
 
 __all__ = ["TailOptions", "format_json", "format_line", "run_tail"]
 
-_SCHEMES = {"nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
+_SCHEMES = {"nats": "nats", "tls": "nats", **dict.fromkeys(REDIS_SCHEMES, "redis")}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -122,13 +123,16 @@ class TailOptions:
                 dead_letters=dead_letters,
             )
         assert broker is not None
-        scheme = urlsplit(broker).scheme
+        scheme = urlsplit(broker).scheme.lower()
         if scheme not in _SCHEMES:
             raise ConfigError(
-                f"--broker must start with nats://, tls://, redis:// or rediss://, "
-                f"got {redact_url(broker)!r}"
+                f"--broker must start with nats://, tls://, redis://, rediss://, "
+                f"redis+cluster:// or redis+sentinel:// (or rediss+...), got {redact_url(broker)!r}"
             )
         kind: Literal["nats", "redis"] = "nats" if _SCHEMES[scheme] == "nats" else "redis"
+        problem = check_redis_url(broker) if kind == "redis" else check_nats_urls(broker)
+        if problem:
+            raise ConfigError(f"--broker: {problem} (got {redact_url(broker)!r})")
         return cls(
             url=broker,
             kind=kind,

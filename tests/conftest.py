@@ -38,6 +38,7 @@ import pytest_asyncio
 
 from bridge.telemetry.logs import quiet_asyncio_tls_notice
 from tests.support import containers
+from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet
 from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
 if TYPE_CHECKING:
@@ -49,8 +50,14 @@ quiet_asyncio_tls_notice()  # as the logging set-up of the command line does
 
 _SERVER_FIXTURES = frozenset(
     {"redis_server", "nats_server", "s3_server", "redis_url", "nats_url", "s3_bucket"}
+    | {"nats_cluster", "redis_cluster", "redis_sentinel"}
+    | {"nats_cluster_url", "redis_cluster_url", "redis_sentinel_url"}
 )
-_started: list[ServerProcess] = []
+_CLUSTER_FIXTURES = frozenset(
+    {"nats_cluster", "redis_cluster", "redis_sentinel"}
+    | {"nats_cluster_url", "redis_cluster_url", "redis_sentinel_url"}
+)
+_started: list[ServerProcess | NatsCluster | RedisClusterSet | SentinelSet] = []
 
 ServerT = TypeVar("ServerT", bound=ServerProcess)
 
@@ -85,6 +92,63 @@ def nats_server() -> Iterator[NatsServer]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     yield from _session_server(containers.s3_server())
+
+
+# Clusters (tests/support/clusters.py): started once per session, only when a test asks for one.
+# The *_url fixtures bring killed nodes back and wait until the topology is healthy again.
+
+
+@pytest.fixture(scope="session")
+def nats_cluster() -> Iterator[NatsCluster]:
+    cluster = NatsCluster()
+    try:
+        cluster.start()
+        _started.append(cluster)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterSet]:
+    cluster = RedisClusterSet()
+    try:
+        cluster.start()
+        _started.append(cluster)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelSet]:
+    sentinels = SentinelSet()
+    try:
+        sentinels.start()
+        _started.append(sentinels)
+        yield sentinels
+    finally:
+        sentinels.close()
+
+
+@pytest.fixture
+def nats_cluster_url(nats_cluster: NatsCluster) -> str:
+    nats_cluster.ensure_running()
+    return nats_cluster.url
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterSet) -> str:
+    redis_cluster.restore()
+    redis_cluster.flushall()
+    return redis_cluster.url
+
+
+@pytest.fixture
+def redis_sentinel_url(redis_sentinel: SentinelSet) -> str:
+    redis_sentinel.restore()
+    redis_sentinel.flushall()
+    return redis_sentinel.url
 
 
 @pytest.fixture
@@ -125,6 +189,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.servers)
+        if _CLUSTER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.clusters)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -102,7 +102,9 @@ from redis.backoff import NoBackoff
 from bridge.aio import Backoff, keep_cancellation
 from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.connections import describe_error, redis_client
+from bridge.connections_redis import is_cluster
 from bridge.consumer.base import Synced
+from bridge.consumer.redis_cluster_reads import ClusterReads
 from bridge.consumer.redis_config import RedisWatchConfig
 from bridge.consumer.redis_entries import RETRYABLE, EntryId, RedisEntries, parse_id, text
 from bridge.events import Added
@@ -281,6 +283,10 @@ class RedisWatch(RedisEntries):
         self._said_no_counts = False
         self._relist: set[str] = set()
         """Streams to list again at the next start, even though they have the group."""
+        self._cluster_reads = (
+            ClusterReads() if is_cluster(self._client) and len(self._sources) > 1 else None
+        )
+        """Redis Cluster with several streams: no read may span two slots."""
 
     async def _fill(self) -> None:
         while not self._ready:
@@ -305,6 +311,8 @@ class RedisWatch(RedisEntries):
 
     async def _release(self) -> None:
         """Close the client the watch made (once acknowledgements in flight are through)."""
+        if self._cluster_reads is not None:
+            await self._cluster_reads.cancel()
         if self._owns_client:
             await self._acks_done(timeout_s=2.0)
             await self._client.aclose()
@@ -312,6 +320,8 @@ class RedisWatch(RedisEntries):
     # -- phases --
 
     async def _start(self) -> None:
+        if self._cluster_reads is not None:  # reads from old positions
+            await self._cluster_reads.cancel()
         cfg = self.config
         snapshots = await self._snapshot(list_items=cfg.list_first, force=self._relist)
         self._own_pending.clear()
@@ -445,27 +455,62 @@ class RedisWatch(RedisEntries):
         if self.group is not None:
             wait = min(wait, self._next_claim - loop.time())
         block_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait forever
-        if self.group is None:
+        if self._cluster_reads is not None:  # one read per stream: each has its own slot
+            got = await self._read_each(block_ms, wait)
+        elif self.group is None:
             reply = await self._command(
                 "XREAD", "COUNT", self.config.batch_size, "BLOCK", block_ms,
                 "STREAMS", *self._cursor, *self._cursor.values(),
             )  # fmt: skip
+            got = _per_stream(reply)
         else:
             reply = await self._command(
                 "XREADGROUP", "GROUP", self.group, self.consumer,
                 "COUNT", self.config.batch_size, "BLOCK", block_ms,
                 "STREAMS", *self._cursor, *([">"] * len(self._cursor)),
             )  # fmt: skip
-        for stream, entries in _per_stream(reply):
+            got = _per_stream(reply)
+        for stream, entries in got:
             await self._accept(stream, entries, lag=self._lag.get(stream))
+
+    async def _read_each(self, block_ms: int, wait_s: float) -> list[tuple[str, list[Any]]]:
+        """Redis Cluster: a blocking read of each stream, left running between calls."""
+        assert self._cluster_reads is not None
+
+        def read(stream: str) -> Awaitable[Any]:
+            if self.group is None:
+                return self._command(
+                    "XREAD", "COUNT", self.config.batch_size, "BLOCK", block_ms,
+                    "STREAMS", stream, self._cursor[stream],
+                )  # fmt: skip
+            return self._command(
+                "XREADGROUP", "GROUP", self.group, self.consumer,
+                "COUNT", self.config.batch_size, "BLOCK", block_ms, "STREAMS", stream, ">",
+            )  # fmt: skip
+
+        replies = await self._cluster_reads.read(list(self._cursor), read, wait_s)
+        return [pair for _stream, reply in replies for pair in _per_stream(reply)]
 
     async def _read_own_pending(self) -> None:
         streams = list(self._own_pending)
-        reply = await self._command(
-            "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.config.batch_size,
-            "STREAMS", *streams, *[self._own_pending[s] for s in streams],
-        )  # fmt: skip
-        got = dict(_per_stream(reply))
+        if self._cluster_reads is not None:
+
+            def pending(stream: str) -> Awaitable[Any]:
+                return self._command(
+                    "XREADGROUP", "GROUP", self.group, self.consumer,
+                    "COUNT", self.config.batch_size,
+                    "STREAMS", stream, self._own_pending[stream],
+                )  # fmt: skip
+
+            replies = await self._cluster_reads.gather(streams, pending)
+            got = {s: e for _stream, reply in replies for s, e in _per_stream(reply)}
+        else:
+            reply = await self._command(
+                "XREADGROUP", "GROUP", self.group, self.consumer,
+                "COUNT", self.config.batch_size,
+                "STREAMS", *streams, *[self._own_pending[s] for s in streams],
+            )  # fmt: skip
+            got = dict(_per_stream(reply))
         for stream in streams:
             entries = got.get(stream, [])
             if not entries:
@@ -594,6 +639,8 @@ class RedisWatch(RedisEntries):
                 if self.config.list_first
                 else "reading it from its start" if stream in lost else "they are lost",
             )  # fmt: skip
+        if (lost or trimmed) and self._cluster_reads is not None:
+            await self._cluster_reads.cancel()  # reads from positions no longer right
         if (lost or trimmed) and self.config.list_first:
             self._relist |= set(trimmed)
             self._started = self._synced = False

@@ -39,7 +39,7 @@ import redis.exceptions
 
 from bridge import aio
 from bridge.errors import FencedError, StateError
-from bridge.ha.keys import SourceKeys, as_text, replicas_key
+from bridge.ha.keys import SourceKeys, as_text, prefix_for, replicas_key
 
 __all__ = ["Heartbeat", "Lease", "LeaseClient", "Membership"]
 
@@ -187,7 +187,7 @@ class LeaseClient:
         self.redis = redis
         self.replica = replica
         self.ttl_s = ttl_s
-        self.prefix = prefix
+        self.prefix = prefix = prefix_for(redis, prefix)  # Redis Cluster: one slot for all
         self.margin_s = min(1.0, ttl_s / 10) if margin_s is None else margin_s
         self.lost = 0
         """Leases lost so far (not given back: taken, expired, membership lapsed)."""

@@ -40,9 +40,10 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from bridge import aio
+from bridge.connections_redis import is_cluster
 from bridge.errors import BridgeError
 from bridge.ha.checkpoints import RedisStateStore
-from bridge.ha.keys import SourceKeys, as_text, replicas_key
+from bridge.ha.keys import SourceKeys, as_text, prefix_for, replicas_key
 from bridge.ha.leases import Lease, LeaseClient
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
 from bridge.sinks import Sink
@@ -55,7 +56,11 @@ log = logging.getLogger("bridge.ha")
 
 
 def control_client(redis: aioredis.Redis) -> aioredis.Redis:
-    """A client on its own one-connection pool, to the same server as ``redis``."""
+    """A client on its own one-connection pool, to the same server as ``redis`` (a Sentinel
+    client's pool asks the sentinels for the primary at each connection). A Redis Cluster
+    client is returned as is: its pools are per node and never block."""
+    if is_cluster(redis):
+        return redis
     pool = redis.connection_pool
     return aioredis.Redis.from_pool(
         aioredis.BlockingConnectionPool(
@@ -101,6 +106,7 @@ class Coordinator:
         self.sink = sink
         self.redis = redis
         """State writes (checkpoints) go through this client's pool."""
+        prefix = prefix_for(redis, prefix)  # Redis Cluster: all election keys in one slot
         self.control = control_client(redis)
         """Heartbeats, acquisitions and releases go through this one (one connection)."""
         self.replica = replica
@@ -165,7 +171,8 @@ class Coordinator:
                 await asyncio.gather(*leaving, *self._leaving, watchdog, return_exceptions=True)
                 await self.leases.release_all(held)
                 self._released_together.clear()
-            await self.control.aclose()
+            if self.control is not self.redis:  # a cluster client is shared: closed by its owner
+                await self.control.aclose()
 
     async def _watch_membership(self) -> None:
         """Lose every lease as soon as the membership's deadline passes unrenewed."""
@@ -341,6 +348,7 @@ async def election_status(
     redis: aioredis.Redis, sources: Sequence[str], prefix: str = "koprs:bridge:"
 ) -> dict[str, Any]:
     """Who holds which source, read from Redis (for ``koprs-bridge status``)."""
+    prefix = prefix_for(redis, prefix)
     now_s, now_us = await redis.time()
     now_ms = now_s * 1000 + now_us // 1000
     replicas = {as_text(r) for r in await redis.zrangebyscore(replicas_key(prefix), now_ms, "+inf")}

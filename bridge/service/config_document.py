@@ -14,6 +14,7 @@ from pydantic import AfterValidator, Field, PrivateAttr, field_validator
 
 from bridge.cloudevents import ContentMode
 from bridge.connection_settings import AuthConfig, RedisAuthConfig, TlsConfig
+from bridge.redis_urls import REDIS_SCHEMES, check_nats_urls, check_redis_url
 from bridge.secrets import Secret, redact_url
 from bridge.service.config_sources import SourceConfig
 from bridge.settings import (
@@ -43,23 +44,27 @@ __all__ = [
 BROKER_KINDS: dict[str, Literal["nats", "redis"]] = {
     "nats": "nats",
     "tls": "nats",
-    "redis": "redis",
-    "rediss": "redis",
+    **dict.fromkeys(REDIS_SCHEMES, "redis"),
 }
+"""Broker URL schemes; Redis Cluster and Sentinel URLs: :mod:`bridge.redis_urls`."""
 
 
 def _broker_url(url: Secret) -> Secret:
-    if urlsplit(url.reveal()).scheme not in BROKER_KINDS:
+    scheme = urlsplit(url.reveal()).scheme.lower()
+    if scheme not in BROKER_KINDS:
         raise ValueError(
-            "must start with nats://, tls://, redis:// or rediss://, "
-            f"got {redact_url(url.reveal())!r}"
+            "must start with nats://, tls://, redis://, rediss://, redis+cluster://, "
+            f"redis+sentinel:// (or rediss+...), got {redact_url(url.reveal())!r}"
         )
+    check = check_redis_url if BROKER_KINDS[scheme] == "redis" else check_nats_urls
+    if problem := check(url.reveal()):
+        raise ValueError(f"{problem} (got {redact_url(url.reveal())!r})")
     return url
 
 
 def _redis_url(url: Secret) -> Secret:
-    if urlsplit(url.reveal()).scheme not in ("redis", "rediss"):
-        raise ValueError(f"must start with redis:// or rediss://, got {redact_url(url.reveal())!r}")
+    if problem := check_redis_url(url.reveal()):
+        raise ValueError(f"{problem} (got {redact_url(url.reveal())!r})")
     return url
 
 
@@ -94,8 +99,9 @@ class BrokerConfig(ConfigModel):
         int | None, at_least(0), AfterValidator(lambda count: count or None)
     ] = 16
     """NATS: messages kept per item subject (0: unlimited)."""
-    replicas: Annotated[int, at_least(1)] = 1
-    """NATS: JetStream replicas of the stream."""
+    replicas: Annotated[int, at_least(1)] | None = None
+    """NATS: JetStream replicas of the stream (default 1). Redis: copies each write must
+    reach before it counts (``WAIT replicas-1``; default 2 on Cluster/Sentinel, else 1)."""
     maxlen: Annotated[int, at_least(1)] = 100_000
     """Redis: approximate MAXLEN of each source's stream."""
     ack_timeout_s: Duration = Field(default=5.0, validation_alias="ack_timeout")
@@ -108,7 +114,7 @@ class BrokerConfig(ConfigModel):
     @property
     def kind(self) -> Literal["nats", "redis"]:
         """``nats`` or ``redis``, from the URL scheme."""
-        return BROKER_KINDS[urlsplit(self.url.reveal()).scheme]
+        return BROKER_KINDS[urlsplit(self.url.reveal()).scheme.lower()]
 
     @property
     def description(self) -> str:

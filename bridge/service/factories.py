@@ -131,7 +131,7 @@ def build_sink(config: BridgeConfig) -> Sink:
             content_mode=broker.content_mode,
             max_age_s=broker.max_age_s,
             max_msgs_per_subject=broker.max_msgs_per_subject,
-            replicas=broker.replicas,
+            replicas=broker.replicas or 1,
             ack_timeout_s=broker.ack_timeout_s,
             tls=broker.tls,
             auth=broker.auth,
@@ -144,6 +144,7 @@ def build_sink(config: BridgeConfig) -> Sink:
     redis_config = RedisSinkConfig(
         url=broker.url.reveal(),
         maxlen=broker.maxlen,
+        replicas=broker.replicas,
         content_mode=broker.content_mode,
         timeout_s=broker.ack_timeout_s,
         tls=broker.tls,

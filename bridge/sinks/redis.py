@@ -91,6 +91,7 @@ from redis.backoff import NoBackoff
 
 from bridge.cloudevents import CloudEvent
 from bridge.connections import describe_error, redis_client
+from bridge.connections_redis import key_connection, topology_errors
 from bridge.errors import PublishError
 from bridge.secrets import redact_url
 from bridge.sinks import frame_bound
@@ -112,6 +113,7 @@ __all__ = [
     "MARKER_SCRIPT",
     "READ_SCRIPT",
     "ContentMode",
+    "NotReplicated",
     "RedisSink",
     "RedisSinkConfig",
     "items_key",
@@ -129,7 +131,11 @@ server's memory until ``EXEC`` (one over ``client-query-buffer-limit`` would be 
 large ones are slower, and several parts let the next be encoded while the server works."""
 _REMOVED_TYPE_SUFFIX = ".removed.v1"
 _ATTEMPTS = 3
-"""Tries of one transaction: again after a dead pooled connection or a concurrent change."""
+"""Tries of one transaction: again after a dead pooled connection, a concurrent change, or a
+topology change (a slot moved, a primary that is a replica now)."""
+_RETRY_AT_ONCE = (redis.exceptions.WatchError, redis.exceptions.ConnectionError)
+_TOPOLOGY = topology_errors()
+_TOPOLOGY_PAUSE_S = 0.1
 
 READ_SCRIPT = """
 -- KEYS[1] stream, KEYS[2] items hash
@@ -166,6 +172,10 @@ return #KEYS
 """
 
 
+class NotReplicated(redis.exceptions.ResponseError):
+    """A write reached fewer replicas than ``replicas`` asks for within the ``WAIT`` timeout."""
+
+
 class RedisSink:
     """Publishes to Redis Streams; see the module docstring. ``publish()`` connects if needed."""
 
@@ -177,6 +187,13 @@ class RedisSink:
         )
         self._maxlen = bulk(str(self.config.maxlen).encode())
         self._window = str(math.ceil(self.config.dedup_window_s)).encode()
+        self._wait_replicas = self.config.copies - 1
+        self._wait_ms = max(1, int(self.config.timeout_s * 500))  # half the publish's bound
+        self._wait: list[bytes] = (
+            [command(b"WAIT", b"%d" % self._wait_replicas, b"%d" % self._wait_ms)]
+            if self._wait_replicas > 0
+            else []
+        )
 
     @property
     def description(self) -> str:
@@ -256,23 +273,21 @@ class RedisSink:
         connection or a concurrent change of the watched keys. ``meanwhile`` is called while
         the server runs it (to pack the next part)."""
         assert self._client is not None
-        pool = self._client.connection_pool
         for attempt in range(1, _ATTEMPTS + 1):
-            conn: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
             try:
-                await self._transaction(conn, stream, events, meanwhile)
+                async with key_connection(self._client, stream) as conn:
+                    await self._transaction(conn, stream, events, meanwhile)
                 return
             except BaseException as exc:
-                # its state (WATCH, replies not read) is unknown: never hand it out again
-                await conn.disconnect(nowait=True)
-                retry = isinstance(
-                    exc, redis.exceptions.WatchError | redis.exceptions.ConnectionError
-                )
-                if not retry or attempt == _ATTEMPTS:
+                # key_connection dropped the connection (its state - WATCH, replies not read -
+                # is unknown) and, on a Cluster, re-reads the slot table after a failover
+                retry = isinstance(exc, _RETRY_AT_ONCE)
+                moved = isinstance(exc, _TOPOLOGY)
+                if not (retry or moved) or attempt == _ATTEMPTS:
                     raise
                 log.debug("Redis %s: trying a transaction again: %s", self.description, exc)
-            finally:
-                await pool.release(conn)
+                if moved:  # a failover in progress: give the cluster a moment
+                    await asyncio.sleep(_TOPOLOGY_PAUSE_S * attempt)
 
     async def _transaction(
         self,
@@ -318,9 +333,11 @@ class RedisSink:
                 if value is None
             ]
         if not new:
-            await conn.send_packed_command(command(b"UNWATCH"))
+            # published before, maybe by a try whose WAIT failed: wait for the replicas again
+            await conn.send_packed_command([command(b"UNWATCH"), *self._wait])
             if isinstance(reply := await _reply(conn), Exception):
                 raise reply
+            await self._replicated(conn)
             return
 
         # round trip 2: the transaction, as a list of byte strings (payloads referenced, not copied)
@@ -356,7 +373,7 @@ class RedisSink:
             commands.append(command(b"HDEL", items, *gone))
         # replies: MULTI's, one per queued command (XADDs, EVAL, HSET/HDEL), then EXEC's
         replies = 1 + len(new) + len(commands)
-        await conn.send_packed_command([*chunks, *commands, command(b"EXEC")])
+        await conn.send_packed_command([*chunks, *commands, command(b"EXEC"), *self._wait])
         meanwhile()
         queued = [await _reply(conn) for _ in range(replies)]
         try:
@@ -377,6 +394,22 @@ class RedisSink:
             raise redis.exceptions.ResponseError(
                 f"XADD returned other entry ids than the ones requested: "
                 f"{results[: len(new)]!r:.200} instead of {entry_ids!r:.200}"
+            )
+        await self._replicated(conn)
+
+    async def _replicated(self, conn: AbstractConnection) -> None:
+        """Read the reply of the ``WAIT`` sent after the transaction (if replicas are asked
+        for): fewer replicas than asked is a :class:`NotReplicated` error (the publish fails,
+        and its retry waits again; the markers keep it free of duplicates)."""
+        if not self._wait:
+            return
+        reply = await _reply(conn)
+        if isinstance(reply, Exception):
+            raise reply
+        if not isinstance(reply, int) or reply < self._wait_replicas:
+            raise NotReplicated(
+                f"the write reached {reply} of the {self._wait_replicas} replicas asked for "
+                f"(WAIT, {self._wait_ms} ms): not acknowledged, to be retried"
             )
 
     async def read_published(self, source_name: str) -> Published:

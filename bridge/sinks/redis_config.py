@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 from bridge.cloudevents import ContentMode
 from bridge.connection_settings import AuthConfig, TlsConfig
 from bridge.errors import ConfigError
+from bridge.redis_urls import check_redis_url
 from bridge.secrets import redact_url
 from bridge.subjects import REDIS_STREAM_PREFIX, redis_stream_key
 
@@ -20,7 +21,8 @@ class RedisSinkConfig:
     """Where and how :class:`~bridge.sinks.redis.RedisSink` publishes."""
 
     url: str = "redis://127.0.0.1:6379/0"
-    """``redis://`` or ``rediss://`` URL; may carry a password, which is never logged:
+    """``redis://``, ``rediss://``, ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``
+    (:mod:`bridge.connections_redis`) URL; may carry a password, which is never logged:
     :attr:`RedisSink.description` shows it as ``***``."""
 
     stream_prefix: str = REDIS_STREAM_PREFIX
@@ -49,6 +51,12 @@ class RedisSinkConfig:
     connect_timeout_s: float = 5.0
     """Bound on opening a connection."""
 
+    replicas: int | None = None
+    """Copies of every write (the primary and ``replicas - 1`` replicas) before a publish
+    counts as acknowledged: ``WAIT replicas-1`` after each transaction. None: 2 for a
+    ``redis+cluster://`` or ``redis+sentinel://`` URL (a promoted replica then has every
+    acknowledged event), 1 (no ``WAIT``) for a single server."""
+
     tls: TlsConfig | None = None
     """CA, client certificate (mTLS); given (or a ``rediss://`` URL), TLS is used."""
 
@@ -61,16 +69,15 @@ class RedisSinkConfig:
                 f"redis sink: content_mode must be 'binary' or 'structured', not "
                 f"{self.content_mode!r}"
             )
-        if urlsplit(self.url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"redis sink: url must start with redis://, rediss:// or unix://, "
-                f"not {redact_url(self.url)!r}"
-            )
+        if urlsplit(self.url).scheme != "unix" and (problem := check_redis_url(self.url)):
+            raise ConfigError(f"redis sink: url {redact_url(self.url)!r}: {problem}")
         if "{" in self.stream_prefix or "}" in self.stream_prefix:
             raise ConfigError(
                 f"redis sink: stream_prefix {self.stream_prefix!r} may not contain '{{' or '}}' "
                 "(the stream key is the Redis Cluster hash tag of the sink's other keys)"
             )
+        if self.replicas is not None and self.replicas < 1:
+            raise ConfigError(f"redis sink: replicas must be >= 1, got {self.replicas!r}")
         if self.maxlen < 1:
             raise ConfigError(f"redis sink: maxlen must be >= 1, got {self.maxlen!r}")
         if self.max_event_bytes < 1:
@@ -81,6 +88,13 @@ class RedisSinkConfig:
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"redis sink: {name} must be > 0 seconds, got {value!r}")
+
+    @property
+    def copies(self) -> int:
+        """``replicas``, or its default for the URL's topology."""
+        if self.replicas is not None:
+            return self.replicas
+        return 2 if "+" in urlsplit(self.url).scheme else 1
 
 
 def items_key(source_name: str, prefix: str = REDIS_STREAM_PREFIX) -> str:

@@ -29,7 +29,10 @@ of these kinds, one at a time, in a seeded order (the fixed seeds cover every ki
   messages then land): a new leader republishes the unsettled batch, the broker drops copies;
 * ``pause-server``: SIGSTOP redis-server or nats-server (the socket stays open, nothing answers);
 * ``restart-nats`` / ``restart-redis``: stop the server, keep it down a moment, start it on the
-  same port with the same data.
+  same port with the same data;
+* on the 3-node NATS cluster (R3 stream, ``test_chaos_nats_cluster``): ``kill-stream-leader``
+  (SIGKILL the node leading the stream, start it again with its store) and ``kill-node`` (a
+  random node), besides ``kill`` and ``pause`` of replicas.
 
 The variant **without any state store** (``test_chaos_nats_without_state_store``): one replica,
 no leader election, source state in memory only, so every start rebuilds it from the stream
@@ -86,6 +89,8 @@ from nats.js.api import DeliverPolicy
 from bridge.ha.keys import SourceKeys, as_text
 from tests.chaos.conftest import REPORTS
 from tests.chaos.history import Delivered, Fault, Faults, Item, Truth, check_item
+from tests.support.clusters import NatsCluster
+from tests.support.clusters import kill as kill_server
 from tests.support.httpserver import Documents
 from tests.support.receiving import Received, decode_nats, decode_redis, validate
 from tests.support.replicas import (
@@ -100,10 +105,12 @@ from tests.support.replicas import (
 )
 from tests.support.servers import NatsServer, PersistentRedisServer, S3Server, ServerProcess
 
-Broker = Literal["nats", "redis"]
+Broker = Literal["nats", "redis", "nats-cluster"]
 
 NATS_SEEDS = (1, 6)
 REDIS_SEEDS = (3,)
+NATS_CLUSTER_SEEDS = (2,)
+"""The 3-node NATS cluster with an R3 stream (tests/support/clusters.py)."""
 INTERVAL_S = 0.25
 MAX_BACKOFF_S = 1.0
 LEASE_TTL_S = 2.0
@@ -133,8 +140,12 @@ FAULTS: dict[Broker, tuple[str, ...]] = {
         "restart-redis",
     ),
     "redis": ("kill", "pause", "pause-server", "restart-redis"),
+    # kill-stream-leader: SIGKILL the NATS node leading the stream, start it again later
+    # (with its store); kill-node: the same for a random node (the replicas connected
+    # to it reconnect to another)
+    "nats-cluster": ("kill", "kill-stream-leader", "kill-node", "pause"),
 }
-FAULTS_PER_RUN: dict[Broker, int] = {"nats": 4, "redis": 4}
+FAULTS_PER_RUN: dict[Broker, int] = {"nats": 4, "redis": 4, "nats-cluster": 4}
 """Faults of one run: a seeded choice of kinds (the fixed seeds cover every kind together)."""
 STATELESS_FAULTS = ("kill", "kill-in-flight", "pause-server", "restart-nats")
 """The faults of the variant without a state store (one replica, NATS)."""
@@ -282,7 +293,10 @@ class NatsStreamReader(StreamReader):
     async def catch_up(self) -> None:
         if self.nc is None:
             self.nc = await nats.connect(
-                self.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet_errors
+                self.url.split(","),
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.2,
+                error_cb=_quiet_errors,
             )
         js = self.nc.jetstream(timeout=2)
         try:
@@ -375,6 +389,8 @@ def replica_config(
     broker: dict[str, Any] = {"url": broker_url, "ack_timeout": 2}
     if broker_url.startswith("nats"):
         broker["max_msgs_per_subject"] = 0  # keep every event: the check reads them all
+    if "," in broker_url:  # the NATS cluster
+        broker["replicas"] = 3
     if stateless:  # no leader election, no state: section: the state lives in memory only
         return {"broker": broker, "sources": sources}
     return {
@@ -405,6 +421,7 @@ class Chaos:
     plan: list[str]
     stateless: bool = False
     """One replica, no state store (see the module docstring)."""
+    nats_cluster: NatsCluster | None = None
     faults: Faults = field(default_factory=Faults)
     log: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -531,6 +548,16 @@ class Chaos:
         await asyncio.sleep(down_s)
         await asyncio.to_thread(server.start)
 
+    async def kill_nats_node(self, fault: Fault, node: NatsServer) -> None:
+        """SIGKILL a NATS node, start it again (its store kept) after a moment."""
+        assert self.nats_cluster is not None
+        down_s = self.rng.uniform(0.5, 3.0)
+        self.note(f"killed NATS node {fault.target} (SIGKILL); restarting it in {down_s:.1f} s")
+        await asyncio.to_thread(kill_server, node)
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(node.start)
+        await asyncio.to_thread(self.nats_cluster.wait_healthy)
+
     def _server(self, name: str) -> ServerProcess:
         if name == "nats-server":
             assert self.nats_server is not None
@@ -560,6 +587,14 @@ class Chaos:
             meanwhile = self.thaw_nats_later()
         elif kind_ in ("kill", "pause"):
             target = await self.a_leader()
+        elif kind_ in ("kill-stream-leader", "kill-node"):
+            assert self.nats_cluster is not None
+            node = (
+                await asyncio.to_thread(self.nats_cluster.wait_stream_leader, STREAM)
+                if kind_ == "kill-stream-leader"
+                else self.rng.choice(self.nats_cluster.nodes)
+            )
+            target = f"nats-{node.port}"
         elif kind_ == "pause-server":
             target = (
                 self.rng.choice(["redis-server", "nats-server"])
@@ -571,7 +606,9 @@ class Chaos:
         fault = self.faults.open(kind_, target, started)
         if source:
             self.note(f"nats-server frozen; {source}'s leader {target} recorded a publish intent")
-        if kind_.startswith("kill"):
+        if kind_ in ("kill-stream-leader", "kill-node"):
+            await self.kill_nats_node(fault, node)
+        elif kind_.startswith("kill"):
             await self.kill(fault, meanwhile=meanwhile)
         elif kind_ in ("pause", "pause-in-flight"):
             past_the_lease = kind_ == "pause-in-flight" or self.rng.random() < 0.5
@@ -712,12 +749,12 @@ async def _quiet_errors(exc: Exception) -> None:
 async def live_consumer(broker: Broker, url: str) -> AsyncIterator[Received | None]:
     """On NATS, an ordered push consumer of the whole stream (heartbeats every second, so it
     notices a restarted server and resumes after the last message it got)."""
-    if broker != "nats":
+    if broker == "redis":
         yield None
         return
     received = Received()
     nc = await nats.connect(
-        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet_errors
+        url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2, error_cb=_quiet_errors
     )
 
     async def on_message(msg: Msg) -> None:
@@ -761,11 +798,22 @@ async def run_chaos(
     with contextlib.ExitStack() as servers:
         redis_server = servers.enter_context(PersistentRedisServer())
         nats_server = servers.enter_context(NatsServer()) if broker == "nats" else None
+        nats_cluster = None
+        if broker == "nats-cluster":
+            nats_cluster = NatsCluster()
+            servers.callback(nats_cluster.close)
+            await asyncio.to_thread(nats_cluster.start)
         docs = servers.enter_context(Documents())
         world = World(docs, s3, bucket, seed)
-        broker_url = nats_server.url if nats_server else redis_server.url
+        broker_url = (
+            nats_server.url
+            if nats_server
+            else nats_cluster.url
+            if nats_cluster
+            else redis_server.url
+        )
         reader: StreamReader = (
-            NatsStreamReader(broker_url) if broker == "nats" else RedisStreamReader(broker_url)
+            RedisStreamReader(broker_url) if broker == "redis" else NatsStreamReader(broker_url)
         )
 
         def config_for(replica: str) -> dict[str, Any]:
@@ -786,8 +834,9 @@ async def run_chaos(
             async with cluster(tmp_path, config_for) as replicas, running(reader.follow()):
                 plan = fault_plan(broker, seed, stateless=stateless)
                 chaos = Chaos(
-                    rng, world, replicas, redis_server, nats_server, reader, redis, plan, stateless
-                )
+                    rng, world, replicas, redis_server, nats_server, reader, redis, plan,
+                    stateless, nats_cluster=nats_cluster,
+                )  # fmt: skip
                 await replicas.start(*names)
                 async with live_consumer(broker, broker_url) as live:
                     await chaos.run()
@@ -872,6 +921,9 @@ def check(world: World, faults: Faults, reader: StreamReader, live: list[Event] 
         must += report.must
         skipped += report.skipped
         errors += [f"{item[0]} {item[1]}: {problem}" for problem in report.errors]
+        if report.errors:  # what the stream holds for it, and the truth, to see what went wrong
+            errors.append(f"  delivered: {[(d.kind, d.version) for d in delivered]}")
+            errors.append(f"  truth: {world.truth.items[item]}")
     if errors:
         zero = faults.windows[0].start
         windows = "\n".join(
@@ -908,7 +960,29 @@ async def test_chaos_nats_without_state_store(
     await run_chaos("nats", seed, s3=s3_server, bucket=s3_bucket, tmp_path=tmp_path, stateless=True)
 
 
-@pytest.mark.parametrize(("broker", "fixed"), [("nats", NATS_SEEDS), ("redis", REDIS_SEEDS)])
+@pytest.mark.timeout(300)
+@pytest.mark.clusters
+@pytest.mark.xfail(
+    reason="open finding (issue 15): with NATS nodes SIGKILLed (the stream leader, another "
+    "node) some runs show an item's events out of line with its history (an Added while the "
+    "consumer holds a version, a Modified of an item held as absent): a removal the bridge "
+    "committed is missing from the stream, or one it did not commit is there; the failure "
+    "message lists the item's delivered events and its true history",
+    strict=False,
+)
+@pytest.mark.parametrize("seed", seeds(NATS_CLUSTER_SEEDS), ids=lambda s: f"seed{s}")
+async def test_chaos_nats_cluster(
+    seed: int, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Replicas killed and paused, the stream leader's node and other nodes killed, on a
+    3-node cluster with an R3 stream."""
+    await run_chaos("nats-cluster", seed, s3=s3_server, bucket=s3_bucket, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("broker", "fixed"),
+    [("nats", NATS_SEEDS), ("redis", REDIS_SEEDS), ("nats-cluster", NATS_CLUSTER_SEEDS)],
+)
 def test_the_fixed_seeds_inject_every_kind_of_fault(broker: Broker, fixed: Sequence[int]) -> None:
     planned = {k for seed in fixed for k in fault_plan(broker, seed, FAULTS_PER_RUN[broker])}
     assert planned == set(FAULTS[broker])

@@ -392,7 +392,7 @@ BAD_CONFIGS = [
     ("broker: {url: 'nats://x', stream: a.b}\nsources: [" + LOCAL + "]\n", "broker.stream: must be 1-64 characters"),
     ("broker: {url: 'nats://x', replicas: 2.5}\nsources: [" + LOCAL + "]\n", "broker.replicas: must be an integer >= 1"),
     ("broker: {url: {env: ''}}\nsources: [" + LOCAL + "]\n", "broker.url: must be a string, {env: VARIABLE} or {file: /path/to/file}"),
-    (BASE + "leader_election: {redis_url: 'http://x'}\nsources: [" + LOCAL + "]\n", "leader_election.redis_url: must start with redis:// or rediss://"),
+    (BASE + "leader_election: {redis_url: 'http://x'}\nsources: [" + LOCAL + "]\n", "leader_election.redis_url: must start with redis://, rediss://, redis+cluster://"),
     (BASE + "leader_election: {redis_url: 'redis://x', lease_ttl: 0}\nsources: [" + LOCAL + "]\n", "leader_election.lease_ttl: must be > 0"),
     (BASE + "state: {path: 5}\nsources: [" + LOCAL + "]\n", "state.path: must be a string, not a number"),
     (BASE + "sources: [" + LOCAL + "]\nsources_typo: []\n", "(top level): unknown key(s) sources_typo"),

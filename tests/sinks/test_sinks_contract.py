@@ -24,12 +24,18 @@ from tests.support.events import (
     object_events,
 )
 
+_CLUSTERS = (pytest.mark.servers, pytest.mark.clusters)
+
 BACKENDS = [
     pytest.param("memory", id="memory"),
     pytest.param("nats-binary", marks=pytest.mark.servers, id="nats-binary"),
     pytest.param("nats-structured", marks=pytest.mark.servers, id="nats-structured"),
     pytest.param("redis-binary", marks=pytest.mark.servers, id="redis-binary"),
     pytest.param("redis-structured", marks=pytest.mark.servers, id="redis-structured"),
+    # the clustered topologies (tests/support/clusters.py), binary content mode
+    pytest.param("nats_cluster-binary", marks=_CLUSTERS, id="nats-cluster-r3"),
+    pytest.param("redis_cluster-binary", marks=_CLUSTERS, id="redis-cluster"),
+    pytest.param("redis_sentinel-binary", marks=_CLUSTERS, id="redis-sentinel"),
 ]
 
 
@@ -38,6 +44,15 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     kind: str = request.param
     if kind == "memory":
         made = await memory_backend()
+    elif kind == "nats_cluster-binary":
+        request.getfixturevalue("nats_cluster_url")  # every node running
+        cluster = request.getfixturevalue("nats_cluster")
+        made = await nats_backend(cluster, "binary", replicas=3, name="nats-cluster")
+    elif kind in ("redis_cluster-binary", "redis_sentinel-binary"):
+        topology = kind.partition("-")[0]
+        url = request.getfixturevalue(f"{topology}_url")  # healthy and empty
+        server = request.getfixturevalue(topology)
+        made = await redis_backend(server, url, "binary", name=topology.replace("_", "-"))
     elif kind.startswith("nats-"):
         request.getfixturevalue("nats_url")  # a running server
         made = await nats_backend(request.getfixturevalue("nats_server"), kind[5:])

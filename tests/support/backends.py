@@ -6,14 +6,14 @@ their own per test, read back with the raw clients and validated).
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import nats
 import nats.js.api
-import redis.asyncio
 
+from bridge.connections import redis_client
 from bridge.sinks import Sink
 from bridge.sinks.memory import MemorySink
 from bridge.sinks.nats import NatsSink
@@ -23,6 +23,7 @@ from bridge.subjects import decode_item_token, redis_stream_key
 if TYPE_CHECKING:
     from bridge.sources.stores.s3 import S3Store
 
+from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet
 from tests.support.events import (
     content_mode,
     decode_nats,
@@ -33,7 +34,7 @@ from tests.support.events import (
     validate,
     xrange,
 )
-from tests.support.servers import NatsServer, RedisServer, S3Server
+from tests.support.servers import NatsServer, RedisServer, S3Server, ServerProcess
 
 # -- backends --
 
@@ -74,11 +75,15 @@ def _validated(event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-async def nats_backend(server: NatsServer, mode: str) -> Backend:
-    config = nats_test_config(server.url, content_mode=content_mode(mode))
+async def nats_backend(
+    server: NatsServer | NatsCluster, mode: str, *, replicas: int = 1, name: str = "nats"
+) -> Backend:
+    config = nats_test_config(server.url, content_mode=content_mode(mode), replicas=replicas)
     sink = NatsSink(config)
     await sink.connect()
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.05)
+    nc = await nats.connect(
+        server.url.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.05
+    )
     js = nc.jetstream()
 
     async def read(source: str) -> list[dict[str, Any]]:
@@ -113,15 +118,27 @@ async def nats_backend(server: NatsServer, mode: str) -> Backend:
         finally:
             await nc.close()
 
-    backend = Backend(f"nats-{mode}", sink, read, current, server.stop, server.start)
+    if isinstance(server, NatsCluster):
+        cluster = server
+
+        def recover() -> None:  # every node back, and the stream has elected its leader
+            cluster.ensure_running()
+            cluster.wait_stream_healthy(config.stream)
+
+        outage = _stop_all(server.nodes)
+    else:
+        outage, recover = server.stop, server.start
+    backend = Backend(f"{name}-{mode}", sink, read, current, outage, recover)
     backend.closers.append(close)
     return backend
 
 
-async def redis_backend(server: RedisServer, url: str, mode: str) -> Backend:
+async def redis_backend(
+    server: RedisServer | RedisClusterSet | SentinelSet, url: str, mode: str, name: str = "redis"
+) -> Backend:
     sink = RedisSink(RedisSinkConfig(url=url, content_mode=content_mode(mode), timeout_s=2.0))
     await sink.connect()
-    client = redis.asyncio.Redis.from_url(url)
+    client = redis_client(url)  # a cluster client for redis+cluster://
 
     async def read(source: str) -> list[dict[str, Any]]:
         entries = await xrange(client, redis_stream_key(source))
@@ -137,9 +154,23 @@ async def redis_backend(server: RedisServer, url: str, mode: str) -> Backend:
             latest[event["subject"]] = event
         return latest
 
-    backend = Backend(f"redis-{mode}", sink, read, current, server.stop, server.start)
+    if isinstance(server, RedisClusterSet):
+        outage, recover = _stop_all(server.nodes), server.restore
+    elif isinstance(server, SentinelSet):
+        outage, recover = _stop_all(server.data_nodes), server.restore
+    else:
+        outage, recover = server.stop, server.start
+    backend = Backend(f"{name}-{mode}", sink, read, current, outage, recover)
     backend.closers.append(client.aclose)
     return backend
+
+
+def _stop_all(nodes: Sequence[ServerProcess]) -> Callable[[], None]:
+    def stop() -> None:
+        for node in nodes:
+            node.stop()
+
+    return stop
 
 
 def make_store(server: S3Server, bucket: str, *, page_size: int = 1000) -> S3Store:

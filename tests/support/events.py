@@ -8,6 +8,7 @@ a stream of its own per test (:func:`nats_test_config`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from typing import Any, cast
 import jsonschema
 import nats
 import nats.js.api
+import nats.js.errors
 import redis.asyncio
 from nats.aio.msg import Msg
 
@@ -163,7 +165,9 @@ async def fetch_all(
     count: int,
     deliver_policy: nats.js.api.DeliverPolicy = nats.js.api.DeliverPolicy.ALL,
 ) -> list[Msg]:
-    """``count`` messages of an ephemeral pull consumer (raw nats-py)."""
+    """``count`` messages of an ephemeral pull consumer (raw nats-py).
+
+    On a cluster a new consumer may answer 503 until it is placed: asked again then."""
     sub = await js.pull_subscribe(
         subject_filter,
         stream=stream,
@@ -173,8 +177,14 @@ async def fetch_all(
     )
     msgs: list[Msg] = []
     try:
+        deadline = asyncio.get_running_loop().time() + 10
         while len(msgs) < count:
-            msgs += await sub.fetch(count - len(msgs), timeout=10)
+            try:
+                msgs += await sub.fetch(count - len(msgs), timeout=10)
+            except nats.js.errors.ServiceUnavailableError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
     finally:
         await sub.unsubscribe()
     return msgs
