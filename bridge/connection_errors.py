@@ -117,9 +117,12 @@ def describe_error(exc: BaseException | None) -> str:
     if isinstance(exc, redis.exceptions.ConnectionError) and (
         "closed by server" in lowered or "reset by peer" in lowered
     ):
+        # With TLS 1.3 a server that requires a client certificate may reset the connection
+        # before its alert is read: the same symptom, so both causes are named.
         return (
             f"{text} (the server dropped the connection: if it is TLS-only, use rediss:// or "
-            "a tls section)"
+            "a tls section; if it requires a client certificate, set tls.cert_file and "
+            "tls.key_file)"
         )
     if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not text:
         return "timed out"
