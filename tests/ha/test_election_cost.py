@@ -123,12 +123,17 @@ async def test_a_replica_short_of_its_share_does_not_retry_every_held_source(
     """With 2 live replicas and 41 sources, the one leading 20 is short of its share (21) for
     good: its rounds must not try to acquire the 21 sources the other leads."""
     a, b = coordinator(client, 41, "a"), coordinator(client, 41, "b")
-    await a.round()
-    await b.round()  # b takes the 21 sources a has not
-    await a.round()  # a learns it has to share
+
+    async def round_of(c: Coordinator) -> None:
+        await c.round()
+        await asyncio.gather(*list(c._leaving))  # its give-ups (in the background) are done
+
+    await round_of(a)  # a alone takes all 41
+    await round_of(b)  # b is live: nothing is free yet
+    await round_of(a)  # a learns it has to share and gives up 20
     for _ in range(3):
-        await b.round()
-        await a.round()
+        await round_of(b)  # b takes what a released
+        await round_of(a)
     assert sorted((len(a.led), len(b.led))) == [20, 21]
     short = a if len(a.led) == 20 else b
     await asyncio.gather(*(led.loop.wait_for_steps(1) for c in (a, b) for led in c.led.values()))
