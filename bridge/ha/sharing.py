@@ -232,6 +232,18 @@ class Coordinator:
             if beat.tokens.get(name) != led.lease.token:
                 self.leases.lose(led.lease, "another replica holds it now")
         self.live_replicas = len(beat.live)
+        orphans = [
+            Lease(SourceKeys(name, self.leases.prefix), self.replica, int(fence), self.lease_ttl_s)
+            for name, token in beat.tokens.items()
+            if token
+            and (holder_fence := token.rpartition("|"))[0] == self.replica
+            and (fence := holder_fence[2]).isdigit()
+            and name not in self.led
+            and name not in self._giving_up
+        ]
+        if orphans:  # given up or lost, but not released (Redis was down): give them back,
+            # else a live member would hold a source that nobody polls
+            await self.leases.release_all(orphans, leave=False)
         share = self.share
         extra = len(self.led) - share
         if extra > 0:
