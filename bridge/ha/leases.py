@@ -308,7 +308,8 @@ class LeaseClient:
             deleted = await asyncio.shield(self._release_script([lease], leave=False))
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning(
-                "releasing the lease on source %r failed (it expires by itself): %s",
+                "releasing the lease on source %r failed (released again at the next round of "
+                "the replica's coordinator; a lease taken alone expires by itself): %s",
                 lease.source,
                 exc,
             )
