@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
 import pytest_asyncio
@@ -57,9 +57,25 @@ _CLUSTER_FIXTURES = frozenset(
     {"nats_cluster", "redis_cluster", "redis_sentinel"}
     | {"nats_cluster_url", "redis_cluster_url", "redis_sentinel_url"}
 )
-_started: list[ServerProcess | NatsCluster | RedisClusterSet | SentinelSet] = []
 
-ServerT = TypeVar("ServerT", bound=ServerProcess)
+
+class _Started(Protocol):
+    """What a session fixture starts: a server, or a cluster of them."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def startup_s(self) -> float | None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+_started: list[_Started] = []
+
+ServerT = TypeVar("ServerT", bound=_Started)
 
 
 # -- servers --
@@ -100,35 +116,17 @@ def s3_server() -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session")
 def nats_cluster() -> Iterator[NatsCluster]:
-    cluster = NatsCluster()
-    try:
-        cluster.start()
-        _started.append(cluster)
-        yield cluster
-    finally:
-        cluster.close()
+    yield from _session_server(NatsCluster())
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterSet]:
-    cluster = RedisClusterSet()
-    try:
-        cluster.start()
-        _started.append(cluster)
-        yield cluster
-    finally:
-        cluster.close()
+    yield from _session_server(RedisClusterSet())
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[SentinelSet]:
-    sentinels = SentinelSet()
-    try:
-        sentinels.start()
-        _started.append(sentinels)
-        yield sentinels
-    finally:
-        sentinels.close()
+    yield from _session_server(SentinelSet())
 
 
 @pytest.fixture
