@@ -137,7 +137,7 @@ def clustered_client(
     if use_tls:
         data_kwargs["connection_class"] = tls_sentinel_connection
         data_kwargs["tls_config"] = tls
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         list(target.hosts), sentinel_kwargs=sentinel_kwargs, **data_kwargs
     )
     if use_tls:  # the sentinels over TLS too (redis.asyncio.Redis takes no connection class)

@@ -32,7 +32,10 @@ Every delivery, listed or live, is a JetStream message with explicit acknowledge
 ``nak(delay)`` has the server deliver it again after ``delay``, and one neither acked nor naked
 comes again after ``ack_wait_s``. Listed ``Removed`` events are acknowledged by the watch. A
 failed acknowledgement is logged, not raised (the message comes again: at least once); once the
-watch is closed, ``ack()`` sends without waiting for the confirmation.
+watch is closed, ``ack()`` sends without waiting for the confirmation. An acknowledgement the
+server confirmed but then lost (the consumer's leader died before storing it: a node killed, a
+stream leader change) makes the server deliver the message again: the watch remembers the
+last messages it settled, acknowledges such a message again and does not deliver it twice.
 
 **Durable** (``durable="name"``): the consumer is named exactly so and survives restarts of
 the watch and of the server. When it does not exist yet it is created, and the list is read

@@ -101,6 +101,7 @@ class NatsConsumers(NatsMessages):
             if self.config.list_first:
                 return "list", 0
             prev.unsettled.clear()
+            prev.settled.clear()
             prev.position, prev.skip_upto, prev.redeliver = 0, 0, frozenset()
             return "resume", max(1, state.first_seq)
         if prev.listing:
@@ -121,6 +122,7 @@ class NatsConsumers(NatsMessages):
         still_due = {seq for seq in prev.redeliver if seq > prev.position}
         session.skip_upto = upto
         session.redeliver = frozenset(prev.unsettled | still_due)
+        session.settled = prev.settled
         if listing:
             session.listing, session.strict, session.seen = True, False, prev.seen
 
@@ -136,8 +138,10 @@ class NatsConsumers(NatsMessages):
                 info.name, self.config.stream, self._where,
             )  # fmt: skip
             self._ready.append(Synced(self.config.sources, listed=False))
-        elif previous.listing:
-            session.listing, session.strict, session.seen = True, False, previous.seen
+        else:
+            session.settled = previous.settled  # the server may have lost their acks
+            if previous.listing:
+                session.listing, session.strict, session.seen = True, False, previous.seen
         return session
 
     def _lost_since(self, info: ConsumerInfo, stream: StreamInfo) -> str:

@@ -38,6 +38,10 @@ log = logging.getLogger("bridge.consumer.nats")  # the watch's logger, for all i
 RETRYABLE = (nats.errors.Error, OSError, TimeoutError, ConnectError)
 """Errors of the client or the connection: logged, and the step tried again."""
 T = TypeVar("T")
+SETTLED_KEPT = 4096
+"""How many settled messages a session remembers. A server loses acknowledgements it had not
+stored when a consumer's leader dies (a node killed, a stream leader change); those are the
+last ones sent, far fewer than this."""
 
 
 class Stopped(Exception):
@@ -64,6 +68,10 @@ class Session:
     """Every message up to this stream sequence was delivered (None: the list has not begun)."""
     unsettled: set[int] = dataclasses.field(default_factory=set)
     """Stream sequences delivered and neither acknowledged nor terminated."""
+    settled: dict[int, None] = dataclasses.field(default_factory=dict)
+    """The stream sequences of the last :data:`SETTLED_KEPT` messages this watch acknowledged
+    or terminated through this consumer, oldest first: one coming again is acknowledged
+    quietly, not delivered twice."""
     skip_upto: int = 0
     redeliver: frozenset[int] = frozenset()
     """Messages up to ``skip_upto`` not in ``redeliver`` were settled through an earlier
@@ -104,6 +112,16 @@ class NatsMessages(QueuedWatch):
         if session.then_bind is not None and not session.listing:
             return  # the list is through: the durable consumer delivers the rest
         before = session.position
+        if seq in session.settled:
+            # this watch settled it already: the server lost the acknowledgement (a consumer
+            # leader that died before storing it, a node back with an older consumer state)
+            log.debug(
+                "message %d of stream %s was settled already: acknowledged again, not delivered",
+                seq, self.config.stream,
+            )  # fmt: skip
+            await self._quiet(msg)
+            self._after(session, meta.num_pending)
+            return
         if session.position is None or seq > session.position:
             session.position = seq
         if seq <= session.skip_upto and seq not in session.redeliver:
@@ -294,6 +312,9 @@ class NatsMessages(QueuedWatch):
             return
         if how != "nak":
             session.unsettled.discard(seq)
+            session.settled[seq] = None
+            if len(session.settled) > SETTLED_KEPT:
+                del session.settled[next(iter(session.settled))]
 
     async def _quiet(self, msg: Msg) -> None:
         with contextlib.suppress(*RETRYABLE):

@@ -483,7 +483,7 @@ class Chaos:
             self.nats_server.resume()
             raise
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             await client.aclose()
 
     async def thaw_nats_later(self) -> None:

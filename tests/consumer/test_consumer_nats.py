@@ -19,6 +19,7 @@ import nats.js
 import nats.js.api
 import nats.js.errors
 import pytest
+from nats.aio.msg import Msg
 
 from bridge.cloudevents import CloudEvent
 from bridge.consumer import NatsWatch, UnknownEventTypeError, watch_nats
@@ -28,6 +29,7 @@ from bridge.errors import ConfigError, DecodeError, PublishError
 from bridge.events import Added, Modified, Removed
 from bridge.sinks.nats import NatsSink, NatsSinkConfig
 from tests.support.events import nats_test_config, object_events
+from tests.support.replicas import until
 from tests.support.servers import NatsServer
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -315,6 +317,46 @@ async def test_durable_resumes_without_acked_events_and_with_unacked_ones(
     info = await js.consumer_info(config.stream, "ops")
     assert info.num_pending == 0
     assert info.num_ack_pending == 0
+
+
+@pytest.mark.parametrize("durable", [None, "ops"])
+async def test_an_acknowledgement_the_server_lost_is_not_a_second_delivery(
+    sink: NatsSink,
+    config: NatsSinkConfig,
+    js: nats.js.JetStreamContext,
+    durable: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A consumer's leader that dies before storing an acknowledgement (a node killed, a stream
+    leader change) has the server deliver the message again: the watch settled it already, so
+    it acknowledges it again instead of delivering it twice."""
+    ev = Events()
+    (a,) = await ev.publish(sink, ev.make(Added, ["a"]))
+    lost: list[int] = []
+    confirmed = Msg.ack_sync
+
+    async def lose_the_first(msg: Msg, **options: Any) -> Msg:
+        if not lost:
+            lost.append(msg.metadata.sequence.stream)
+            return msg  # "confirmed", but the server never heard of it
+        return await confirmed(msg, **options)
+
+    monkeypatch.setattr(Msg, "ack_sync", lose_the_first)
+    w = watch(config, durable=durable, ack_wait_s=0.5)
+
+    async def redelivered_and_settled() -> bool:
+        assert w.consumer_name is not None
+        info = await js.consumer_info(config.stream, w.consumer_name)
+        # delivered twice (consumer sequence 2), and settled
+        return bool(info.delivered.consumer_seq >= 2 and info.num_ack_pending == 0)
+
+    async with collecting(w) as seen:
+        await seen.wait_for(lambda s: s.synced == 1)
+        await until(redelivered_and_settled, "the server to deliver message 1 again")
+        b = await ev.publish(sink, ev.make(Added, ["b"]))
+        await seen.wait_for(lambda s: b[0].id in s.ids)
+    assert lost == [1]
+    assert seen.ids == [a.id, b[0].id]
 
 
 async def test_durable_created_fresh_lists(sink: NatsSink, config: NatsSinkConfig) -> None:
