@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from bridge import MemoryStore, ObjectStorePoller
 from bridge.ha.keys import replicas_key
-from bridge.ha.leases import LeaseClient
+from bridge.ha.leases import Lease, LeaseClient
 from bridge.ha.sharing import Coordinator
 from bridge.service.delivery import SourceSpec
 from bridge.sinks.memory import MemorySink
@@ -80,3 +81,58 @@ async def test_a_source_being_given_up_is_not_acquired_again_until_released(
     stop.set()
     await coordinator.run(stop)
     assert coordinator.led == {}
+
+
+async def test_a_lease_given_up_but_not_released_is_released_at_the_next_round(
+    redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release that failed (Redis unreachable at that moment) leaves the lease held by a live
+    member that does not poll the source; with membership leases it never expires by itself.
+    The replica's next round gives it back, so another replica can take it."""
+    specs = [
+        SourceSpec(
+            name=name,
+            source=ObjectStorePoller(MemoryStore()).with_name(name),
+            watch=WatchConfig(0.05),
+            source_uri="memory://t",
+        )
+        for name in ("s1", "s2")
+    ]
+    coordinator = Coordinator(
+        specs, MemorySink(), redis_client, replica="b", lease_ttl_s=30, prefix=PREFIX
+    )
+    await coordinator.round()  # alone: b leads both
+    assert set(coordinator.led) == {"s1", "s2"}
+    given_up = coordinator.led["s2"]
+
+    release = coordinator.leases._release_script
+    failures: list[list[str]] = []
+
+    async def unreachable(leases: Sequence[Lease], *, leave: bool) -> int:
+        if not failures:
+            failures.append([lease.source for lease in leases])
+            raise redis.exceptions.ConnectionError("Redis unreachable (the test)")
+        return await release(leases, leave=leave)
+
+    monkeypatch.setattr(coordinator.leases, "_release_script", unreachable)
+    other = LeaseClient(redis_client, "a", ttl_s=30, prefix=PREFIX)
+    await other.heartbeat([])  # a replica joins: b's share is 1, it gives s2 up
+    await coordinator.round()
+    async with asyncio.timeout(10):
+        await asyncio.gather(*coordinator._leaving)
+    assert given_up.task.done()
+    assert failures == [["s2"]]
+    assert set(coordinator.led) == {"s1"}
+    beat = await other.heartbeat(["s2"])
+    assert beat.holder("s2") == "b"  # still b's, yet b does not poll it
+    assert await other.acquire_many(["s2"]) == []
+
+    await coordinator.round()
+    assert set(coordinator.led) == {"s1"}  # within its share: b does not take it again
+    beat = await other.heartbeat(["s2"])
+    assert beat.holder("s2") is None
+    [taken] = await other.acquire_many(["s2"])
+    assert taken.fence > given_up.lease.fence
+    stop = asyncio.Event()
+    stop.set()
+    await coordinator.run(stop)
