@@ -962,14 +962,6 @@ async def test_chaos_nats_without_state_store(
 
 @pytest.mark.timeout(300)
 @pytest.mark.clusters
-@pytest.mark.xfail(
-    reason="open finding (issue 15): with NATS nodes SIGKILLed (the stream leader, another "
-    "node) some runs show an item's events out of line with its history (an Added while the "
-    "consumer holds a version, a Modified of an item held as absent): a removal the bridge "
-    "committed is missing from the stream, or one it did not commit is there; the failure "
-    "message lists the item's delivered events and its true history",
-    strict=False,
-)
 @pytest.mark.parametrize("seed", seeds(NATS_CLUSTER_SEEDS), ids=lambda s: f"seed{s}")
 async def test_chaos_nats_cluster(
     seed: int, s3_server: S3Server, s3_bucket: str, tmp_path: Path
