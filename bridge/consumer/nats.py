@@ -21,6 +21,12 @@ in stream order, then every later message. The list ends at the first of
 * an empty pull after which the server reports nothing pending (a listed message deleted
   meanwhile leaves no message to carry ``num_pending == 0``).
 
+and never before the list got to the last message of the watched subjects that the stream's
+leader held when the watch began (``get_last_msg`` per filter subject): on a cluster the
+consumer may live on a replica that lags behind the leader, whose "nothing pending" would end
+the list without the latest changes (they would then come after :class:`Synced`); an item seen
+a second time before that point comes as its later event, before :class:`Synced`.
+
 Changes published while the list is read are therefore either part of the list (an item that
 appeared after the snapshot, first seen here) or live changes after :class:`Synced`, never both
 and never neither: every listed item is the item's latest event as of the list's last message.
@@ -159,8 +165,6 @@ class NatsWatch(NatsConsumers):
             super().__init__(config or NatsWatchConfig(), url_or_client, "NATS")
             self._url, self._owns_client = "", False
         self._session: Session | None = None
-        self._server_error: str | None = None
-        """A permissions violation the server reported (it drops the request: a timeout)."""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -265,7 +269,12 @@ class NatsWatch(NatsConsumers):
             )  # fmt: skip
             self._session = await self._open(session)
         elif session.listing and info.num_pending == 0:
-            self._end_listing(session)
+            if not self._listed_through(session):
+                # a consumer on a replica behind the stream's leader, or the list's last
+                # message deleted since: look again where the list ends
+                session.through = await self._last_watched()
+            if self._listed_through(session):
+                self._end_listing(session)
 
     async def _lost_before(self, session: Session, msgs: list[Msg]) -> bool:
         """Whether messages between the watch's position and ``msgs`` expired or were trimmed

@@ -36,6 +36,10 @@ class NatsConsumers(NatsMessages):
         self._nc = nc
         self._where = where
         self._waiting_for_stream = False
+        self._server_error: str | None = None
+        """A permissions violation the server reported (it drops the request: a timeout)."""
+        self._last_denied = False
+        """The server refused ``get_last_msg`` (permissions): lists end as the consumer says."""
 
     async def _open(self, previous: Session | None) -> Session:
         """Make (or bind to) the consumer; after ``previous`` was lost, go on from it."""
@@ -56,7 +60,9 @@ class NatsConsumers(NatsMessages):
             plan, start = ("list", 0) if cfg.list_first else ("resume", stream.state.last_seq + 1)
         else:
             plan, start = self._resume_plan(previous, stream)
+        through = 0
         if plan == "list":
+            through = await self._last_watched()
             consumer_config = self._consumer_config(DeliverPolicy.LAST_PER_SUBJECT, None)
         else:
             consumer_config = self._consumer_config(DeliverPolicy.BY_START_SEQUENCE, start)
@@ -69,7 +75,7 @@ class NatsConsumers(NatsMessages):
             return await self._bind_existing(existing, stream, previous)  # made meanwhile
         session = await self._session_for(info, stream)
         if plan == "list":
-            session.listing = True
+            session.listing, session.through = True, through
             log.info("listing %s from stream %s on %s", self._what(), cfg.stream, self._where)
         else:
             session.position = start - 1
@@ -77,9 +83,42 @@ class NatsConsumers(NatsMessages):
                 self._carry_over(previous, session, listing=plan == "catch_up")
         if previous is None and plan != "list":
             self._ready.append(Synced(cfg.sources, listed=False))
-        if session.listing and info.num_pending == 0:
+        if session.listing and info.num_pending == 0 and self._listed_through(session):
             self._end_listing(session)
         return session
+
+    async def _last_watched(self) -> int:
+        """The stream sequence of the last message of the watched subjects, from the stream's
+        leader (0: none): where a list ends at the earliest (:attr:`Session.through`)."""
+        assert self._js is not None
+        js, stream = self._js, self.config.stream
+        if self._last_denied:
+            return 0
+
+        async def last(subject: str) -> int:
+            try:
+                msg = await js.get_last_msg(stream, subject)
+            except nats.js.errors.NotFoundError as exc:
+                if exc.err_code == _STREAM_NOT_FOUND:
+                    self._stream_missing()
+                    raise
+                return 0  # no message of these subjects
+            return int(msg.seq or 0)
+
+        try:
+            found = await asyncio.gather(*(last(s) for s in self.config.filter_subjects))
+        except TimeoutError:
+            if not (self._server_error or "").startswith("permissions violation"):
+                raise  # an outage: the step is tried again
+            self._last_denied = True
+            log.warning(
+                "NATS %s: not allowed to read the last message of the watched subjects (allow "
+                "$JS.API.STREAM.MSG.GET.%s): on a cluster a list may end before the latest "
+                "changes, which then come after Synced",
+                self._where, stream,
+            )  # fmt: skip
+            return 0
+        return max(found, default=0)
 
     def _resume_plan(self, prev: Session, stream: StreamInfo) -> tuple[str, int]:
         """``(plan, start)`` after ``prev`` was lost: ``list``, ``catch_up`` or ``resume``."""
@@ -125,6 +164,7 @@ class NatsConsumers(NatsMessages):
         session.settled = prev.settled
         if listing:
             session.listing, session.strict, session.seen = True, False, prev.seen
+            session.through = prev.through
 
     async def _bind_existing(
         self, info: ConsumerInfo, stream: StreamInfo, previous: Session | None
@@ -142,6 +182,7 @@ class NatsConsumers(NatsMessages):
             session.settled = previous.settled  # the server may have lost their acks
             if previous.listing:
                 session.listing, session.strict, session.seen = True, False, previous.seen
+                session.through = previous.through
         return session
 
     def _lost_since(self, info: ConsumerInfo, stream: StreamInfo) -> str:
@@ -170,14 +211,15 @@ class NatsConsumers(NatsMessages):
         consumer_config = self._consumer_config(
             DeliverPolicy.LAST_PER_SUBJECT, None, listing_only=True
         )
+        through = await self._last_watched()
         info = await self._js.add_consumer(cfg.stream, consumer_config)
         session = await self._session_for(info, stream)
-        session.listing, session.then_bind = True, cfg.durable
+        session.listing, session.then_bind, session.through = True, cfg.durable, through
         log.info(
             "listing %s from stream %s on %s, then going on with durable consumer %s",
             self._what(), cfg.stream, self._where, cfg.durable,
         )  # fmt: skip
-        if info.num_pending == 0:
+        if info.num_pending == 0 and self._listed_through(session):
             self._end_listing(session)
         return session
 

@@ -59,6 +59,10 @@ class Session:
     stream_created: datetime | None
     floor: int
     """The stream's last sequence just before the consumer was made."""
+    through: int = 0
+    """A list's: the sequence of the last message of the watched subjects as the stream's
+    leader had it before the list's consumer was made (0: none). The list ends no earlier,
+    whatever a consumer on a replica that lags behind the leader reports pending."""
     listing: bool = False
     strict: bool = True
     """A list read from a new LAST_PER_SUBJECT consumer: an item seen twice ends it."""
@@ -137,7 +141,7 @@ class NatsMessages(QueuedWatch):
                 initial = True
             elif listed == seq:
                 initial = True  # a listed message delivered again
-            elif session.strict and meta.num_delivered == 1:
+            elif session.strict and meta.num_delivered == 1 and (before or 0) >= session.through:
                 self._end_listing(session)  # changed after the snapshot: the first live change
                 if session.then_bind is not None:
                     session.position = before  # the durable consumer delivers it
@@ -160,8 +164,14 @@ class NatsMessages(QueuedWatch):
         self._after(session, meta.num_pending)
 
     def _after(self, session: Session, num_pending: int) -> None:
-        if session.listing and num_pending == 0:
+        if session.listing and num_pending == 0 and self._listed_through(session):
             self._end_listing(session)
+
+    @staticmethod
+    def _listed_through(session: Session) -> bool:
+        """Whether the list got to :attr:`Session.through` (else "nothing pending" is the word
+        of a replica that lags behind the stream's leader)."""
+        return (session.position or 0) >= session.through
 
     def _end_listing(self, session: Session) -> None:
         session.listing = False

@@ -223,6 +223,36 @@ def no_gap_no_duplicate(published: list[CloudEvent], seen: Seen) -> int:
     return snapshot
 
 
+@pytest.mark.parametrize("durable", [None, "ops"])
+async def test_a_consumer_behind_the_stream_leader_does_not_end_the_list_early(
+    sink: NatsSink,
+    config: NatsSinkConfig,
+    durable: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster the list's consumer may live on a replica that has not yet stored the
+    latest messages: it reports nothing pending when it is made. The list still holds every
+    item published before the watch began (here the lagging replica's answer is simulated)."""
+    ev = Events()
+    a, b = await ev.publish(sink, ev.make(Added, ["a", "b"]))
+    made = nats.js.JetStreamContext.add_consumer
+
+    async def behind(js: nats.js.JetStreamContext, *args: Any, **kwargs: Any) -> Any:
+        info = await made(js, *args, **kwargs)
+        info.num_pending = 0  # what a replica without these messages yet says
+        return info
+
+    monkeypatch.setattr(nats.js.JetStreamContext, "add_consumer", behind)
+    async with collecting(watch(config, durable=durable)) as seen:
+        await seen.wait_for(lambda s: s.synced == 1)
+    assert [summary(i) for i in seen.items] == [
+        ("added", "a", True),
+        ("added", "b", True),
+        "synced",
+    ]
+    assert seen.ids == [a.id, b.id]
+
+
 async def test_changes_during_the_list_are_neither_lost_nor_doubled(
     sink: NatsSink, config: NatsSinkConfig
 ) -> None:

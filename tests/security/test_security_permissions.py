@@ -53,6 +53,7 @@ from tests.support.permissions import (
     fresh_stream,
     nats_precreated,
     nats_server,
+    nats_users,
     redis_server,
     violations,
 )
@@ -324,6 +325,34 @@ async def test_nats_consumer_user_consumes_but_cannot_publish(nats_server: NatsS
         await nc.close()
     assert "permissions violation for publish" in errors[0].lower()
     assert "koprs.external.files.forged" in errors[0].lower()
+
+
+async def test_nats_consumer_without_msg_get_still_lists(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Rights granted before the watch asked the stream's leader where a list ends
+    (``$JS.API.STREAM.MSG.GET``): the watch says what to allow and lists as before."""
+    caplog.set_level(logging.WARNING, "bridge.consumer")
+    users = nats_users(without=(f"$JS.API.STREAM.MSG.GET.{STREAM}",))
+    with NatsServer(config=users) as server:
+        sink = NatsSink(NatsSinkConfig(url=server.url, auth=auth("koprs-bridge", BRIDGE_NATS)))
+        try:
+            await sink.publish("files", object_events(["a", "b"]))
+        finally:
+            await sink.aclose()
+        reader = auth("koprs-consumer", CONSUMER_NATS)
+        keys: list[str] = []
+        async with watch_nats(
+            server.url, ["files"], auth=reader, fetch_timeout_s=1, request_timeout_s=1
+        ) as watch:
+            async with asyncio.timeout(30):
+                async for item in watch:
+                    if isinstance(item, Synced):
+                        break
+                    assert isinstance(item, Delivery)
+                    keys.append(item.envelope.key)
+    assert keys == ["a", "b"]
+    assert f"allow $JS.API.STREAM.MSG.GET.{STREAM}" in caplog.text
 
 
 async def test_redis_consumer_user_consumes_but_cannot_publish(

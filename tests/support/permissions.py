@@ -30,9 +30,10 @@ BRIDGE_REDIS = "br1dge-redis-Pw-k7"
 CONSUMER_REDIS = "c0nsumer-redis-Pw-m3"
 
 
-def nats_users(*, precreated_stream: bool = False) -> str:
+def nats_users(*, precreated_stream: bool = False, without: tuple[str, ...] = ()) -> str:
     """The shipped NATS users, passwords filled in, plus ``admin``; with
-    ``precreated_stream`` the bridge's CREATE/UPDATE lines dropped, as the file explains."""
+    ``precreated_stream`` the bridge's CREATE/UPDATE lines dropped, as the file explains; the
+    lines naming a subject of ``without`` dropped."""
     text = (SECURITY / "nats-permissions.conf").read_text()
     text = text.replace("$KOPRS_BRIDGE_NATS_PASSWORD", f'"{BRIDGE_NATS}"')
     text = text.replace("$KOPRS_CONSUMER_NATS_PASSWORD", f'"{CONSUMER_NATS}"')
@@ -46,6 +47,9 @@ def nats_users(*, precreated_stream: bool = False) -> str:
             if f"$JS.API.STREAM.CREATE.{STREAM}" not in line
             and f"$JS.API.STREAM.UPDATE.{STREAM}" not in line
         )
+    for subject in without:
+        assert f'"{subject}"' in text, subject
+        text = "\n".join(line for line in text.splitlines() if f'"{subject}"' not in line)
     return text
 
 
