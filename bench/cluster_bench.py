@@ -270,6 +270,11 @@ async def run(events: int, batch: int) -> list[Row]:
             servers.close()
 
 
+def run_rows(*, events: int = 20_000, batch: int = 1000) -> list[Row]:
+    """The rows of ``make bench`` (bench/run.py runs this in a child process)."""
+    return asyncio.run(run(events, batch))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=20_000)

@@ -13,7 +13,8 @@ back with ``node.start()`` on the same address and data dir. The helpers wait fo
 
 Settings the bridge's guarantees need are set here as the README's "Scaling" section asks for
 production: Redis nodes keep an append-only file (``appendfsync everysec``; restarts keep the
-data) and the sink's ``WAIT`` needs one replica to acknowledge; ``cluster-node-timeout`` and
+data), and the sink's ``WAIT`` and leader election's (bridge/ha/replication.py) need one
+replica to acknowledge, which each primary here has; ``cluster-node-timeout`` and
 ``down-after-milliseconds`` are short (1 s) so that failovers happen within a test.
 
 Nothing here imports pytest; ``tests/conftest.py`` wraps these in session fixtures that start
