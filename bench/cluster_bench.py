@@ -220,11 +220,18 @@ async def failover_rows(
     # NATS: the node the sink is connected to (it reconnects to another)
     connected = sink._nc.connected_url if sink._nc is not None else None
     node = next(n for n in nats_cluster.nodes if connected and n.port == connected.port)
+    leading = await asyncio.to_thread(nats_cluster.stream_leader, stream) is node
     events = make_events(1, revision=3)
     killed = time.perf_counter()
     await asyncio.to_thread(kill, node)
     await publish_until_acknowledged(lambda: sink.publish("bench", events))
-    rows.append(_failover_row("nats node of the sink killed", time.perf_counter() - killed))
+    row = _failover_row("nats node of the sink killed", time.perf_counter() - killed)
+    row.note = (
+        "that node led the stream too (a stream leader election on top of the reconnection)"
+        if leading
+        else "another node led the stream (the reconnection alone)"
+    )
+    rows.append(row)
     await sink.aclose()
     await asyncio.to_thread(nats_cluster.ensure_running)
 
