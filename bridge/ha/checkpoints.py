@@ -6,7 +6,9 @@ gets :class:`~bridge.errors.FencedError` and cannot overwrite what the new leade
 A commit applies one batch's delta (``HSET``/``HDEL`` of the changed entries only), sets the
 revision and drops the intent (or records the next batch's), atomically. The format version
 is checked on load: a foreign or corrupt checkpoint is reported (StateError) and the caller
-resyncs from a full poll after :meth:`RedisStateStore.reset`.
+resyncs from a full poll after :meth:`RedisStateStore.reset`. On Redis Cluster or Sentinel a
+write counts only once a replica has it (``WAIT``, :mod:`bridge.ha.replication`): a failover
+of the primary loses no checkpoint the bridge went on from.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ leader election is O(replicas), not O(sources)). The same script reads back ever
 * renew (a lease taken alone): compare-and-extend, ``PEXPIRE`` only if the key holds our token.
 * release: compare-and-delete under ``asyncio.shield``; :meth:`LeaseClient.release_all` gives
   back every lease (and the membership) in one script.
+* replicated: on Redis Cluster or Sentinel, an acquisition, heartbeat or renewal counts only
+  once ``WAIT`` says a replica has it (:mod:`bridge.ha.replication`), so a failover of the
+  primary cannot hand a lease that was relied on to a second replica.
 
 A lease also keeps a local deadline (the monotonic time of the last acquisition, renewal or
 heartbeat plus the TTL, less a safety margin). Work for the source may only go on while
