@@ -32,7 +32,17 @@ of these kinds, one at a time, in a seeded order (the fixed seeds cover every ki
   same port with the same data;
 * on the 3-node NATS cluster (R3 stream, ``test_chaos_nats_cluster``): ``kill-stream-leader``
   (SIGKILL the node leading the stream, start it again with its store) and ``kill-node`` (a
-  random node), besides ``kill`` and ``pause`` of replicas.
+  random node), besides ``kill`` and ``pause`` of replicas;
+* on Redis Cluster (3 primaries + 3 replicas, ``test_chaos_redis_cluster``) and Sentinel (a
+  primary, a replica, 3 sentinels, ``test_chaos_redis_sentinel``), which then carry the
+  broker *and* leader election and checkpoints (no separate redis-server):
+  ``kill-stream-primary`` (SIGKILL the Cluster primary owning a random source's stream slot)
+  and ``kill-lease-primary`` (the one owning the election's slot: every lease, fence and
+  checkpoint), or ``kill-primary`` on Sentinel; the replica is promoted, the killed node is
+  started again a moment later (with its append-only file) and rejoins as a replica; besides
+  ``kill`` and ``pause`` of replicas. Every write that counts waits for a replica there
+  (the sink's and leader election's ``WAIT``), so until the killed node is back the sources
+  stall: the fault's window lasts until then.
 
 The variant **without any state store** (``test_chaos_nats_without_state_store``): one replica,
 no leader election, source state in memory only, so every start rebuilds it from the stream
