@@ -9,7 +9,9 @@ write is reported as not replicated, never taken as done.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -21,7 +23,10 @@ from bridge.ha.keys import SourceKeys, prefix_for
 from bridge.ha.leases import Lease, LeaseClient
 from bridge.ha.replication import NotReplicated, Replication
 from bridge.service.config import parse_config
+from bridge.service.runner import Bridge
+from bridge.sinks.memory import MemorySink
 from bridge.state import Intent
+from tests.ha.test_ha import config as single_config
 from tests.support.clusters import RedisClusterSet, SentinelSet
 
 PREFIX = "koprs:bridge:"
@@ -94,6 +99,32 @@ async def test_a_fenced_write_is_still_refused_as_fenced(single: aioredis.Redis)
     store = RedisStateStore(single, {"src": stale}, ONE_REPLICA)
     with pytest.raises(StateError, match="no longer holds the lease"):
         await store.commit("src", 1, {"k": "v1"})
+
+
+async def test_a_bridge_asked_for_a_replica_it_cannot_have_leads_nothing_and_says_why(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``wait_replicas: 1`` on a server without replicas: no acquisition counts, so no source
+    is led (never two leaders after a failover), and the log says what is missing."""
+    raw = single_config(tmp_path, ["files"], redis_url)
+    raw["leader_election"]["wait_replicas"] = 1
+    bridge = Bridge(parse_config(raw, env={}), sink=MemorySink("r1"), replica="r1")
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="bridge.ha")
+    task = asyncio.create_task(bridge.run(stop))
+    assert bridge.coordinator is not None
+    try:
+        await bridge.coordinator.wait_for_rounds(3)
+        assert bridge.coordinator.led == {}
+    finally:
+        stop.set()
+        await task
+    assert any(
+        "leader election round failed" in r.getMessage()
+        and "acknowledged by 0 of the 1 replica(s) leader_election.wait_replicas asks for"
+        in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
 
 
 def test_wait_replicas_defaults_to_one_on_clustered_urls_and_zero_on_a_single_server() -> None:
