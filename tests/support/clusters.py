@@ -572,10 +572,17 @@ class SentinelSet:
         return old, new
 
     def restore(self) -> None:
-        """Start stopped nodes again (the old primary is reconfigured as a replica)."""
+        """Start stopped nodes again and wait until healthy. A data node that comes back while
+        another is primary is made its replica at once (``REPLICAOF``, what the sentinels
+        would send it too, but only after their next ``INFO`` of it, up to ~10 s later)."""
+        returning = [n for n in self.data_nodes if not n.running]
         for server in (*self.data_nodes, *self.sentinels):
             server.resume()
             server.start()
+        primary = self.current_primary()
+        for node in returning:
+            if primary is not None and node is not primary and _is_primary(node.port):
+                redis_command(node.port, "REPLICAOF", LOOPBACK, str(primary.port))
         self.wait_healthy()
 
     def flushall(self) -> None:
