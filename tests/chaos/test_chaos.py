@@ -101,7 +101,7 @@ from bridge.ha.keys import SourceKeys, as_text, prefix_for, replicas_key
 from bridge.subjects import redis_stream_key
 from tests.chaos.conftest import REPORTS
 from tests.chaos.history import Delivered, Fault, Faults, Item, Truth, check_item
-from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet
+from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet, wait_until
 from tests.support.clusters import kill as kill_server
 from tests.support.httpserver import Documents
 from tests.support.receiving import Received, decode_nats, decode_redis, validate
@@ -115,7 +115,13 @@ from tests.support.replicas import (
     until,
     version,
 )
-from tests.support.servers import NatsServer, PersistentRedisServer, S3Server, ServerProcess
+from tests.support.servers import (
+    NatsServer,
+    PersistentRedisServer,
+    S3Server,
+    ServerError,
+    ServerProcess,
+)
 
 Broker = Literal["nats", "redis", "nats-cluster", "redis-cluster", "redis-sentinel"]
 
@@ -163,10 +169,12 @@ FAULTS: dict[Broker, tuple[str, ...]] = {
     # kill-stream-primary: SIGKILL the Redis Cluster primary owning a source's stream slot;
     # kill-lease-primary: the one owning the election's slot (leases, fences, checkpoints);
     # its replica is promoted, the killed node comes back later as a replica
-    "redis-cluster": ("kill", "pause", "kill-stream-primary", "kill-lease-primary"),
+    # pause-primary: SIGSTOP the primary owning the election's slot (Cluster) or the primary
+    # (Sentinel) until its replica is promoted, then SIGCONT it: a stale primary for a moment
+    "redis-cluster": ("kill", "kill-stream-primary", "kill-lease-primary", "pause-primary"),
     # kill-primary: SIGKILL the primary, the sentinels promote the replica; the killed node
     # comes back later (the sentinels make it a replica)
-    "redis-sentinel": ("kill", "pause", "kill-primary"),
+    "redis-sentinel": ("kill", "pause", "kill-primary", "pause-primary"),
 }
 FAULTS_PER_RUN: dict[Broker, int] = {
     "nats": 4,
@@ -612,6 +620,31 @@ class Chaos:
         await asyncio.sleep(down_s)
         await asyncio.to_thread(topology.restore)
 
+    async def pause_redis_primary(self, fault: Fault, key: str) -> None:
+        """SIGSTOP the Redis primary owning ``key`` until its replica was promoted, then
+        SIGCONT it: it comes back believing it is the primary, with the bridge's connections
+        to it still open, until the cluster (gossip) or the sentinels demote it. A write it
+        takes meanwhile is lost when it becomes a replica: it must never have counted."""
+        topology = self.redis_topology
+        assert topology is not None
+        old = await asyncio.to_thread(_primary_of, topology, key)
+        await asyncio.to_thread(old.pause)
+        try:
+
+            def promoted() -> bool:
+                with contextlib.suppress(AssertionError, ServerError):
+                    return _primary_of(topology, key) is not old
+                return False
+
+            await asyncio.to_thread(wait_until, promoted, "a replica promoted", RECOVERY_S)
+            self.note(
+                f"paused Redis primary {fault.target} (SIGSTOP); a replica promoted "
+                f"{time.monotonic() - fault.start:.2f} s later; resuming the old primary"
+            )
+        finally:
+            old.resume()
+        await asyncio.to_thread(topology.wait_healthy)
+
     def _server(self, name: str) -> ServerProcess:
         if name == "nats-server":
             assert self.nats_server is not None
@@ -650,13 +683,18 @@ class Chaos:
                 else self.rng.choice(self.nats_cluster.nodes)
             )
             target = f"nats-{node.port}"
-        elif kind_ in ("kill-stream-primary", "kill-lease-primary", "kill-primary"):
+        elif kind_ in (
+            "kill-stream-primary",
+            "kill-lease-primary",
+            "kill-primary",
+            "pause-primary",
+        ):
             topology = self.redis_topology
             assert topology is not None
             source = self.rng.choice(SOURCES)
             key = (
                 SourceKeys(source, prefix_for(self.redis)).lease
-                if kind_ == "kill-lease-primary"
+                if kind_ in ("kill-lease-primary", "pause-primary")
                 else redis_stream_key(source)
             )
             primary = await asyncio.to_thread(_primary_of, topology, key)
@@ -677,6 +715,8 @@ class Chaos:
             await self.kill_nats_node(fault, node)
         elif kind_ in ("kill-stream-primary", "kill-lease-primary", "kill-primary"):
             await self.kill_redis_primary(fault, key)
+        elif kind_ == "pause-primary":
+            await self.pause_redis_primary(fault, key)
         elif kind_.startswith("kill"):
             await self.kill(fault, meanwhile=meanwhile)
         elif kind_ in ("pause", "pause-in-flight"):
