@@ -40,9 +40,15 @@ of these kinds, one at a time, in a seeded order (the fixed seeds cover every ki
   and ``kill-lease-primary`` (the one owning the election's slot: every lease, fence and
   checkpoint), or ``kill-primary`` on Sentinel; the replica is promoted, the killed node is
   started again a moment later (with its append-only file) and rejoins as a replica; besides
-  ``kill`` and ``pause`` of replicas. Every write that counts waits for a replica there
-  (the sink's and leader election's ``WAIT``), so until the killed node is back the sources
-  stall: the fault's window lasts until then.
+  ``kill`` and ``pause`` of replicas (Cluster: ``kill`` only). ``pause-primary`` SIGSTOPs the
+  primary (of the election's slot, on the Cluster) until its replica is promoted, then
+  resumes it: a stale primary that still takes writes on the bridge's open connections until
+  the cluster's gossip (fast) or the sentinels (up to ~10 s) demote it, and loses them then.
+  Every write that counts waits for a replica there (the sink's and leader election's
+  ``WAIT``), so while the promoted primary has no replica the sources stall: the fault's
+  window lasts until the killed node is back. Without the sink's ``WAIT`` (``broker.replicas:
+  1``) the Sentinel variant fails on ``pause-primary`` (seeds 2, 5, 6: stream entries taken by
+  the stale primary lost, items' events out of line with their history).
 
 The variant **without any state store** (``test_chaos_nats_without_state_store``): one replica,
 no leader election, source state in memory only, so every start rebuilds it from the stream
