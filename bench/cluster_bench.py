@@ -15,7 +15,9 @@ Rows:
   Redis primary owning the source's slot, the Sentinel primary) to the first publish the sink
   gets acknowledged again (publishing the same batch in a loop, as the delivery loop does),
   with ``replicas: 1`` on Redis (``replicas: 2`` waits for the killed node's return, as a
-  promoted primary has no replica until then).
+  promoted primary has no replica until then); the NATS node the sink is connected to; and
+  the Cluster primary owning leader election's slot (the node started again at once) -> the
+  next heartbeat counted with ``wait_replicas: 1`` (bridge/ha/replication.py).
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import nats
+import redis.exceptions
 
 from bench.common import Row, format_table, write_rows
 from bridge.cloudevents import CloudEvent, EventEncoder
 from bridge.connections import redis_client
-from bridge.errors import PublishError
+from bridge.errors import PublishError, StateError
 from bridge.events import Added
+from bridge.ha.keys import SourceKeys, prefix_for
+from bridge.ha.leases import LeaseClient
+from bridge.ha.replication import Replication
 from bridge.sinks.nats import NatsSink, NatsSinkConfig, _encode_binary
 from bridge.sinks.redis import RedisSink, RedisSinkConfig
 from bridge.sources.stores import StoredObject
@@ -208,6 +214,24 @@ async def failover_rows(
     await asyncio.to_thread(kill, leader)
     await publish_until_acknowledged(lambda: sink.publish("bench", events))
     rows.append(_failover_row("nats stream leader killed", time.perf_counter() - killed))
+    await asyncio.to_thread(nats_cluster.ensure_running)
+    await asyncio.to_thread(nats_cluster.wait_stream_healthy, stream)
+
+    # NATS: the node the sink is connected to (it reconnects to another)
+    connected = sink._nc.connected_url if sink._nc is not None else None
+    node = next(n for n in nats_cluster.nodes if connected and n.port == connected.port)
+    leading = await asyncio.to_thread(nats_cluster.stream_leader, stream) is node
+    events = make_events(1, revision=3)
+    killed = time.perf_counter()
+    await asyncio.to_thread(kill, node)
+    await publish_until_acknowledged(lambda: sink.publish("bench", events))
+    row = _failover_row("nats node of the sink killed", time.perf_counter() - killed)
+    row.note = (
+        "that node led the stream too (a stream leader election on top of the reconnection)"
+        if leading
+        else "another node led the stream (the reconnection alone)"
+    )
+    rows.append(row)
     await sink.aclose()
     await asyncio.to_thread(nats_cluster.ensure_running)
 
@@ -235,7 +259,47 @@ async def failover_rows(
         rows.append(_failover_row(name, time.perf_counter() - killed))
         await redis_sink.aclose()
         await asyncio.to_thread(restore)
+    rows.append(await election_failover_row(redis_cluster))
     return rows
+
+
+async def election_failover_row(cluster: RedisClusterSet) -> Row:
+    """SIGKILL of the Cluster primary owning the election's slot, the node started again at
+    once (it rejoins as the promoted one's replica) -> the next heartbeat that counts
+    (``wait_replicas: 1``: the promoted primary needs its replica back)."""
+    client = redis_client(cluster.url, socket_timeout=1, socket_connect_timeout=1)
+    prefix = prefix_for(client)
+    leases = LeaseClient(client, "bench", ttl_s=30, prefix=prefix, replication=Replication(1, 0.5))
+    try:
+        await leases.acquire_many(["bench"])
+        primary = cluster.primary_for(SourceKeys("bench", prefix).lease)
+        killed = time.perf_counter()
+        await asyncio.to_thread(kill, primary)
+        restarted = asyncio.create_task(asyncio.to_thread(primary.start))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                await leases.heartbeat(["bench"])
+                break
+            except (StateError, redis.exceptions.RedisError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+        seconds = time.perf_counter() - killed
+        await restarted
+    finally:
+        await client.aclose()
+    await asyncio.to_thread(cluster.restore)
+    return Row(
+        "cluster",
+        "failover: election primary killed (restarted at once)",
+        f"{seconds:.2f} s to the next counted heartbeat (WAIT 1)",
+        "test settings: node timeout 1 s",
+        None,
+        "",
+        None,
+        values={"seconds": seconds},
+    )
 
 
 def _must(value: RedisServer | None) -> RedisServer:
@@ -268,6 +332,11 @@ async def run(events: int, batch: int) -> list[Row]:
     finally:
         for servers in (nats_cluster, redis_cluster, sentinels):
             servers.close()
+
+
+def run_rows(*, events: int = 20_000, batch: int = 1000) -> list[Row]:
+    """The rows of ``make bench`` (bench/run.py runs this in a child process)."""
+    return asyncio.run(run(events, batch))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ schedule    5,000 HTTP sources every 10 s (lag, missed ticks, CPU, RSS)   bench/
             vs plain httpx; leader election's Redis commands, 1/3 replicas
 folder      no-change poll CPU and state of a 1,000,000-file local: folder bench/folder_bench.py
 recovery    100,000 items' state rebuilt from NATS / Redis vs a raw read bench/recovery_bench.py
+cluster     R3 stream, Redis Cluster sink vs the raw clients; failovers bench/cluster_bench.py
 ==========  ==========================================================  =====================
 
 and prints one table: the bridge's figure, the reference measured in the same run, their
@@ -56,6 +57,7 @@ BENCHES = (
     "schedule",
     "folder",
     "recovery",
+    "cluster",
 )
 RESULTS = REPO / "bench" / "RESULTS.md"
 
@@ -70,6 +72,7 @@ FULL: dict[str, dict[str, Any]] = {
     "schedule": {"sources": 5000, "interval": 10.0, "seconds": 30.0, "replicas": (1, 3)},
     "folder": {"files": 1_000_000, "repeat": 2},
     "recovery": {"items": 100_000, "rounds": 2},
+    "cluster": {"events": 20_000, "batch": 1000},
 }
 QUICK: dict[str, dict[str, Any]] = {
     "publish": {"events": 5000, "rounds": 2, "batch": 1000},
@@ -86,6 +89,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "lease_ttl": 4.0,
     },
     "recovery": {"items": 20_000, "rounds": 1},
+    "cluster": {"events": 5000, "batch": 1000},
 }
 
 
@@ -215,6 +219,10 @@ def runner(name: str) -> Callable[..., list[Row]]:
         from bench import recovery_bench
 
         return recovery_bench.run_rows
+    if name == "cluster":
+        from bench import cluster_bench
+
+        return cluster_bench.run_rows
     raise ValueError(f"unknown benchmark {name!r}")
 
 

@@ -6,7 +6,9 @@ gets :class:`~bridge.errors.FencedError` and cannot overwrite what the new leade
 A commit applies one batch's delta (``HSET``/``HDEL`` of the changed entries only), sets the
 revision and drops the intent (or records the next batch's), atomically. The format version
 is checked on load: a foreign or corrupt checkpoint is reported (StateError) and the caller
-resyncs from a full poll after :meth:`RedisStateStore.reset`.
+resyncs from a full poll after :meth:`RedisStateStore.reset`. On Redis Cluster or Sentinel a
+write counts only once a replica has it (``WAIT``, :mod:`bridge.ha.replication`): a failover
+of the primary loses no checkpoint the bridge went on from.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from bridge.aio import Backoff
 from bridge.errors import FencedError, StateError
 from bridge.ha.keys import CHECKPOINT_FORMAT, SourceKeys, as_text
 from bridge.ha.leases import Lease
+from bridge.ha.replication import Replication
 from bridge.sources.base import StateDelta
 from bridge.state import Checkpoint, Intent, intent_from_record, intent_to_record
 from bridge.state.codec import dumps, loads
@@ -66,8 +69,15 @@ _SCAN_COUNT = 10_000
 class RedisStateStore:
     """Checkpoints of the sources whose leases this replica holds."""
 
-    def __init__(self, redis: aioredis.Redis, leases: dict[str, Lease]) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        leases: dict[str, Lease],
+        replication: Replication | None = None,
+    ) -> None:
         self.redis = redis
+        self.replication = replication or Replication()
+        """Writes count once this many replicas have them (:mod:`bridge.ha.replication`)."""
         self.leases = leases
         """The leases currently held, by source name; writes need the source's lease."""
         self._begin = redis.register_script(_BEGIN)
@@ -172,7 +182,13 @@ class RedisStateStore:
 
     async def _run(self, script: Any, lease: Lease, keys: list[str], args: list[Any]) -> None:
         try:
-            await script(keys=keys, args=[lease.token, *args])
+            await self.replication.run(
+                self.redis,
+                script,
+                keys,
+                [lease.token, *args],
+                f"the checkpoint write of source {lease.source!r}",
+            )
         except redis.exceptions.ResponseError as exc:
             if "FENCED" in str(exc):
                 lease.lost.set()

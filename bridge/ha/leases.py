@@ -18,6 +18,9 @@ leader election is O(replicas), not O(sources)). The same script reads back ever
 * renew (a lease taken alone): compare-and-extend, ``PEXPIRE`` only if the key holds our token.
 * release: compare-and-delete under ``asyncio.shield``; :meth:`LeaseClient.release_all` gives
   back every lease (and the membership) in one script.
+* replicated: on Redis Cluster or Sentinel, an acquisition, heartbeat or renewal counts only
+  once ``WAIT`` says a replica has it (:mod:`bridge.ha.replication`), so a failover of the
+  primary cannot hand a lease that was relied on to a second replica.
 
 A lease also keeps a local deadline (the monotonic time of the last acquisition, renewal or
 heartbeat plus the TTL, less a safety margin). Work for the source may only go on while
@@ -40,6 +43,7 @@ import redis.exceptions
 from bridge import aio
 from bridge.errors import FencedError, StateError
 from bridge.ha.keys import SourceKeys, as_text, prefix_for, replicas_key
+from bridge.ha.replication import NotReplicated, Replication
 
 __all__ = ["Heartbeat", "Lease", "LeaseClient", "Membership"]
 
@@ -183,8 +187,12 @@ class LeaseClient:
         ttl_s: float,
         prefix: str,
         margin_s: float | None = None,
+        replication: Replication | None = None,
     ) -> None:
         self.redis = redis
+        self.replication = replication or Replication()
+        """Acquisitions and renewals count once this many replicas have them
+        (:mod:`bridge.ha.replication`); releases do not wait."""
         self.replica = replica
         self.ttl_s = ttl_s
         self.prefix = prefix = prefix_for(redis, prefix)  # Redis Cluster: one slot for all
@@ -227,14 +235,17 @@ class LeaseClient:
     async def _acquire_batch(self, sources: Sequence[str], *, alone: bool) -> list[Lease | None]:
         all_keys = [SourceKeys(source, self.prefix) for source in sources]
         started = time.monotonic()
+        what = repr(sources[0]) if len(sources) == 1 else f"{len(sources)} sources"
         try:
-            replies = await self._acquire(
-                keys=[self._replicas, *(k for keys in all_keys for k in (keys.lease, keys.fence))],
-                args=[self.replica, self._ttl_ms(), "1" if alone else "0"],
+            replies = await self.replication.run(
+                self.redis,
+                self._acquire,
+                [self._replicas, *(k for keys in all_keys for k in (keys.lease, keys.fence))],
+                [self.replica, self._ttl_ms(), "1" if alone else "0"],
+                f"the acquisition of leases among {what} by replica {self.replica!r}",
             )
         except redis.exceptions.RedisError as exc:
-            what = sources[0] if len(sources) == 1 else f"{len(sources)} sources"
-            raise StateError(f"cannot acquire the lease on {what!r}: {exc}") from exc
+            raise StateError(f"cannot acquire the lease on {what}: {exc}") from exc
         self.free_in_s = None
         leases: list[Lease | None] = []
         for keys, reply in zip(all_keys, replies, strict=True):
@@ -264,8 +275,12 @@ class LeaseClient:
         started = time.monotonic()
         keys = [SourceKeys(source, self.prefix).lease for source in sources]
         try:
-            now_ms, live, tokens = await self._heartbeat(
-                keys=[self._replicas, *keys], args=[self.replica, self._ttl_ms()]
+            now_ms, live, tokens = await self.replication.run(
+                self.redis,
+                self._heartbeat,
+                [self._replicas, *keys],
+                [self.replica, self._ttl_ms()],
+                f"the membership renewal of replica {self.replica!r}",
             )
         except redis.exceptions.RedisError as exc:
             raise StateError(
@@ -288,8 +303,14 @@ class LeaseClient:
         """Extend ``lease`` (taken alone); False (and ``lease.lost`` set) if it is not ours."""
         started = time.monotonic()
         try:
-            renewed = await self._renew(keys=[lease.keys.lease], args=[lease.token, self._ttl_ms()])
-        except redis.exceptions.RedisError as exc:
+            renewed = await self.replication.run(
+                self.redis,
+                self._renew,
+                [lease.keys.lease],
+                [lease.token, self._ttl_ms()],
+                f"the renewal of the lease on source {lease.source!r}",
+            )
+        except (redis.exceptions.RedisError, NotReplicated) as exc:
             if time.monotonic() >= lease.deadline:
                 self.lose(lease, f"Redis unreachable past the lease TTL ({exc})")
                 return False

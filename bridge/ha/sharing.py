@@ -45,6 +45,7 @@ from bridge.errors import BridgeError
 from bridge.ha.checkpoints import RedisStateStore
 from bridge.ha.keys import SourceKeys, as_text, prefix_for, replicas_key
 from bridge.ha.leases import Lease, LeaseClient
+from bridge.ha.replication import Replication
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
 from bridge.sinks import Sink
 from bridge.telemetry.service import Telemetry
@@ -98,6 +99,7 @@ class Coordinator:
         slots: asyncio.Semaphore | None = None,
         lag: Lag | None = None,
         rng: random.Random | None = None,
+        replication: Replication | None = None,
     ) -> None:
         self.specs = {spec.name: spec for spec in specs}
         self.slots = slots
@@ -116,9 +118,11 @@ class Coordinator:
         self.on_published = on_published
         self.shutdown_grace_s = shutdown_grace_s
         self.telemetry = telemetry
-        self.leases = LeaseClient(self.control, replica, ttl_s=lease_ttl_s, prefix=prefix)
+        self.leases = LeaseClient(
+            self.control, replica, ttl_s=lease_ttl_s, prefix=prefix, replication=replication
+        )
         self.held: dict[str, Lease] = {}
-        self.state = RedisStateStore(redis, self.held)
+        self.state = RedisStateStore(redis, self.held, replication)
         self.led: dict[str, _Led] = {}
         self._leaving: set[asyncio.Task[None]] = set()
         self._giving_up: dict[str, _Led] = {}

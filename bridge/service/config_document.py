@@ -135,9 +135,23 @@ class LeaderElectionConfig(ConfigModel):
     """A lease not renewed for this long expires and another replica may take the source."""
     renew_every_s: Duration | None = Field(default=None, validation_alias="renew_every")
     """How often the holder renews (default: a third of the TTL)."""
+    wait_replicas: Annotated[int, at_least(0)] | None = None
+    """Replicas that must acknowledge each lease acquisition, membership renewal and
+    checkpoint write (``WAIT``) before it counts, so that a failover of the Redis primary
+    loses none of them (bridge/ha/replication.py). Default: 1 on a ``redis+cluster://`` or
+    ``redis+sentinel://`` URL, 0 (no ``WAIT``) on a single server."""
     tls: TlsConfig | None = None
     auth: RedisAuthConfig | None = None
     """Redis ACL ``username``/``password`` (only those two)."""
+
+    @property
+    def replicas_to_wait_for(self) -> int:
+        """:attr:`wait_replicas`, or its default for the URL's topology."""
+        if self.wait_replicas is not None:
+            return self.wait_replicas
+        from bridge.ha.replication import default_wait_replicas
+
+        return default_wait_replicas(self.redis_url.reveal())
 
     def _problems(self) -> Iterable[Problem]:
         if self.renew_every_s is not None and self.renew_every_s >= self.lease_ttl_s:

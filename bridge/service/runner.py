@@ -280,6 +280,7 @@ class Bridge:
 
     def _coordinator(self, election: LeaderElectionConfig) -> Coordinator:
         from bridge.connections import redis_client
+        from bridge.ha.replication import Replication
         from bridge.ha.sharing import Coordinator
 
         timeout_s = max(0.5, election.lease_ttl_s / 4)
@@ -307,6 +308,7 @@ class Bridge:
             slots=self.slots,
             lag=self.lag,
             rng=self.rng,
+            replication=Replication(election.replicas_to_wait_for, timeout_s / 2),
         )
 
     def _track(self) -> None:

@@ -32,7 +32,23 @@ of these kinds, one at a time, in a seeded order (the fixed seeds cover every ki
   same port with the same data;
 * on the 3-node NATS cluster (R3 stream, ``test_chaos_nats_cluster``): ``kill-stream-leader``
   (SIGKILL the node leading the stream, start it again with its store) and ``kill-node`` (a
-  random node), besides ``kill`` and ``pause`` of replicas.
+  random node), besides ``kill`` and ``pause`` of replicas;
+* on Redis Cluster (3 primaries + 3 replicas, ``test_chaos_redis_cluster``) and Sentinel (a
+  primary, a replica, 3 sentinels, ``test_chaos_redis_sentinel``), which then carry the
+  broker *and* leader election and checkpoints (no separate redis-server):
+  ``kill-stream-primary`` (SIGKILL the Cluster primary owning a random source's stream slot)
+  and ``kill-lease-primary`` (the one owning the election's slot: every lease, fence and
+  checkpoint), or ``kill-primary`` on Sentinel; the replica is promoted, the killed node is
+  started again a moment later (with its append-only file) and rejoins as a replica; besides
+  ``kill`` and ``pause`` of replicas (Cluster: ``kill`` only). ``pause-primary`` SIGSTOPs the
+  primary (of the election's slot, on the Cluster) until its replica is promoted, then
+  resumes it: a stale primary that still takes writes on the bridge's open connections until
+  the cluster's gossip (fast) or the sentinels (up to ~10 s) demote it, and loses them then.
+  Every write that counts waits for a replica there (the sink's and leader election's
+  ``WAIT``), so while the promoted primary has no replica the sources stall: the fault's
+  window lasts until the killed node is back. Without the sink's ``WAIT`` (``broker.replicas:
+  1``) the Sentinel variant fails on ``pause-primary`` (seeds 2, 5, 6: stream entries taken by
+  the stale primary lost, items' events out of line with their history).
 
 The variant **without any state store** (``test_chaos_nats_without_state_store``): one replica,
 no leader election, source state in memory only, so every start rebuilds it from the stream
@@ -86,10 +102,12 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from bridge.ha.keys import SourceKeys, as_text
+from bridge.connections import redis_client
+from bridge.ha.keys import SourceKeys, as_text, prefix_for, replicas_key
+from bridge.subjects import redis_stream_key
 from tests.chaos.conftest import REPORTS
 from tests.chaos.history import Delivered, Fault, Faults, Item, Truth, check_item
-from tests.support.clusters import NatsCluster
+from tests.support.clusters import NatsCluster, RedisClusterSet, SentinelSet, wait_until
 from tests.support.clusters import kill as kill_server
 from tests.support.httpserver import Documents
 from tests.support.receiving import Received, decode_nats, decode_redis, validate
@@ -103,14 +121,24 @@ from tests.support.replicas import (
     until,
     version,
 )
-from tests.support.servers import NatsServer, PersistentRedisServer, S3Server, ServerProcess
+from tests.support.servers import (
+    NatsServer,
+    PersistentRedisServer,
+    S3Server,
+    ServerError,
+    ServerProcess,
+)
 
-Broker = Literal["nats", "redis", "nats-cluster"]
+Broker = Literal["nats", "redis", "nats-cluster", "redis-cluster", "redis-sentinel"]
 
 NATS_SEEDS = (1, 6)
 REDIS_SEEDS = (3,)
 NATS_CLUSTER_SEEDS = (2,)
 """The 3-node NATS cluster with an R3 stream (tests/support/clusters.py)."""
+REDIS_CLUSTER_SEEDS = (1,)
+"""Redis Cluster (3 primaries + 3 replicas): broker, leader election and checkpoints."""
+REDIS_SENTINEL_SEEDS = (2,)
+"""Redis Sentinel (a primary, a replica, 3 sentinels): broker, leader election, checkpoints."""
 INTERVAL_S = 0.25
 MAX_BACKOFF_S = 1.0
 LEASE_TTL_S = 2.0
@@ -144,8 +172,23 @@ FAULTS: dict[Broker, tuple[str, ...]] = {
     # (with its store); kill-node: the same for a random node (the replicas connected
     # to it reconnect to another)
     "nats-cluster": ("kill", "kill-stream-leader", "kill-node", "pause"),
+    # kill-stream-primary: SIGKILL the Redis Cluster primary owning a source's stream slot;
+    # kill-lease-primary: the one owning the election's slot (leases, fences, checkpoints);
+    # its replica is promoted, the killed node comes back later as a replica
+    # pause-primary: SIGSTOP the primary owning the election's slot (Cluster) or the primary
+    # (Sentinel) until its replica is promoted, then SIGCONT it: a stale primary for a moment
+    "redis-cluster": ("kill", "kill-stream-primary", "kill-lease-primary", "pause-primary"),
+    # kill-primary: SIGKILL the primary, the sentinels promote the replica; the killed node
+    # comes back later (the sentinels make it a replica)
+    "redis-sentinel": ("kill", "pause", "kill-primary", "pause-primary"),
 }
-FAULTS_PER_RUN: dict[Broker, int] = {"nats": 4, "redis": 4, "nats-cluster": 4}
+FAULTS_PER_RUN: dict[Broker, int] = {
+    "nats": 4,
+    "redis": 4,
+    "nats-cluster": 4,
+    "redis-cluster": 4,
+    "redis-sentinel": 4,
+}
 """Faults of one run: a seeded choice of kinds (the fixed seeds cover every kind together)."""
 STATELESS_FAULTS = ("kill", "kill-in-flight", "pause-server", "restart-nats")
 """The faults of the variant without a state store (one replica, NATS)."""
@@ -330,7 +373,7 @@ class RedisStreamReader(StreamReader):
 
     def __init__(self, url: str) -> None:
         super().__init__()
-        self.client = aioredis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.client = redis_client(url, socket_timeout=2, socket_connect_timeout=2)
         self.last = dict.fromkeys(SOURCES, "-")
 
     async def catch_up(self) -> None:
@@ -370,6 +413,7 @@ def replica_config(
     world: World,
     s3: S3Server,
     stateless: bool = False,
+    stream_replicas: int | None = None,
 ) -> dict[str, Any]:
     sources: list[dict[str, Any]] = []
     common = {"interval": INTERVAL_S, "max_backoff": MAX_BACKOFF_S}
@@ -389,8 +433,8 @@ def replica_config(
     broker: dict[str, Any] = {"url": broker_url, "ack_timeout": 2}
     if broker_url.startswith("nats"):
         broker["max_msgs_per_subject"] = 0  # keep every event: the check reads them all
-    if "," in broker_url:  # the NATS cluster
-        broker["replicas"] = 3
+    if stream_replicas is not None:  # the NATS cluster
+        broker["replicas"] = stream_replicas
     if stateless:  # no leader election, no state: section: the state lives in memory only
         return {"broker": broker, "sources": sources}
     return {
@@ -414,7 +458,8 @@ class Chaos:
     rng: random.Random
     world: World
     replicas: Cluster
-    redis_server: PersistentRedisServer
+    redis_server: PersistentRedisServer | None
+    """The election's single redis-server (None on a Redis Cluster or Sentinel set)."""
     nats_server: NatsServer | None
     reader: StreamReader
     redis: aioredis.Redis
@@ -422,6 +467,9 @@ class Chaos:
     stateless: bool = False
     """One replica, no state store (see the module docstring)."""
     nats_cluster: NatsCluster | None = None
+    redis_topology: RedisClusterSet | SentinelSet | None = None
+    """The Redis Cluster or Sentinel set of the ``redis-cluster`` / ``redis-sentinel`` runs:
+    broker, leader election and checkpoints all on it."""
     faults: Faults = field(default_factory=Faults)
     log: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
@@ -449,7 +497,7 @@ class Chaos:
     async def heartbeat(self, replica: str) -> float:
         """The replica's heartbeat expiry in Redis (-1 when absent or unreadable)."""
         try:
-            score = await self.redis.zscore(f"{REDIS_PREFIX}replicas", replica)
+            score = await self.redis.zscore(replicas_key(prefix_for(self.redis)), replica)
         except (redis.exceptions.RedisError, OSError):
             return -1.0
         return -1.0 if score is None else float(score)
@@ -462,6 +510,7 @@ class Chaos:
         recording what it publishes and committing it, the window a crash must not lose nor
         double (its messages reach the stream when nats-server is thawed)."""
         assert self.nats_server is not None
+        assert self.redis_server is not None
         await asyncio.to_thread(self.nats_server.pause)
         client = aioredis.from_url(self.redis_server.url)  # no socket timeout: it waits
         pubsub = client.pubsub()
@@ -558,10 +607,55 @@ class Chaos:
         await asyncio.to_thread(node.start)
         await asyncio.to_thread(self.nats_cluster.wait_healthy)
 
+    async def kill_redis_primary(self, fault: Fault, key: str) -> None:
+        """SIGKILL the Redis primary owning ``key`` (Cluster) or the Sentinel set's primary,
+        wait until its replica took over, start the killed node again after a moment (it
+        comes back as a replica) and wait until the set is healthy again."""
+        topology = self.redis_topology
+        assert topology is not None
+        down_s = self.rng.uniform(0.5, 2.0)
+        if isinstance(topology, RedisClusterSet):
+            _old, new = await asyncio.to_thread(topology.fail_over, key)
+        else:
+            _old, new = await asyncio.to_thread(topology.fail_over)
+        self.note(
+            f"killed Redis primary {fault.target} (SIGKILL); redis-{new.port} promoted "
+            f"{time.monotonic() - fault.start:.2f} s after the kill; restarting the killed "
+            f"node in {down_s:.1f} s"
+        )
+        await asyncio.sleep(down_s)
+        await asyncio.to_thread(topology.restore)
+
+    async def pause_redis_primary(self, fault: Fault, key: str) -> None:
+        """SIGSTOP the Redis primary owning ``key`` until its replica was promoted, then
+        SIGCONT it: it comes back believing it is the primary, with the bridge's connections
+        to it still open, until the cluster (gossip) or the sentinels demote it. A write it
+        takes meanwhile is lost when it becomes a replica: it must never have counted."""
+        topology = self.redis_topology
+        assert topology is not None
+        old = await asyncio.to_thread(_primary_of, topology, key)
+        await asyncio.to_thread(old.pause)
+        try:
+
+            def promoted() -> bool:
+                with contextlib.suppress(AssertionError, ServerError):
+                    return _primary_of(topology, key) is not old
+                return False
+
+            await asyncio.to_thread(wait_until, promoted, "a replica promoted", RECOVERY_S)
+            self.note(
+                f"paused Redis primary {fault.target} (SIGSTOP); a replica promoted "
+                f"{time.monotonic() - fault.start:.2f} s later; resuming the old primary"
+            )
+        finally:
+            old.resume()
+        await asyncio.to_thread(topology.wait_healthy)
+
     def _server(self, name: str) -> ServerProcess:
         if name == "nats-server":
             assert self.nats_server is not None
             return self.nats_server
+        assert self.redis_server is not None
         return self.redis_server
 
     async def inject(self, kind_: str) -> None:
@@ -595,6 +689,23 @@ class Chaos:
                 else self.rng.choice(self.nats_cluster.nodes)
             )
             target = f"nats-{node.port}"
+        elif kind_ in (
+            "kill-stream-primary",
+            "kill-lease-primary",
+            "kill-primary",
+            "pause-primary",
+        ):
+            topology = self.redis_topology
+            assert topology is not None
+            source = self.rng.choice(SOURCES)
+            key = (
+                SourceKeys(source, prefix_for(self.redis)).lease
+                if kind_ in ("kill-lease-primary", "pause-primary")
+                else redis_stream_key(source)
+            )
+            primary = await asyncio.to_thread(_primary_of, topology, key)
+            target = f"redis-{primary.port}"
+            source = ""  # not a publish in flight
         elif kind_ == "pause-server":
             target = (
                 self.rng.choice(["redis-server", "nats-server"])
@@ -608,6 +719,10 @@ class Chaos:
             self.note(f"nats-server frozen; {source}'s leader {target} recorded a publish intent")
         if kind_ in ("kill-stream-leader", "kill-node"):
             await self.kill_nats_node(fault, node)
+        elif kind_ in ("kill-stream-primary", "kill-lease-primary", "kill-primary"):
+            await self.kill_redis_primary(fault, key)
+        elif kind_ == "pause-primary":
+            await self.pause_redis_primary(fault, key)
         elif kind_.startswith("kill"):
             await self.kill(fault, meanwhile=meanwhile)
         elif kind_ in ("pause", "pause-in-flight"):
@@ -726,6 +841,16 @@ class Chaos:
         fault.end = time.monotonic()
 
 
+def _primary_of(topology: RedisClusterSet | SentinelSet, key: str) -> ServerProcess:
+    """The running primary owning ``key`` (a Sentinel set's one primary owns every key)."""
+    if isinstance(topology, RedisClusterSet):
+        return topology.primary_for(key)
+    primary = topology.current_primary()
+    if primary is None:
+        raise AssertionError("the sentinels do not agree on a primary")
+    return primary
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -749,7 +874,7 @@ async def _quiet_errors(exc: Exception) -> None:
 async def live_consumer(broker: Broker, url: str) -> AsyncIterator[Received | None]:
     """On NATS, an ordered push consumer of the whole stream (heartbeats every second, so it
     notices a restarted server and resumes after the last message it got)."""
-    if broker == "redis":
+    if broker.startswith("redis"):
         yield None
         return
     received = Received()
@@ -796,7 +921,15 @@ async def run_chaos(
     print(f"\nchaos seed {seed} ({variant}); rerun with KOPRS_CHAOS_SEED={seed}")
     began = time.monotonic()
     with contextlib.ExitStack() as servers:
-        redis_server = servers.enter_context(PersistentRedisServer())
+        redis_topology: RedisClusterSet | SentinelSet | None = None
+        if broker in ("redis-cluster", "redis-sentinel"):
+            redis_topology = RedisClusterSet() if broker == "redis-cluster" else SentinelSet()
+            servers.callback(redis_topology.close)
+            await asyncio.to_thread(redis_topology.start)
+        redis_server = (
+            servers.enter_context(PersistentRedisServer()) if redis_topology is None else None
+        )
+        redis_url = redis_topology.url if redis_topology else _given(redis_server).url
         nats_server = servers.enter_context(NatsServer()) if broker == "nats" else None
         nats_cluster = None
         if broker == "nats-cluster":
@@ -806,36 +939,35 @@ async def run_chaos(
         docs = servers.enter_context(Documents())
         world = World(docs, s3, bucket, seed)
         broker_url = (
-            nats_server.url
-            if nats_server
-            else nats_cluster.url
-            if nats_cluster
-            else redis_server.url
+            nats_server.url if nats_server else nats_cluster.url if nats_cluster else redis_url
         )
         reader: StreamReader = (
-            RedisStreamReader(broker_url) if broker == "redis" else NatsStreamReader(broker_url)
+            RedisStreamReader(broker_url)
+            if broker.startswith("redis")
+            else NatsStreamReader(broker_url)
         )
 
         def config_for(replica: str) -> dict[str, Any]:
             return replica_config(
                 replica,
                 broker_url=broker_url,
-                redis_url=redis_server.url,
+                redis_url=redis_url,
                 world=world,
                 s3=s3,
                 stateless=stateless,
+                stream_replicas=3 if nats_cluster else None,
             )
 
         for item in world.items:  # the initial states, most items present
             if rng.random() < 0.8:
                 await world.change(item, present=True)
-        redis = aioredis.from_url(redis_server.url, socket_timeout=1, socket_connect_timeout=1)
+        redis = redis_client(redis_url, socket_timeout=1, socket_connect_timeout=1)
         try:
             async with cluster(tmp_path, config_for) as replicas, running(reader.follow()):
                 plan = fault_plan(broker, seed, stateless=stateless)
                 chaos = Chaos(
                     rng, world, replicas, redis_server, nats_server, reader, redis, plan,
-                    stateless, nats_cluster=nats_cluster,
+                    stateless, nats_cluster=nats_cluster, redis_topology=redis_topology,
                 )  # fmt: skip
                 await replicas.start(*names)
                 async with live_consumer(broker, broker_url) as live:
@@ -867,6 +999,11 @@ async def run_chaos(
     )
     print(line)
     REPORTS.append(line)
+
+
+def _given(server: PersistentRedisServer | None) -> PersistentRedisServer:
+    assert server is not None
+    return server
 
 
 _LOG_LINE = re.compile(
@@ -971,9 +1108,38 @@ async def test_chaos_nats_cluster(
     await run_chaos("nats-cluster", seed, s3=s3_server, bucket=s3_bucket, tmp_path=tmp_path)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.clusters
+@pytest.mark.parametrize("seed", seeds(REDIS_CLUSTER_SEEDS), ids=lambda s: f"seed{s}")
+async def test_chaos_redis_cluster(
+    seed: int, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Replicas killed and paused, the Redis Cluster primary owning a source's stream slot or
+    the election's slot (leases, fences, checkpoints) killed: its replica is promoted. Broker,
+    leader election and checkpoints all on one Redis Cluster of 3 primaries + 3 replicas."""
+    await run_chaos("redis-cluster", seed, s3=s3_server, bucket=s3_bucket, tmp_path=tmp_path)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.clusters
+@pytest.mark.parametrize("seed", seeds(REDIS_SENTINEL_SEEDS), ids=lambda s: f"seed{s}")
+async def test_chaos_redis_sentinel(
+    seed: int, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Replicas killed and paused, the Sentinel set's primary killed: the sentinels promote
+    the replica. Broker, leader election and checkpoints all behind the sentinels."""
+    await run_chaos("redis-sentinel", seed, s3=s3_server, bucket=s3_bucket, tmp_path=tmp_path)
+
+
 @pytest.mark.parametrize(
     ("broker", "fixed"),
-    [("nats", NATS_SEEDS), ("redis", REDIS_SEEDS), ("nats-cluster", NATS_CLUSTER_SEEDS)],
+    [
+        ("nats", NATS_SEEDS),
+        ("redis", REDIS_SEEDS),
+        ("nats-cluster", NATS_CLUSTER_SEEDS),
+        ("redis-cluster", REDIS_CLUSTER_SEEDS),
+        ("redis-sentinel", REDIS_SENTINEL_SEEDS),
+    ],
 )
 def test_the_fixed_seeds_inject_every_kind_of_fault(broker: Broker, fixed: Sequence[int]) -> None:
     planned = {k for seed in fixed for k in fault_plan(broker, seed, FAULTS_PER_RUN[broker])}

@@ -13,7 +13,8 @@ back with ``node.start()`` on the same address and data dir. The helpers wait fo
 
 Settings the bridge's guarantees need are set here as the README's "Scaling" section asks for
 production: Redis nodes keep an append-only file (``appendfsync everysec``; restarts keep the
-data) and the sink's ``WAIT`` needs one replica to acknowledge; ``cluster-node-timeout`` and
+data), and the sink's ``WAIT`` and leader election's (bridge/ha/replication.py) need one
+replica to acknowledge, which each primary here has; ``cluster-node-timeout`` and
 ``down-after-milliseconds`` are short (1 s) so that failovers happen within a test.
 
 Nothing here imports pytest; ``tests/conftest.py`` wraps these in session fixtures that start
@@ -571,10 +572,17 @@ class SentinelSet:
         return old, new
 
     def restore(self) -> None:
-        """Start stopped nodes again (the old primary is reconfigured as a replica)."""
+        """Start stopped nodes again and wait until healthy. A data node that comes back while
+        another is primary is made its replica at once (``REPLICAOF``, what the sentinels
+        would send it too, but only after their next ``INFO`` of it, up to ~10 s later)."""
+        returning = [n for n in self.data_nodes if not n.running]
         for server in (*self.data_nodes, *self.sentinels):
             server.resume()
             server.start()
+        primary = self.current_primary()
+        for node in returning:
+            if primary is not None and node is not primary and _is_primary(node.port):
+                redis_command(node.port, "REPLICAOF", LOOPBACK, str(primary.port))
         self.wait_healthy()
 
     def flushall(self) -> None:

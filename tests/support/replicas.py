@@ -39,7 +39,7 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from bridge.ha.keys import SourceKeys, as_text
+from bridge.ha.keys import SourceKeys, as_text, prefix_for
 
 __all__ = [
     "REPO",
@@ -356,10 +356,12 @@ async def redis_client(url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 async def holders(client: aioredis.Redis, sources: Sequence[str]) -> dict[str, tuple[str, int]]:
-    """source -> (replica, fence) of every held lease, read from its Redis key."""
+    """source -> (replica, fence) of every held lease, read from its Redis key (on a Redis
+    Cluster, with the prefix the bridge uses there: bridge/ha/keys.py ``prefix_for``)."""
     held: dict[str, tuple[str, int]] = {}
+    prefix = prefix_for(client)
     for name in sources:
-        token = await client.get(SourceKeys(name).lease)
+        token = await client.get(SourceKeys(name, prefix).lease)
         if token is not None:
             replica, _, fence = as_text(token).rpartition("|")
             held[name] = (replica, int(fence))
