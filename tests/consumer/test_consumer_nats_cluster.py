@@ -52,6 +52,9 @@ async def sink(
 ) -> AsyncIterator[NatsSink]:
     made = NatsSink(config)
     await made.connect()
+    # a new R3 stream elects its leader after the create call returned: until then a raw
+    # publish finds no responder (the sink retries, the tests' raw publishes do not)
+    await asyncio.to_thread(nats_cluster.wait_stream_healthy, config.stream)
     try:
         yield made
     finally:

@@ -31,6 +31,9 @@ async def sink(nats_cluster: NatsCluster, nats_cluster_url: str) -> AsyncIterato
     config = nats_test_config(nats_cluster_url, replicas=3, ack_timeout_s=1.0)
     made = NatsSink(config)
     await made.connect()
+    # a new R3 stream elects its leader after the create call returned: a test that kills a
+    # node at once would otherwise start on a stream not yet replicated everywhere
+    await asyncio.to_thread(nats_cluster.wait_stream_healthy, config.stream)
     try:
         yield made
     finally:
