@@ -22,7 +22,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 
-__all__ = ["DIGEST_SIZE", "EMPTY_SLOT", "EMPTY_SLOT_HEX", "PackedState", "pack_etags"]
+__all__ = [
+    "DIGEST_SIZE",
+    "EMPTY_SLOT",
+    "EMPTY_SLOT_HEX",
+    "PackedState",
+    "empty_slots",
+    "pack_etags",
+]
 
 DIGEST_SIZE = 16
 EMPTY_SLOT = bytes(DIGEST_SIZE)
@@ -216,7 +223,7 @@ def pack_etags(etags: Sequence[str]) -> tuple[bytes, list[int]]:
         pass
     else:  # reads back the same: each one was exactly 32 lowercase hex digits
         if len(packed) == DIGEST_SIZE * len(etags) and packed.hex(" ", DIGEST_SIZE) == joined:
-            return packed, _empty_slots(packed)
+            return packed, empty_slots(packed)
     slots = bytearray()
     loose: list[int] = []
     for i, etag in enumerate(etags):
@@ -242,7 +249,7 @@ def _pack(etag: str) -> bytes | None:
     return digest
 
 
-def _empty_slots(packed: bytes) -> list[int]:
+def empty_slots(packed: bytes) -> list[int]:
     """Indices of the all-zero slots (ETags of 32 zeros, kept unpacked)."""
     found: list[int] = []
     start = 0
