@@ -59,7 +59,7 @@ LocalEtag = Literal["mtime", "content"]
 """What a local file's ETag is made of (see the module docstring)."""
 _MASK64 = (1 << 64) - 1
 _READ_CHUNK = 1 << 20
-_PAGE_FILES = 10_000
+_PAGE_FILES = 50_000
 """Files per page of a listing (each page is walked in one hop to a worker thread)."""
 _is_dir = methodcaller("is_dir", follow_symlinks=False)
 _stat = methodcaller("stat")
@@ -170,7 +170,7 @@ class LocalStore:
         await asyncio.to_thread(self._resolve(path).unlink, missing_ok=True)
 
     async def list(self, prefix: str = "") -> AsyncIterator[Sequence[StoredObject]]:
-        """:class:`LocalPage` pages of up to 10,000 files (about: a directory is not cut), in
+        """:class:`LocalPage` pages of up to 50,000 files (about: a directory is not cut), in
         key order, each walked in a worker thread."""
         if not self.root.is_dir():
             raise StoreError(f"local store root {str(self.root)!r} is not a directory")
