@@ -93,6 +93,9 @@ async def test_the_all_zero_etag_is_compared_as_text(tmp_path: Path) -> None:
     set_mtime(file, 1)
     assert await kinds(poller) == [("modified", "epoch.txt")]
     assert await kinds(poller) == []
+    set_mtime(file, 0)
+    poller.restore({"epoch.txt": '"stale"', "other.txt": poller.state()["other.txt"]})
+    assert await kinds(poller) == [("modified", "epoch.txt")]  # two ETags outside the slots
 
 
 @pytest.mark.parametrize(
@@ -225,30 +228,61 @@ def test_the_diff_builds_objects_only_for_entries_with_an_event() -> None:
     assert CountingPage.built == 1
 
 
-def scenario(rng: random.Random) -> tuple[dict[str, str], list[StoredObject]]:
+def scenario(rng: random.Random, etags: Sequence[str]) -> tuple[dict[str, str], list[StoredObject]]:
+    """A state and a listing (sorted) with removals, additions and modifications, whose ETags
+    are drawn mostly from ``etags`` (so equal and unequal ones both come up)."""
+
+    def draw() -> str:
+        return rng.choice(etags) if rng.random() < 0.7 else etag(rng.randrange(1, 1 << 64))
+
     paths = sorted({f"p{rng.randrange(400):04}" for _ in range(rng.randrange(1, 200))})
-    state = {p: etag(rng.choice([0, 1, 2, rng.randrange(1 << 64)])) for p in paths}
+    state = {path: draw() for path in paths}
     listing = []
     for path in sorted({*paths, *(f"p{rng.randrange(400):04}" for _ in range(20))}):
         roll = rng.random()
         if path in state and roll < 0.1:
             continue  # removed
         value = state.get(path) if roll < 0.8 else None
-        listing.append(StoredObject(path, value or etag(rng.choice([0, 3, rng.randrange(99)]))))
+        listing.append(StoredObject(path, value or draw()))
     return state, listing
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_packed_pages_diff_as_lists_of_objects(seed: int) -> None:
-    rng = random.Random(seed)
-    state, listing = scenario(rng)
+def expected_events(state: dict[str, str], listing: list[StoredObject]) -> list[object]:
+    """The events of a listing, by the definition (a reference for the diff)."""
+    events: list[object] = []
+    for obj in listing:
+        if obj.path not in state:
+            events.append(("added", obj))
+        elif state[obj.path] != obj.etag:
+            events.append(("modified", obj))
+    listed = {obj.path for obj in listing}
+    gone = sorted(path for path in state if path not in listed)
+    return [*events, *(("removed", StoredObject(path, state[path])) for path in gone)]
+
+
+def cut(rng: random.Random, listing: list[StoredObject]) -> list[list[StoredObject]]:
     cuts = sorted(rng.sample(range(1, len(listing)), min(3, len(listing) - 1)))
-    bounds = [0, *cuts, len(listing)]
-    pages = [listing[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-    expected = diff_listing(dict(state), pages)
-    found = diff_listing(PackedState(state), [packed_page(page) for page in pages])
-    assert found.events == expected.events
-    assert found.delta == expected.delta
+    return [listing[a:b] for a, b in itertools.pairwise([0, *cuts, len(listing)]) if b > a]
+
+
+PACKABLE = [etag(0), etag(1), etag(2)]  # the all-zero one is kept outside the slots
+UNPACKABLE = [*PACKABLE, '"quoted"', '"other"', "ABCDEF" * 5 + "AB", "abc-2"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_packed_pages_diff_by_the_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    state, listing = scenario(rng, PACKABLE)
+    found = diff_listing(PackedState(state), [packed_page(page) for page in cut(rng, listing)])
+    assert [(e.kind, e.resource) for e in found.events] == expected_events(state, listing)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_lists_of_objects_diff_by_the_definition(seed: int) -> None:
+    rng = random.Random(seed)
+    state, listing = scenario(rng, UNPACKABLE)
+    found = diff_listing(PackedState(state), cut(rng, listing))
+    assert [(e.kind, e.resource) for e in found.events] == expected_events(state, listing)
 
 
 @pytest.mark.parametrize("seed", range(20))
