@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from operator import attrgetter, methodcaller
 from pathlib import Path
 from stat import S_ISREG
-from typing import Literal
+from typing import Literal, NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from bridge.errors import StoreError
@@ -61,6 +61,8 @@ _MASK64 = (1 << 64) - 1
 _READ_CHUNK = 1 << 20
 _PAGE_FILES = 50_000
 """Files per page of a listing (each page is walked in one hop to a worker thread)."""
+_SCANDIR_FD = os.scandir in os.supports_fd
+_DIRECTORY_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
 _is_dir = methodcaller("is_dir", follow_symlinks=False)
 _stat = methodcaller("stat")
 _mode, _mtime_ns, _size = attrgetter("st_mode"), attrgetter("st_mtime_ns"), attrgetter("st_size")
@@ -193,33 +195,33 @@ class LocalStore:
 
         Starts at the deepest directory the prefix names. Each directory is listed once, its
         entries sorted by key (a directory's key ends in ``/``, so its files come where the
-        key order puts them) and walked depth first, so no global sort is needed. Per file:
-        one ``stat()``, one path string and two integers; objects are built by the diff, only
-        for the files that changed (:class:`LocalPage`)."""
+        key order puts them), its files stat-ed, and its directories walked depth first, so
+        no global sort is needed. Per file: one ``stat()``, one path string and two integers;
+        objects are built by the diff, only for the files that changed (:class:`LocalPage`).
+        """
         start_rel = prefix.rpartition("/")[0]
         top = str(self.root / file_name(start_rel)) if start_rel else str(self.root)
         content = self.etag == "content"
         digests: dict[str, tuple[int, int, int, bytes]] = {}
+        digest = functools.partial(self._digest, digests=digests) if content else None
         paths: list[str] = []
         mtimes: list[int] = []
         sizes: list[int] = []
         slots: list[bytes] = []  # etag "content": the digests
-        digest = functools.partial(self._digest, digests=digests)
-        first = _listed(top, start_rel, prefix)
+        first = _listed(top, start_rel, prefix, digest)
         stack = [first] if first is not None else []
         while stack:
-            base, runs, entries = stack[-1]
-            for run in runs:  # an iterator: resumes where it stopped
-                if isinstance(run, str):  # a directory: walk it, then the rest of this one
-                    listed = _listed(entries[run].path, base + run[:-1], prefix)
+            for item in stack[-1]:  # an iterator: resumes where it stopped
+                if isinstance(item, _Folder):  # walk it, then the rest of this directory
+                    listed = _listed(item.path, item.key, prefix, digest)
                     if listed is not None:
                         stack.append(listed)
                         break
                     continue
-                if content:
-                    _stat_each(digest, base, run, entries, paths, mtimes, sizes, slots)
-                else:
-                    _stat_run(base, run, entries, paths, mtimes, sizes)
+                paths += item.paths
+                mtimes += item.mtimes
+                sizes += item.sizes
+                slots += item.digests
                 if len(paths) >= _PAGE_FILES:
                     yield _page(paths, mtimes, sizes, slots if content else None)
                     paths, mtimes, sizes, slots = [], [], [], []
@@ -246,21 +248,57 @@ class LocalStore:
         return digest
 
 
-_Listed = tuple[str, Iterator[str | list[str]], dict[str, os.DirEntry[str]]]
-"""A directory being walked: the prefix of its keys; what is left of it, in key order: runs
-of file keys (up to a page each) and directory keys (ending in ``/``); key -> entry."""
+class _Files(NamedTuple):
+    """Files of a directory, in key order, in columns (``digests``: with etag "content")."""
+
+    paths: list[str]
+    mtimes: list[int]
+    sizes: list[int]
+    digests: list[bytes]
 
 
-def _listed(directory: str, rel: str, prefix: str) -> _Listed | None:
-    """The entries of ``directory`` (whose key is ``rel``) under ``prefix``, sorted by key; None
-    if it is gone."""
+class _Folder(NamedTuple):
+    """A directory to walk: where it is, and its key."""
+
+    path: str
+    key: str
+
+
+_Digest = Callable[[str, str, os.stat_result], bytes]
+"""The content ETag of a file: ``digest(key, path, stat)``."""
+
+
+def _listed(
+    directory: str, rel: str, prefix: str, digest: _Digest | None
+) -> Iterator[_Files | _Folder] | None:
+    """What ``directory`` (whose key is ``rel``) holds under ``prefix``, in key order: its files,
+    stat-ed, and the directories to walk; None if it is gone. Files are stat-ed by name,
+    relative to the directory's descriptor (fewer path lookups in the kernel), and before this
+    returns, so one descriptor is open at a time."""
     try:
-        with os.scandir(directory) as listing:
+        fd = os.open(directory, _DIRECTORY_FLAGS) if _SCANDIR_FD else -1
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot list {directory!r}: {exc}") from exc
+    try:
+        with os.scandir(fd if fd >= 0 else directory) as listing:
             found = list(listing)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         raise StoreError(f"cannot list {directory!r}: {exc}") from exc
+    else:
+        return iter(_sorted_and_stated(found, directory, rel, prefix, digest))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _sorted_and_stated(
+    found: list[os.DirEntry[str]], directory: str, rel: str, prefix: str, digest: _Digest | None
+) -> list[_Files | _Folder]:
+    """The entries of a directory under ``prefix`` in key order, files stat-ed (in runs)."""
     base = f"{rel}/" if rel else ""
     names = [entry.name for entry in found]
     try:
@@ -283,77 +321,58 @@ def _listed(directory: str, rel: str, prefix: str) -> _Listed | None:
             if (base + key).startswith(prefix) or (key[-1] == "/" and prefix.startswith(base + key))
         }
     ordered = sorted(entries)
-    runs: list[str | list[str]] = []
-    if folders:
-        files: list[str] = []
-        for key in ordered:
-            if key[-1] == "/":
-                runs += (files, key)
-                files = []
-            else:
-                files.append(key)
-        runs.append(files)
-    else:
-        runs += (ordered[at : at + _PAGE_FILES] for at in range(0, len(ordered), _PAGE_FILES))
-    return base, iter(runs), entries
+    if not folders:
+        return [_stat_files(base, ordered, entries, directory, digest)]
+    items: list[_Files | _Folder] = []
+    run: list[str] = []
+    for key in ordered:
+        if key[-1] == "/":
+            name = entries[key].name
+            items += (
+                _stat_files(base, run, entries, directory, digest),
+                _Folder(os.path.join(directory, name), base + key[:-1]),
+            )
+            run = []
+        else:
+            run.append(key)
+    items.append(_stat_files(base, run, entries, directory, digest))
+    return items
 
 
-def _stat_each(  # noqa: PLR0917 (the columns it appends to)
-    digest: Callable[[str, str, os.stat_result], bytes],
+def _stat_files(
     base: str,
-    run: list[str],
+    keys: list[str],
     entries: dict[str, os.DirEntry[str]],
-    paths: list[str],
-    mtimes: list[int],
-    sizes: list[int],
-    slots: list[bytes],
-) -> None:
-    """Append the files of ``run`` to the columns, one at a time, and their digests
-    (``digest(key, path, stat)``) to ``slots``."""
-    for key in run:
-        entry = entries[key]
+    directory: str,
+    digest: _Digest | None,
+) -> _Files:
+    """The regular files among ``keys`` (of ``entries``, under ``base``), as columns: in
+    C-level loops (``map``) while every entry stats as a regular file, else one by one."""
+    found = list(map(entries.__getitem__, keys))
+    if digest is None:
+        try:
+            stats = list(map(_stat, found))
+        except FileNotFoundError:  # gone while walked, or a dangling link
+            pass
+        else:
+            if all(map(S_ISREG, map(_mode, stats))):
+                paths = list(map(base.__add__, keys))
+                return _Files(paths, list(map(_mtime_ns, stats)), list(map(_size, stats)), [])
+    files = _Files([], [], [], [])
+    for key, entry in zip(keys, found, strict=True):
         try:
             st = entry.stat()
         except FileNotFoundError:
-            continue  # gone while walked, or a dangling link
-        if not S_ISREG(st.st_mode):
-            continue  # a link to a directory, a socket, a FIFO...
+            continue
+        if not S_ISREG(st.st_mode):  # a link to a directory, a socket, a FIFO...
+            continue
         path = base + key
-        paths.append(path)
-        mtimes.append(st.st_mtime_ns)
-        sizes.append(st.st_size)
-        slots.append(digest(path, entry.path, st))
-
-
-def _stat_run(  # noqa: PLR0917 (the columns it appends to)
-    base: str,
-    run: list[str],
-    entries: dict[str, os.DirEntry[str]],
-    paths: list[str],
-    mtimes: list[int],
-    sizes: list[int],
-) -> None:
-    """Append the files of ``run`` (keys of ``entries``, under ``base``) to the columns: in
-    C-level loops (``map``) while every entry stats as a regular file, else one by one."""
-    found = list(map(entries.__getitem__, run))
-    try:
-        stats = list(map(_stat, found))
-    except FileNotFoundError:  # gone while walked, or a dangling link
-        stats = None
-    if stats is None or not all(map(S_ISREG, map(_mode, stats))):
-        for key, entry in zip(run, found, strict=True):
-            try:
-                st = entry.stat()
-            except FileNotFoundError:
-                continue
-            if S_ISREG(st.st_mode):  # not a link to a directory, a socket, a FIFO...
-                paths.append(base + key)
-                mtimes.append(st.st_mtime_ns)
-                sizes.append(st.st_size)
-        return
-    paths += map(base.__add__, run)
-    mtimes += map(_mtime_ns, stats)
-    sizes += map(_size, stats)
+        files.paths.append(path)
+        files.mtimes.append(st.st_mtime_ns)
+        files.sizes.append(st.st_size)
+        if digest is not None:
+            files.digests.append(digest(path, os.path.join(directory, entry.name), st))
+    return files
 
 
 def _without_clashes(keys: list[str], found: list[os.DirEntry[str]]) -> dict[str, os.DirEntry[str]]:
