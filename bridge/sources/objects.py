@@ -3,10 +3,13 @@
 The committed state is a :class:`~bridge.sources.packed.PackedState`: the paths in key order
 and their ETags packed (about 110 bytes per object with 36-character keys). S3 lists keys in
 that order, so a poll *merges* the listing, page by page, with the state: a page whose paths
-and ETags are those of the next state entries (the usual no-change poll) is compared in a few
-C-level operations; other pages path by path. Paths the listing skips are ``Removed``, listed
-paths the state does not have ``Added``, paths whose ETag changed ``Modified``. Events come out
-in listing order, removals last (sorted by path).
+are those of the next state entries (the usual poll) is compared in a few C-level operations
+(its ETags packed as the state's are, one comparison of bytes; where they differ, the slots
+that differ are found by halving); other pages path by path. A store may list
+:class:`~bridge.sources.stores.base.PackedPage` pages (``LocalStore`` does): paths and ETag
+bytes, no objects, which the diff builds only for the entries that have an event. Paths the
+listing skips are ``Removed``, listed paths the state does not have ``Added``, paths whose ETag
+changed ``Modified``. Events come out in listing order, removals last (sorted by path).
 
 A store that lists out of key order (a custom store, an S3-compatible server that does not
 sort) is diffed as correctly, more slowly: from the first page out of order on, by a dict of the

@@ -7,9 +7,9 @@ With 36-character paths, a tracked object costs about 110 bytes, ~200 in a ``dic
 * ``digests``: one ``bytearray``, 16 bytes per path, in the same order: the ETag's bytes when it
   is exactly 32 lowercase hex digits (S3's ETag of a single-part upload, ``MemoryStore``'s);
 * ``unpacked``: a small dict of the ETags that do not round-trip through 16 bytes (multipart
-  ``<hex>-<parts>``, ``LocalStore``'s ``<mtime>-<size>``, quoted, upper case, anything else);
-  their slot in ``digests`` is 16 zero bytes. The all-zero ETag is kept there too, so a zero
-  slot always means "see ``unpacked``".
+  ``<hex>-<parts>``, the ``<mtime>-<size>`` of earlier ``LocalStore`` versions, quoted, upper
+  case, anything else); their slot in ``digests`` is 16 zero bytes. The all-zero ETag is kept
+  there too, so a zero slot always means "see ``unpacked``".
 
 Every ETag reads back exactly as it was set (event ids are derived from it). Updates come as
 changeset deltas, applied in one merge (:meth:`PackedState.apply`); lookups by path bisect.

@@ -17,6 +17,14 @@ Paths are relative to the root with ``/`` separators, listed in key order. The E
   lookup; the first poll, and every changed file, costs a full read. The cache holds about
   150 bytes per file.
 
+Listing (:meth:`LocalStore.list`) walks each directory once with ``os.scandir``, sorts its
+entries by key and stats its files by name relative to the directory's descriptor; pages
+(:class:`LocalPage`, up to 50,000 files) come in key order and hold columns, not objects: the
+paths, the ETags' 16 bytes, the mtimes and sizes. The poller compares those bytes with its
+packed state and builds a :class:`StoredObject` only for a file with an event, so an unchanged
+tree costs one ``stat()``, one path string and two integers per file (about 1.2 times a bare
+``os.scandir`` + ``stat()`` walk). Objects, ETags and events are those of earlier versions.
+
 Symbolic links are followed to files, not into directories; files that vanish while the tree
 is walked are skipped.
 
@@ -27,8 +35,8 @@ be published; :func:`file_name` turns such a key back into the name: a key whose
 percent-decoding is *not* valid UTF-8 names the file with those bytes, any other key is the
 name itself. ``put``, ``delete`` and ``prefix`` take keys. The one ambiguity: a UTF-8 name
 that spells the escape of another (a file literally named ``bad%FF.json``) has the same key;
-``put``/``delete`` of that key act on the name that is not UTF-8, and should a folder hold both,
-that one is listed and the other skipped, with a warning.
+``put``/``delete`` of that key act on the name that is not UTF-8, and should a folder hold both
+(two files, or two directories), that one is listed and the other skipped, with a warning.
 """
 
 from __future__ import annotations
