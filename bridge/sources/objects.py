@@ -34,13 +34,15 @@ from bridge.sources.base import (
     chain_event,
     replay_chain,
 )
-from bridge.sources.packed import DIGEST_SIZE, EMPTY_SLOT, PackedState, empty_slots, pack_etags
+from bridge.sources.packed import DIGEST_SIZE, EMPTY_SLOT, EMPTY_SLOT_HEX, PackedState, empty_slots
 from bridge.sources.stores import ObjectStore, StoredObject
 from bridge.sources.stores.base import PackedPage
 
 __all__ = ["ListingDiff", "ObjectStorePoller", "diff_listing"]
 
 log = logging.getLogger(__name__)
+
+_HEX_SIZE = 2 * DIGEST_SIZE
 
 
 class ObjectStorePoller(StateMapSource):
@@ -166,7 +168,15 @@ class ListingDiff:
         comparison of bytes when nothing changed (the usual poll), else the differing slots
         (found by halving), and the empty ones (ETags that do not pack), compared as text."""
         state, base = self._state, self._next
-        window = bytes(state.digests[base * DIGEST_SIZE : (base + len(page.paths)) * DIGEST_SIZE])
+        stop = base + len(page.paths)
+        window = bytes(state.digests[base * DIGEST_SIZE : stop * DIGEST_SIZE])
+        if page.objects is not None:  # a list: its ETags as text, against the slots in hex
+            if window.find(EMPTY_SLOT) < 0 and ",".join(
+                [obj.etag for obj in page.objects]
+            ) == window.hex(",", DIGEST_SIZE):
+                return
+            self._merge(page, stop)
+            return
         listed = page.digests
         if window == listed and window.find(EMPTY_SLOT) < 0:
             return
@@ -185,8 +195,10 @@ class ListingDiff:
         entries ``_next:stop`` (those up to its last path)."""
         state, events, delta = self._state, self._events, self.delta
         keys, base = state.key_list, self._next
-        window = bytes(state.digests[base * DIGEST_SIZE : stop * DIGEST_SIZE])
-        listed = page.digests
+        slots = state.digests[base * DIGEST_SIZE : stop * DIGEST_SIZE]
+        objects, listed = page.objects, page.digests
+        hexes = slots.hex() if objects is not None else ""  # a list: compared as text
+        window = bytes(slots) if objects is None else b""
         i = base
         for k, path in enumerate(page.paths):
             if i < stop and keys[i] < path:  # state entries not listed
@@ -194,14 +206,23 @@ class ListingDiff:
                 self._gaps.append((i, j))
                 i = j
             if i < stop and keys[i] == path:
-                at, slot = (i - base) * DIGEST_SIZE, listed[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE]
-                # Equal slots are equal ETags, but for the empty slot (an ETag that does not
-                # pack): compare that one as text.
-                if slot != window[at : at + DIGEST_SIZE] or slot == EMPTY_SLOT:
-                    etag = page.etag(k)
-                    if etag != state.etag_at(i):
-                        events.append(Modified(page.object(k)))
-                        delta[path] = etag
+                # Equal slots (or hex) are equal ETags, but for the empty slot (an ETag that
+                # does not pack): compare that one as text, with the state's.
+                if objects is not None:
+                    etag = objects[k].etag
+                    at = (i - base) * _HEX_SIZE
+                    same = len(etag) == _HEX_SIZE and hexes.startswith(etag, at)
+                    differs = not same or etag == EMPTY_SLOT_HEX
+                else:
+                    at, slot = (
+                        (i - base) * DIGEST_SIZE,
+                        listed[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE],
+                    )
+                    differs = slot != window[at : at + DIGEST_SIZE] or slot == EMPTY_SLOT
+                    etag = page.etag(k) if differs else ""
+                if differs and etag != state.etag_at(i):
+                    events.append(Modified(page.object(k)))
+                    delta[path] = etag
                 i += 1
             else:
                 obj = page.object(k)
@@ -302,15 +323,16 @@ class ReplayDiff(ListingDiff):
 
 
 class _Page:
-    """A page as the diff reads it: its paths, its ETags' 16-byte slots (the empty slot for an
-    ETag that does not pack), and its objects, built only for the entries with an event (a
-    :class:`PackedPage` holds no others)."""
+    """A page as the diff reads it: its paths, and its ETags either as the objects of a list
+    (``objects``) or, for a :class:`PackedPage`, as 16-byte slots (``digests``) with objects
+    built only for the entries with an event (``object``)."""
 
-    __slots__ = ("digests", "etag", "object", "paths")
+    __slots__ = ("digests", "etag", "object", "objects", "paths")
 
     def __init__(self, page: Sequence[StoredObject]) -> None:
         self.paths: list[str]
-        self.digests: bytes
+        self.digests = b""
+        self.objects: Sequence[StoredObject] | None = None
         self.etag: Callable[[int], str]
         self.object: Callable[[int], StoredObject]
         if isinstance(page, PackedPage):
@@ -318,10 +340,7 @@ class _Page:
             self.etag, self.object = page.etag, page.object
         else:
             self.paths = [obj.path for obj in page]
-            try:
-                self.digests = pack_etags([obj.etag for obj in page])[0]
-            except TypeError:  # an ETag that is not a string (a custom store's): compare
-                self.digests = EMPTY_SLOT * len(page)  # every one as it is
+            self.objects = page
             self.etag, self.object = (lambda k: page[k].etag), page.__getitem__
 
 
