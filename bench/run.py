@@ -11,7 +11,8 @@ latency     change -> consumer handler, p50/p99 vs the poll interval     bench/l
 failover    SIGKILL of a leader -> first event of the next, vs lease_ttl bench/failover_bench.py
 schedule    5,000 HTTP sources every 10 s (lag, missed ticks, CPU, RSS)   bench/schedule_bench.py
             vs plain httpx; leader election's Redis commands, 1/3 replicas
-folder      no-change poll CPU and state of a 1,000,000-file local: folder bench/folder_bench.py
+folder      polls of a 1,000,000-file local: folder (no change, 1 %      bench/folder_bench.py
+            changed, first) vs a bare scandir+stat walk; steady RSS
 recovery    100,000 items' state rebuilt from NATS / Redis vs a raw read bench/recovery_bench.py
 cluster     R3 stream, Redis Cluster sink vs the raw clients; failovers bench/cluster_bench.py
 ==========  ==========================================================  =====================
@@ -88,6 +89,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "replicas": (1, 3),
         "lease_ttl": 4.0,
     },
+    "folder": {"files": 100_000, "repeat": 2},
     "recovery": {"items": 20_000, "rounds": 1},
     "cluster": {"events": 5000, "batch": 1000},
 }

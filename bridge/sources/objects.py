@@ -3,10 +3,13 @@
 The committed state is a :class:`~bridge.sources.packed.PackedState`: the paths in key order
 and their ETags packed (about 110 bytes per object with 36-character keys). S3 lists keys in
 that order, so a poll *merges* the listing, page by page, with the state: a page whose paths
-and ETags are those of the next state entries (the usual no-change poll) is compared in a few
-C-level operations; other pages path by path. Paths the listing skips are ``Removed``, listed
-paths the state does not have ``Added``, paths whose ETag changed ``Modified``. Events come out
-in listing order, removals last (sorted by path).
+are those of the next state entries (the usual poll) is compared in a few C-level operations
+(its ETags packed as the state's are, one comparison of bytes; where they differ, the slots
+that differ are found by halving); other pages path by path. A store may list
+:class:`~bridge.sources.stores.base.PackedPage` pages (``LocalStore`` does): paths and ETag
+bytes, no objects, which the diff builds only for the entries that have an event. Paths the
+listing skips are ``Removed``, listed paths the state does not have ``Added``, paths whose ETag
+changed ``Modified``. Events come out in listing order, removals last (sorted by path).
 
 A store that lists out of key order (a custom store, an S3-compatible server that does not
 sort) is diffed as correctly, more slowly: from the first page out of order on, by a dict of the
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, islice
 from operator import lt
 from typing import Self
@@ -31,8 +34,9 @@ from bridge.sources.base import (
     chain_event,
     replay_chain,
 )
-from bridge.sources.packed import DIGEST_SIZE, EMPTY_SLOT, EMPTY_SLOT_HEX, PackedState
+from bridge.sources.packed import DIGEST_SIZE, EMPTY_SLOT, EMPTY_SLOT_HEX, PackedState, empty_slots
 from bridge.sources.stores import ObjectStore, StoredObject
+from bridge.sources.stores.base import PackedPage
 
 __all__ = ["ListingDiff", "ObjectStorePoller", "diff_listing"]
 
@@ -132,16 +136,19 @@ class ListingDiff:
     def feed(self, page: Sequence[StoredObject]) -> None:
         if self._state.generation != self._generation:
             raise RuntimeError("the state changed while a listing was diffed against it")
-        if not page:
-            return
+        if page:
+            self._feed(_Page(page))
+
+    def _feed(self, page: _Page) -> None:
         if self._unlisted is not None:
             self._feed_by_dict(page)
             return
-        paths = [obj.path for obj in page]
+        paths = page.paths
         keys, start = self._state.key_list, self._next
         stop = bisect_right(keys, paths[-1], start)
-        if stop - start == len(paths) and paths == keys[start:stop] and self._same(page, stop):
-            self._next, self._last = stop, paths[-1]  # nothing changed in this page
+        if stop - start == len(paths) and paths == keys[start:stop]:
+            self._compare_in_place(page)  # the same paths: compare the ETags' slots
+            self._next, self._last = stop, paths[-1]
         elif (self._last is None or self._last < paths[0]) and all(
             map(lt, paths, islice(paths, 1, None))
         ):
@@ -156,36 +163,69 @@ class ListingDiff:
             self._switch_to_dict()
             self._feed_by_dict(page)
 
-    def _same(self, page: Sequence[StoredObject], stop: int) -> bool:
-        """Whether the ETags of ``page`` are those of the state entries ``_next:stop``."""
-        window = self._state.digests[self._next * DIGEST_SIZE : stop * DIGEST_SIZE]
-        if window.find(EMPTY_SLOT) >= 0:  # an unpacked ETag (or a false alarm): path by path
-            return False
-        return ",".join([obj.etag for obj in page]) == window.hex(",", DIGEST_SIZE)
+    def _compare_in_place(self, page: _Page) -> None:
+        """Diff a page whose paths are those of the state entries from ``_next`` on: one
+        comparison of bytes when nothing changed (the usual poll), else the differing slots
+        (found by halving), and the empty ones (ETags that do not pack), compared as text."""
+        state, base = self._state, self._next
+        stop = base + len(page.paths)
+        window = bytes(state.digests[base * DIGEST_SIZE : stop * DIGEST_SIZE])
+        if page.objects is not None:  # a list: its ETags as text, against the slots in hex
+            if window.find(EMPTY_SLOT) < 0 and ",".join(
+                [obj.etag for obj in page.objects]
+            ) == window.hex(",", DIGEST_SIZE):
+                return
+            self._merge(page, stop)
+            return
+        listed = page.digests
+        if window == listed and window.find(EMPTY_SLOT) < 0:
+            return
+        suspects = set(_differing_slots(window, listed))
+        if window.find(EMPTY_SLOT) >= 0 or listed.find(EMPTY_SLOT) >= 0:
+            suspects.update(empty_slots(window), empty_slots(listed))
+        keys, events, delta = state.key_list, self._events, self.delta
+        for k in sorted(suspects):
+            etag = page.etag(k)
+            if etag != state.etag_at(base + k):
+                events.append(Modified(page.object(k)))
+                delta[keys[base + k]] = etag
 
-    def _merge(self, page: Sequence[StoredObject], stop: int) -> None:
+    def _merge(self, page: _Page, stop: int) -> None:
         """Diff a page in key order whose paths sort after the last one, against the state
         entries ``_next:stop`` (those up to its last path)."""
         state, events, delta = self._state, self._events, self.delta
         keys, base = state.key_list, self._next
-        hexes = state.digests[base * DIGEST_SIZE : stop * DIGEST_SIZE].hex()
+        slots = state.digests[base * DIGEST_SIZE : stop * DIGEST_SIZE]
+        objects, listed = page.objects, page.digests
+        hexes = slots.hex() if objects is not None else ""  # a list: compared as text
+        window = bytes(slots) if objects is None else b""
         i = base
-        for obj in page:
-            path = obj.path
-            if i < stop and keys[i] != path and keys[i] < path:  # state entries not listed
+        for k, path in enumerate(page.paths):
+            if i < stop and keys[i] < path:  # state entries not listed
                 j = bisect_left(keys, path, i, stop)
                 self._gaps.append((i, j))
                 i = j
             if i < stop and keys[i] == path:
-                etag = obj.etag
-                at = (i - base) * _HEX_SIZE
-                same = len(etag) == _HEX_SIZE and hexes.startswith(etag, at)
-                # An empty slot (all zeros) stands for an unpacked ETag: compare that one.
-                if not (same and etag != EMPTY_SLOT_HEX) and etag != state.etag_at(i):
-                    events.append(Modified(obj))
+                # Equal slots (or hex) are equal ETags, but for the empty slot (an ETag that
+                # does not pack): compare that one as text, with the state's.
+                if objects is not None:
+                    etag = objects[k].etag
+                    at = (i - base) * _HEX_SIZE
+                    same = len(etag) == _HEX_SIZE and hexes.startswith(etag, at)
+                    differs = not same or etag == EMPTY_SLOT_HEX
+                else:
+                    at, slot = (
+                        (i - base) * DIGEST_SIZE,
+                        listed[k * DIGEST_SIZE : (k + 1) * DIGEST_SIZE],
+                    )
+                    differs = slot != window[at : at + DIGEST_SIZE] or slot == EMPTY_SLOT
+                    etag = page.etag(k) if differs else ""
+                if differs and etag != state.etag_at(i):
+                    events.append(Modified(page.object(k)))
                     delta[path] = etag
                 i += 1
             else:
+                obj = page.object(k)
                 events.append(Added(obj))
                 delta[path] = obj.etag
         self._next = stop
@@ -198,21 +238,21 @@ class ListingDiff:
             unlisted.update(zip(keys[start:stop], range(start, stop), strict=True))
         self._unlisted, self._gaps = unlisted, []
 
-    def _feed_by_dict(self, page: Sequence[StoredObject]) -> None:
+    def _feed_by_dict(self, page: _Page) -> None:
         state, events, delta = self._state, self._events, self.delta
         assert self._unlisted is not None
         pop = self._unlisted.pop
-        for obj in page:
-            path = obj.path
+        for k, path in enumerate(page.paths):
             i = pop(path, -1)
             if i < 0:
                 i = state.index(path)  # not in the state, or listed already (twice, then)
             if i < 0:
+                obj = page.object(k)
                 events.append(Added(obj))
                 delta[path] = obj.etag
-            elif obj.etag != state.etag_at(i):
-                events.append(Modified(obj))
-                delta[path] = obj.etag
+            elif (etag := page.etag(k)) != state.etag_at(i):
+                events.append(Modified(page.object(k)))
+                delta[path] = etag
 
     def finish(self) -> Changeset:
         self._removals()
@@ -253,12 +293,12 @@ class ReplayDiff(ListingDiff):
         self._listed: dict[str, StoredObject] = {}
         """The listed objects of the intent."""
 
-    def feed(self, page: Sequence[StoredObject]) -> None:
-        super().feed(page)
-        intent = self._replay.delta
-        for obj in page:
-            if obj.path in intent:
-                self._listed[obj.path] = obj
+    def _feed(self, page: _Page) -> None:
+        super()._feed(page)
+        intent, listed = self._replay.delta, self._listed
+        for k, path in enumerate(page.paths):
+            if path in intent:
+                listed[path] = page.object(k)
 
     def finish(self) -> Changeset:
         self._removals()
@@ -280,6 +320,45 @@ class ReplayDiff(ListingDiff):
             self.delta[path] = current
         self._events = events
         return self._changeset()
+
+
+class _Page:
+    """A page as the diff reads it: its paths, and its ETags either as the objects of a list
+    (``objects``) or, for a :class:`PackedPage`, as 16-byte slots (``digests``) with objects
+    built only for the entries with an event (``object``)."""
+
+    __slots__ = ("digests", "etag", "object", "objects", "paths")
+
+    def __init__(self, page: Sequence[StoredObject]) -> None:
+        self.paths: list[str]
+        self.digests = b""
+        self.objects: Sequence[StoredObject] | None = None
+        self.etag: Callable[[int], str]
+        self.object: Callable[[int], StoredObject]
+        if isinstance(page, PackedPage):
+            self.paths, self.digests = page.paths, page.digests
+            self.etag, self.object = page.etag, page.object
+        else:
+            self.paths = [obj.path for obj in page]
+            self.objects = page
+            self.etag, self.object = (lambda k: page[k].etag), page.__getitem__
+
+
+def _differing_slots(a: bytes, b: bytes) -> list[int]:
+    """The indices of the 16-byte slots where ``a`` and ``b`` (as long) differ, by halving:
+    about 2 k log(n / k) comparisons of bytes for k differing slots of n."""
+    found: list[int] = []
+    pending = [(0, len(a) // DIGEST_SIZE)]
+    while pending:
+        lo, hi = pending.pop()
+        if a[lo * DIGEST_SIZE : hi * DIGEST_SIZE] == b[lo * DIGEST_SIZE : hi * DIGEST_SIZE]:
+            continue
+        if hi - lo == 1:
+            found.append(lo)
+            continue
+        mid = (lo + hi) // 2
+        pending += ((mid, hi), (lo, mid))
+    return found
 
 
 def diff_listing(state: Mapping[str, str], listing: Iterable[Sequence[StoredObject]]) -> Changeset:

@@ -7,9 +7,9 @@ With 36-character paths, a tracked object costs about 110 bytes, ~200 in a ``dic
 * ``digests``: one ``bytearray``, 16 bytes per path, in the same order: the ETag's bytes when it
   is exactly 32 lowercase hex digits (S3's ETag of a single-part upload, ``MemoryStore``'s);
 * ``unpacked``: a small dict of the ETags that do not round-trip through 16 bytes (multipart
-  ``<hex>-<parts>``, ``LocalStore``'s ``<mtime>-<size>``, quoted, upper case, anything else);
-  their slot in ``digests`` is 16 zero bytes. The all-zero ETag is kept there too, so a zero
-  slot always means "see ``unpacked``".
+  ``<hex>-<parts>``, the ``<mtime>-<size>`` of earlier ``LocalStore`` versions, quoted, upper
+  case, anything else); their slot in ``digests`` is 16 zero bytes. The all-zero ETag is kept
+  there too, so a zero slot always means "see ``unpacked``".
 
 Every ETag reads back exactly as it was set (event ids are derived from it). Updates come as
 changeset deltas, applied in one merge (:meth:`PackedState.apply`); lookups by path bisect.
@@ -22,7 +22,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import ItemsView, Iterator, Mapping, Sequence, ValuesView
 
-__all__ = ["DIGEST_SIZE", "EMPTY_SLOT", "EMPTY_SLOT_HEX", "PackedState", "pack_etags"]
+__all__ = [
+    "DIGEST_SIZE",
+    "EMPTY_SLOT",
+    "EMPTY_SLOT_HEX",
+    "PackedState",
+    "empty_slots",
+    "pack_etags",
+]
 
 DIGEST_SIZE = 16
 EMPTY_SLOT = bytes(DIGEST_SIZE)
@@ -216,7 +223,7 @@ def pack_etags(etags: Sequence[str]) -> tuple[bytes, list[int]]:
         pass
     else:  # reads back the same: each one was exactly 32 lowercase hex digits
         if len(packed) == DIGEST_SIZE * len(etags) and packed.hex(" ", DIGEST_SIZE) == joined:
-            return packed, _empty_slots(packed)
+            return packed, empty_slots(packed)
     slots = bytearray()
     loose: list[int] = []
     for i, etag in enumerate(etags):
@@ -242,7 +249,7 @@ def _pack(etag: str) -> bytes | None:
     return digest
 
 
-def _empty_slots(packed: bytes) -> list[int]:
+def empty_slots(packed: bytes) -> list[int]:
     """Indices of the all-zero slots (ETags of 32 zeros, kept unpacked)."""
     found: list[int] = []
     start = 0

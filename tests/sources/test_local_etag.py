@@ -75,7 +75,7 @@ async def test_content_etag_reads_a_file_only_when_its_stamp_moved(
     read: list[str] = []
     digest = local._file_digest
 
-    def counting(path: str) -> str:
+    def counting(path: str) -> bytes:
         read.append(Path(path).name)
         return digest(path)
 
