@@ -121,21 +121,25 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _use_aiohttp(bridge: Any, interval_s: float) -> None:
-    """Give every HTTP source a client on httpx-aiohttp's transport (same limits, timeout)."""
+    """Give the HTTP sources shared clients on httpx-aiohttp's transport, one per origin as the
+    service's own (same limits and timeouts)."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
-    from bridge.service.factories import http_limits
     from bridge.sources.http import HttpPoller
+    from bridge.sources.http_auth import origin
+    from bridge.sources.http_clients import DEFAULT_TIMEOUT, http_limits
 
+    limits = http_limits(interval_s, bridge.config.max_concurrent_polls)
+    clients: dict[Any, httpx.AsyncClient] = {}
     for spec in bridge.specs:
         if isinstance(spec.source, HttpPoller):
-            old = spec.source._client
-            assert old is not None
-            transport = AiohttpTransport(limits=http_limits(interval_s))
-            client = httpx.AsyncClient(transport=transport, timeout=old.timeout)
-            spec.source.with_client(client, owned=True)
-            await old.aclose()
+            await spec.source.aclose()  # gives its shared client up
+            key = origin(httpx.URL(spec.source.url))
+            if key not in clients:
+                transport = AiohttpTransport(limits=limits)
+                clients[key] = httpx.AsyncClient(transport=transport, timeout=DEFAULT_TIMEOUT)
+            spec.source.with_client(clients[key])  # closed with the process
 
 
 def _steps(bridge: Any) -> int:
