@@ -130,14 +130,14 @@ async def test_a_shared_client_closes_when_its_last_source_stops(server: HttpTes
 
 @pytest.mark.parametrize("interval_s", [0.5, 10, 30, 300])
 async def test_the_connections_of_a_client_outlive_the_interval(interval_s: float) -> None:
-    clients = HttpClients(max_connections=64)
+    clients = HttpClients(max_connections=8)
     (poller,) = pollers(
         config([http_source("doc", "http://127.0.0.1:1/doc", interval_s)]).sources, clients
     )
     try:
         pool = poller._http()._transport._pool  # type: ignore[attr-defined]
         assert pool._keepalive_expiry > interval_s * 1.5
-        assert pool._max_connections == pool._max_keepalive_connections == 64
+        assert pool._max_connections == pool._max_keepalive_connections == 8
     finally:
         await poller.aclose()
 
@@ -197,6 +197,25 @@ async def test_sources_whose_connections_differ_get_clients_of_their_own() -> No
     assert clients.clients == 0
     with pytest.raises(RuntimeError, match="released"):
         _ = leases[0].client
+
+
+async def test_an_origin_with_many_sources_gets_a_client_per_few_of_them() -> None:
+    """httpcore's pool walks all its connections at every request: a client serves a
+    bounded number of sources, and has at most as many connections."""
+    clients = HttpClients(sources_per_client=2, max_connections=8)
+    url, ctx = "http://127.0.0.1:8080/x", tls_context()
+    leases = [clients.lease(url, verify=ctx, interval_s=10) for _ in range(5)]
+    assert clients.clients == 3
+    assert [id(lease.client) for lease in leases].count(id(leases[0].client)) == 2
+    pool = leases[0].client._transport._pool  # type: ignore[attr-defined]
+    assert pool._max_connections == 2
+    await leases[1].release()
+    refill = clients.lease(url, verify=ctx, interval_s=10)  # the free place first
+    assert refill.client is leases[0].client
+    assert clients.clients == 3
+    for lease in [*leases, refill]:
+        await lease.release()
+    assert clients.clients == 0
 
 
 async def test_a_poller_with_its_own_client_keeps_it(server: HttpTestServer) -> None:
