@@ -400,11 +400,11 @@ def election_rows(
         if args.failover and replicas > 1:
             procs[0].kill()
             killed = time.time()
-            procs[0].wait()
             failover_s = _all_polled_again(statuses[1:], n, killed, ttl + args.interval + 60)
-        for proc in procs[1:] if failover_s is not None else procs:
-            proc.stdin.close()
+        for proc in procs:
+            proc.stdin.close()  # a lingering child stops
             proc.wait(limit_s)
+            proc.stdout.close()
     first = [_series(path)[0]["t"] for path in statuses]  # each replica's first status line
     leased_at = _all_led_at([_series(path) for path in statuses], n)
     leased_s = leased_at - min(first) if leased_at is not None else None
