@@ -8,12 +8,13 @@ source and answers a matching ``If-None-Match`` with 304. Measured, in this orde
   process, on as many keep-alive connections as there are sources, sending the same
   conditional GETs: the server's rate is at least this, to show it is not the bottleneck;
 * **bridge**: the sources built by the service's own ``Bridge(config)`` from a config of N
-  ``http:`` sources (so each has the client ``build_source`` makes: its own
-  ``httpx.AsyncClient``, 10 s timeout, 5 s connect), each driven by a ``SourceLoop`` as
-  ``Bridge`` starts them (``SourceLoop.run()`` tasks, the bridge's telemetry hooks, a
-  ``MemorySink`` and a ``MemoryStateStore``), interval 1 ms so that every source is always due:
-  the loops poll as fast as they can. Polls/s = completed ``SourceLoop`` steps per second,
-  counted over a window once every source answered 304 at least once;
+  ``http:`` sources (so each has the client ``build_source`` makes: an ``httpx.AsyncClient``
+  shared with up to 31 other sources to the origin, 10 s timeout, 5 s connect), each driven
+  by a ``SourceLoop`` as ``Bridge`` starts them (``SourceLoop.run()`` tasks, the bridge's
+  telemetry hooks, a ``MemorySink`` and a ``MemoryStateStore``), interval 1 ms so that every
+  source is always due: the loops poll as fast as they can. Polls/s = completed
+  ``SourceLoop`` steps per second, counted over a window once every source answered 304 at
+  least once;
 * **raw**: N asyncio tasks, each with its own ``httpx.AsyncClient`` (same timeouts; one shared
   SSL context), each looping ``GET`` with ``If-None-Match`` and reading the response: the same
   requests with the same concurrency, without the bridge.

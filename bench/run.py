@@ -9,8 +9,9 @@ s3          listing + diff of 100,000 objects (moto) vs listing alone    bench/s
 diff        CPU and memory of the 1,000,000-object in-memory diff        bench/diff_bench.py
 latency     change -> consumer handler, p50/p99 vs the poll interval     bench/latency_bench.py
 failover    SIGKILL of a leader -> first event of the next, vs lease_ttl bench/failover_bench.py
-schedule    5,000 HTTP sources every 10 s (lag, missed ticks, CPU, RSS)   bench/schedule_bench.py
-            vs plain httpx; leader election's Redis commands, 1/3 replicas
+schedule    10,000 HTTP sources every 30 s, 5,000 every 10 s (lag, missed    bench/schedule_bench.py
+            ticks, CPU, RSS) vs plain httpx; leader election with 1 and 3
+            replicas: Redis commands, leases lost, all leased, failover
 folder      polls of a 1,000,000-file local: folder (no change, 1 %      bench/folder_bench.py
             changed, first) vs a bare scandir+stat walk; steady RSS
 recovery    100,000 items' state rebuilt from NATS / Redis vs a raw read bench/recovery_bench.py
@@ -70,7 +71,18 @@ FULL: dict[str, dict[str, Any]] = {
     "diff": {"objects": 1_000_000, "repeat": 3},
     "latency": {"samples": 400, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 6, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
-    "schedule": {"sources": 5000, "interval": 10.0, "seconds": 30.0, "replicas": (1, 3)},
+    "schedule": {
+        "sets": (
+            {"sources": 10_000, "interval": 30.0, "seconds": 60.0, "replicas": ()},
+            {
+                "sources": 5000,
+                "interval": 10.0,
+                "seconds": 30.0,
+                "replicas": (1, 3),
+                "failover": True,
+            },
+        )
+    },
     "folder": {"files": 1_000_000, "repeat": 2},
     "recovery": {"items": 100_000, "rounds": 2},
     "cluster": {"events": 20_000, "batch": 1000},
@@ -83,11 +95,18 @@ QUICK: dict[str, dict[str, Any]] = {
     "latency": {"samples": 60, "interval_s": 0.5, "gap_s": 0.1},
     "failover": {"runs": 2, "replicas": 3, "ttl_s": 2.0, "interval_s": 0.5},
     "schedule": {
-        "sources": 200,
-        "interval": 2.0,
-        "seconds": 6.0,
-        "replicas": (1, 3),
-        "lease_ttl": 4.0,
+        "sets": (
+            {"sources": 1000, "interval": 10.0, "seconds": 10.0, "replicas": ()},
+            {
+                "sources": 200,
+                "interval": 2.0,
+                "seconds": 6.0,
+                "replicas": (1, 3),
+                "lease_ttl": 4.0,
+                "failover": True,
+                "election_only": True,
+            },
+        )
     },
     "folder": {"files": 100_000, "repeat": 2},
     "recovery": {"items": 20_000, "rounds": 1},
@@ -208,7 +227,7 @@ def runner(name: str) -> Callable[..., list[Row]]:
     if name == "schedule":
         from bench import schedule_bench
 
-        return schedule_bench.run_rows
+        return schedule_bench.run_sets
     if name == "folder":
         from bench import folder_bench
 

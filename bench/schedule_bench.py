@@ -65,7 +65,6 @@ def accepted(server: Server) -> int:
 async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
     from bridge.service.config import parse_config
     from bridge.service.runner import Bridge
-    from bridge.sinks.memory import MemorySink
     from bridge.state import MemoryStateStore
 
     urls = json.loads(Path(args.urls).read_text())
@@ -79,7 +78,7 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
     if args.redis:
         raw["leader_election"] = {"redis_url": args.redis, "lease_ttl": args.lease_ttl}
     base_rss = rss_bytes()
-    bridge = Bridge(parse_config(raw, env={}), sink=MemorySink(), state=MemoryStateStore(),
+    bridge = Bridge(parse_config(raw, env={}), sink=_discarding_sink(), state=MemoryStateStore(),
                     replica=args.replica)  # fmt: skip
     if args.transport == "aiohttp":
         await _use_aiohttp(bridge, args.interval)
@@ -88,7 +87,7 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
     bridge.lag.on_lag = lambda lag: lags.append((clock.time(), lag))
     stop = asyncio.Event()
     task = asyncio.create_task(bridge.run(stop))
-    start = clock.time()
+    status = asyncio.create_task(_write_status(bridge, Path(args.status))) if args.status else None
     # The first round (the ramp); with leader election, also the sharing settled (every
     # replica joined, took its share and restored its checkpoints: a few periods).
     await asyncio.sleep(args.interval + (2 * args.lease_ttl if args.redis else 0.0))
@@ -101,11 +100,8 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
     cpu, steps, missed = _cpu_s() - cpu0, _steps(bridge) - steps0, bridge.lag.missed - missed0
     led = len(bridge.coordinator.led) if bridge.coordinator else len(urls)
     rss = rss_bytes()
-    stop_at = time.monotonic()
-    stop.set()
-    await task
     in_window = [lag for at, lag in lags if at >= window_start]
-    return {
+    result = {
         "polls": steps,
         "window_s": window,
         "cpu_s": cpu,
@@ -115,27 +111,69 @@ async def run_bridge(args: argparse.Namespace) -> dict[str, Any]:
         "rss_per_source": (rss - base_rss) / max(1, len(urls)),
         "led": led,
         "lost": _lost(bridge) - lost0,
-        "stop_s": time.monotonic() - stop_at,
-        "start": start,
     }
+    if args.linger:  # the parent reads the figures, may kill a replica, then closes stdin
+        print(json.dumps(result), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    stop_at = time.monotonic()
+    stop.set()
+    await task
+    if status is not None:
+        status.cancel()
+    result["stop_s"] = time.monotonic() - stop_at
+    return result
+
+
+STATUS_EVERY_S = 0.5
+
+
+async def _write_status(bridge: Any, path: Path) -> None:
+    """Every STATUS_EVERY_S, a line ``{"t", "led", "polled"}``: the wall-clock time, the sources
+    this replica leads and those of them its loop polled at least once (the parent's view of
+    the sharing and of a failover)."""
+    with path.open("a") as out:
+        while True:
+            coordinator = bridge.coordinator
+            led = list(coordinator.led.values()) if coordinator is not None else []
+            polled = sum(1 for one in led if one.loop.steps > 0)
+            out.write(json.dumps({"t": time.time(), "led": len(led), "polled": polled}) + "\n")
+            out.flush()
+            await asyncio.sleep(STATUS_EVERY_S)
+
+
+def _discarding_sink() -> Any:
+    from bridge.sinks.memory import MemorySink
+
+    class DiscardingSink(MemorySink):
+        """Acknowledges every event and keeps none: a broker keeps them, not the bridge, so
+        the RSS measured is the bridge's own."""
+
+        async def publish(self, source_name: str, events: Any) -> None:
+            self.publish_calls += 1
+
+    return DiscardingSink()
 
 
 async def _use_aiohttp(bridge: Any, interval_s: float) -> None:
-    """Give every HTTP source a client on httpx-aiohttp's transport (same limits, timeout)."""
+    """Give the HTTP sources shared clients on httpx-aiohttp's transport, one per origin as the
+    service's own (same limits and timeouts)."""
     import httpx
     from httpx_aiohttp import AiohttpTransport
 
-    from bridge.service.factories import http_limits
     from bridge.sources.http import HttpPoller
+    from bridge.sources.http_auth import origin
+    from bridge.sources.http_clients import DEFAULT_TIMEOUT, http_limits
 
+    limits = http_limits(interval_s, bridge.config.max_concurrent_polls)
+    clients: dict[Any, httpx.AsyncClient] = {}
     for spec in bridge.specs:
         if isinstance(spec.source, HttpPoller):
-            old = spec.source._client
-            assert old is not None
-            transport = AiohttpTransport(limits=http_limits(interval_s))
-            client = httpx.AsyncClient(transport=transport, timeout=old.timeout)
-            spec.source.with_client(client, owned=True)
-            await old.aclose()
+            await spec.source.aclose()  # gives its shared client up
+            key = origin(httpx.URL(spec.source.url))
+            if key not in clients:
+                transport = AiohttpTransport(limits=limits)
+                clients[key] = httpx.AsyncClient(transport=transport, timeout=DEFAULT_TIMEOUT)
+            spec.source.with_client(clients[key])  # closed with the process
 
 
 def _steps(bridge: Any) -> int:
@@ -217,8 +255,9 @@ def _child(kind: str, urls_file: Path, args: argparse.Namespace, **extra: str) -
     for key, value in extra.items():
         command += [f"--{key}", value]
     return subprocess.Popen(
-        command, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env_with_repo()
-    )
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env=env_with_repo(),
+    )  # fmt: skip
 
 
 def _result(proc: Any, limit_s: float) -> dict[str, Any]:
@@ -264,87 +303,216 @@ async def _commands(url: str) -> int:
 
 def measure(args: argparse.Namespace, work: Path) -> list[Row]:
     rows: list[Row] = []
-    limit_s = args.interval + 2 * args.lease_ttl + args.seconds + 120
     with http_server(args.server, args.sources) as server:
         urls_file = work / "urls.json"
         urls_file.write_text(json.dumps(server.urls()))
-        expected = args.sources / args.interval
-        results: dict[str, dict[str, Any]] = {}
-        for kind in ("reference", "bridge"):
-            proc = _child(kind, urls_file, args)
-            proc.stdout.readline()  # its first round done: the window starts
-            before = accepted(server)
-            results[kind] = _result(proc, limit_s)
-            results[kind]["accepted"] = accepted(server) - before
-        ref, got = results["reference"], results["bridge"]
-        for r in results.values():
-            r["rate"] = r["polls"] / r["window_s"]
-            r["cpu_pct"] = 100 * r["cpu_s"] / r["window_s"]
-        n = args.sources
-        values = {f"bridge_{k}": float(v) for k, v in got.items()}
-        values.update({f"ref_{k}": float(v) for k, v in ref.items()})
-        rows.append(
-            Row(
-                "schedule",
-                f"{n:,} HTTP sources every {args.interval:g} s: lag p99",
-                f"{got['lag_p99'] * 1e3:,.0f} ms (p50 {got['lag_p50'] * 1e3:,.0f})",
-                f"plain httpx {ref['lag_p99'] * 1e3:,.0f} ms (p50 {ref['lag_p50'] * 1e3:,.0f})",
-                got["lag_p99"] / max(ref["lag_p99"], 1e-3),
-                "p99 <= 1 s, 0 missed",
-                got["lag_p99"] <= 1.0 and got["missed"] == 0,
-                f"polls/s {got['rate']:,.1f} of {expected:,.1f} expected (plain httpx "
-                f"{ref['rate']:,.1f}); missed ticks {got['missed']} (plain {ref['missed']}); "
-                f"CPU {got['cpu_pct']:.1f} % of a core (plain {ref['cpu_pct']:.1f} %); "
-                f"connection reuse {_reuse(got):.1%} of polls (plain {_reuse(ref):.1%}); "
-                f"stop took {got['stop_s']:.1f} s",
-                values,
-            )
-        )
-        rows.append(
-            Row(
-                "schedule",
-                f"{n:,} HTTP sources every {args.interval:g} s: RSS per source",
-                f"{got['rss_per_source'] / 1024:,.1f} KiB",
-                f"plain httpx {ref['rss_per_source'] / 1024:,.1f} KiB",
-                got["rss_per_source"] / max(ref["rss_per_source"], 1.0),
-                "<= 25 KiB",
-                got["rss_per_source"] <= 25 * 1024,
-                f"CPU per 1,000 sources: {got['cpu_pct'] * 1000 / n:.2f} % of a core "
-                f"(plain {ref['cpu_pct'] * 1000 / n:.2f} %)",
-            )
-        )
+        if not args.election_only:
+            rows += single_rows(args, server, urls_file)
         for replicas in args.replicas:
-            with redis_server() as redis_url:
-                procs = [
-                    _child("bridge", urls_file, args, redis=redis_url, replica=f"r{r}")
-                    for r in range(replicas)
-                ]
-                for proc in procs:  # every replica past its warm-up
-                    proc.stdout.readline()
-                before, at = asyncio.run(_commands(redis_url)), time.monotonic()
-                time.sleep(args.seconds * 0.8)
-                per_s = (asyncio.run(_commands(redis_url)) - before) / (time.monotonic() - at)
-                outs = [_result(p, limit_s) for p in procs]
-            led = sum(o["led"] for o in outs)
-            lost = sum(o["lost"] for o in outs)
-            rate = sum(o["polls"] / o["window_s"] for o in outs)
-            p99 = max(o["lag_p99"] for o in outs)
-            per_source = per_s / n
-            rows.append(
-                Row(
-                    "schedule",
-                    f"{n:,} sources, leader election, {replicas} replica(s): Redis commands",
-                    f"{per_source:.4f} /source/s",
-                    f"target 0.05 /source/s ({per_s:,.1f} commands/s in all)",
-                    per_source / 0.05,
-                    "<= 0.05 /source/s, 0 lost",
-                    per_source <= 0.05 and lost == 0 and led == n,
-                    f"led {led} of {n}; leases lost {lost}; polls/s {rate:,.1f} of "
-                    f"{expected:,.1f}; worst replica lag p99 {p99 * 1e3:,.0f} ms",
-                    {"commands_per_s": per_s, "led": led, "lost": lost, "rate": rate},
-                )
-            )
+            rows += election_rows(args, work, urls_file, replicas)
     return rows
+
+
+def single_rows(args: argparse.Namespace, server: Server, urls_file: Path) -> list[Row]:
+    """One bridge process, then the plain-httpx reference, without leader election."""
+    rows: list[Row] = []
+    limit_s = args.interval + args.seconds + 120
+    expected = args.sources / args.interval
+    results: dict[str, dict[str, Any]] = {}
+    for kind in ("reference", "bridge"):
+        proc = _child(kind, urls_file, args)
+        proc.stdout.readline()  # its first round done: the window starts
+        before = accepted(server)
+        results[kind] = _result(proc, limit_s)
+        results[kind]["accepted"] = accepted(server) - before
+    ref, got = results["reference"], results["bridge"]
+    for r in results.values():
+        r["rate"] = r["polls"] / r["window_s"]
+        r["cpu_pct"] = 100 * r["cpu_s"] / r["window_s"]
+    n = args.sources
+    values = {f"bridge_{k}": float(v) for k, v in got.items()}
+    values.update({f"ref_{k}": float(v) for k, v in ref.items()})
+    rows.append(
+        Row(
+            "schedule",
+            f"{n:,} HTTP sources every {args.interval:g} s: lag p99",
+            f"{got['lag_p99'] * 1e3:,.0f} ms (p50 {got['lag_p50'] * 1e3:,.0f})",
+            f"plain httpx {ref['lag_p99'] * 1e3:,.0f} ms (p50 {ref['lag_p50'] * 1e3:,.0f})",
+            got["lag_p99"] / max(ref["lag_p99"], 1e-3),
+            "p99 <= 1 s, 0 missed",
+            got["lag_p99"] <= 1.0 and got["missed"] == 0,
+            f"polls/s {got['rate']:,.1f} of {expected:,.1f} expected (plain httpx "
+            f"{ref['rate']:,.1f}); missed ticks {got['missed']} (plain {ref['missed']}); "
+            f"CPU {got['cpu_pct']:.1f} % of a core (plain {ref['cpu_pct']:.1f} %); "
+            f"connection reuse {_reuse(got):.1%} of polls (plain {_reuse(ref):.1%}); "
+            f"stop took {got['stop_s']:.1f} s",
+            values,
+        )
+    )
+    rows.append(
+        Row(
+            "schedule",
+            f"{n:,} HTTP sources every {args.interval:g} s: RSS per source",
+            f"{got['rss_per_source'] / 1024:,.1f} KiB",
+            f"plain httpx {ref['rss_per_source'] / 1024:,.1f} KiB",
+            got["rss_per_source"] / max(ref["rss_per_source"], 1.0),
+            "<= 25 KiB",
+            got["rss_per_source"] <= 25 * 1024,
+            f"CPU per 1,000 sources: {got['cpu_pct'] * 1000 / n:.2f} % of a core "
+            f"(plain {ref['cpu_pct'] * 1000 / n:.2f} %)",
+        )
+    )
+    return rows
+
+
+def election_rows(
+    args: argparse.Namespace, work: Path, urls_file: Path, replicas: int
+) -> list[Row]:
+    """``replicas`` bridge processes with leader election on one Redis: Redis commands per
+    source per second, leases lost, schedule figures over the window, the time until every
+    source had a leader; with ``args.failover``, then one replica SIGKILLed and the time until
+    every source it led was polled by a survivor."""
+    n, ttl = args.sources, args.lease_ttl
+    expected = n / args.interval
+    limit_s = args.interval + 2 * ttl + args.seconds + 120
+    statuses = [work / f"status-{replicas}-r{r}.jsonl" for r in range(replicas)]
+    with redis_server() as redis_url:
+        launched = time.time()
+        procs = [
+            _child(
+                "bridge",
+                urls_file,
+                args,
+                redis=redis_url,
+                replica=f"r{r}",
+                status=str(path),
+                linger="1",
+            )
+            for r, path in enumerate(statuses)
+        ]
+        for proc in procs:  # every replica past its warm-up
+            proc.stdout.readline()
+        before, at = asyncio.run(_commands(redis_url)), time.monotonic()
+        time.sleep(args.seconds * 0.8)
+        per_s = (asyncio.run(_commands(redis_url)) - before) / (time.monotonic() - at)
+        outs = [_lingering_result(p, limit_s) for p in procs]
+        failover_s: float | None = None
+        if args.failover and replicas > 1:
+            procs[0].kill()
+            killed = time.time()
+            failover_s = _all_polled_again(statuses[1:], n, killed, ttl + args.interval + 60)
+        for proc in procs:
+            proc.stdin.close()  # a lingering child stops
+            proc.wait(limit_s)
+            proc.stdout.close()
+    first = [_series(path)[0]["t"] for path in statuses]  # each replica's first status line
+    leased_at = _all_led_at([_series(path) for path in statuses], n)
+    leased_s = leased_at - min(first) if leased_at is not None else None
+    led = sum(o["led"] for o in outs)
+    lost = sum(o["lost"] for o in outs)
+    rate = sum(o["polls"] / o["window_s"] for o in outs)
+    p99 = max(o["lag_p99"] for o in outs)
+    p50 = max(o["lag_p50"] for o in outs)
+    missed = sum(o["missed"] for o in outs)
+    cpu = sum(100 * o["cpu_s"] / o["window_s"] for o in outs)
+    rss = sum(o["rss_per_source"] for o in outs) / replicas  # each child's RSS / all N sources
+    per_source = per_s / n
+    window = min(o["window_s"] for o in outs)
+    rows = [
+        Row(
+            "schedule",
+            f"{n:,} sources every {args.interval:g} s, leader election, {replicas} replica(s): "
+            "Redis commands",
+            f"{per_source:.4f} /source/s",
+            f"target 0.05 /source/s ({per_s:,.1f} commands/s in all)",
+            per_source / 0.05,
+            "<= 0.05 /source/s, 0 lost",
+            per_source <= 0.05 and lost == 0 and led == n,
+            f"over {window:,.0f} s: led {led} of {n}; leases lost {lost}; polls/s {rate:,.1f} "
+            f"of {expected:,.1f}; lag p99 {p99 * 1e3:,.0f} ms (p50 {p50 * 1e3:,.0f}, worst "
+            f"replica); missed ticks {missed}; CPU {cpu:.1f} % of a core (all replicas); RSS "
+            f"{rss / 1024:,.1f} KiB per source and replica",
+            {
+                "commands_per_s": per_s,
+                "led": led,
+                "lost": lost,
+                "rate": rate,
+                "lag_p99": p99,
+                "missed": missed,
+            },
+        ),
+        Row(
+            "schedule",
+            f"{n:,} sources, {replicas} replica(s): every source leased",
+            "never" if leased_s is None else f"{leased_s:,.1f} s after the first start",
+            f"2 x lease_ttl = {2 * ttl:g} s",
+            (leased_s if leased_s is not None else float("inf")) / (2 * ttl),
+            "<= 2 x lease_ttl",
+            leased_s is not None and leased_s <= 2 * ttl,
+            ""
+            if leased_at is None
+            else f"{leased_at - launched:,.1f} s after launching the processes (imports and "
+            f"configs of all sources included); the replicas started {max(first) - min(first):,.1f}"
+            " s apart",
+        ),
+    ]
+    if args.failover and replicas > 1:
+        limit = ttl + args.interval
+        rows.append(
+            Row(
+                "schedule",
+                f"{n:,} sources, {replicas} replicas: SIGKILL one -> all its sources polled again",
+                "never" if failover_s is None else f"{failover_s:,.1f} s",
+                f"lease_ttl + interval = {limit:g} s",
+                (failover_s if failover_s is not None else float("inf")) / limit,
+                "<= lease_ttl + interval",
+                failover_s is not None and failover_s <= limit,
+                f"the killed replica led {outs[0]['led']} sources; the time is until the "
+                "survivors lead all and polled each at least once",
+            )
+        )
+    return rows
+
+
+def _lingering_result(proc: Any, limit_s: float) -> dict[str, Any]:
+    """The figures a lingering child prints before it waits for its stdin to close."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"child ended (exit code {proc.wait()}) without its figures")
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise RuntimeError("child gave no figures in time")
+
+
+def _series(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def _all_led_at(series: list[list[dict[str, Any]]], n: int) -> float | None:
+    """The first time every source had a leader (the replicas' latest counts summed)."""
+    latest = [0] * len(series)
+    events = sorted((point["t"], i, point["led"]) for i, one in enumerate(series) for point in one)
+    for t, i, led in events:
+        latest[i] = led
+        if sum(latest) >= n:
+            return float(t)
+    return None
+
+
+def _all_polled_again(statuses: list[Path], n: int, killed: float, limit_s: float) -> float | None:
+    """Seconds from ``killed`` until the survivors lead every source and polled each once."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(STATUS_EVERY_S)
+        last = [series[-1] for series in map(_series, statuses) if series]
+        fresh = len(last) == len(statuses) and all(p["t"] > killed for p in last)
+        if fresh and sum(p["led"] for p in last) >= n and sum(p["polled"] for p in last) >= n:
+            return float(max(p["t"] for p in last)) - killed
+    return None
 
 
 STACKS = (("asyncio", "httpx"), ("asyncio", "aiohttp"), ("uvloop", "httpx"))
@@ -392,15 +560,22 @@ def run_rows(
     replicas: Sequence[int] = (1, 3),
     server: str = "auto",
     lease_ttl: float = 10.0,
+    failover: bool = False,
+    election_only: bool = False,
 ) -> list[Row]:
     import tempfile
 
     args = argparse.Namespace(
         sources=sources, interval=interval, seconds=seconds, replicas=list(replicas),
-        server=server, lease_ttl=lease_ttl,
+        server=server, lease_ttl=lease_ttl, failover=failover, election_only=election_only,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="koprs-bench-schedule-") as tmp:
         return measure(args, Path(tmp))
+
+
+def run_sets(sets: Sequence[dict[str, Any]]) -> list[Row]:
+    """:func:`run_rows` for each set of options (``make bench``: several N and intervals)."""
+    return [row for options in sets for row in run_rows(**options)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -411,6 +586,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, nargs="*", default=[1, 3])
     parser.add_argument("--server", choices=["auto", "nginx", "asyncio"], default="auto")
     parser.add_argument("--lease-ttl", type=float, default=10.0)
+    parser.add_argument(
+        "--failover", action="store_true",
+        help="after the window, SIGKILL one replica and time until its sources are polled again",
+    )  # fmt: skip
+    parser.add_argument(
+        "--election-only", action="store_true", help="only the leader-election rows"
+    )
+    parser.add_argument("--status", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--linger", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rows-json", type=Path)
     parser.add_argument("--child", choices=["bridge", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--urls", help=argparse.SUPPRESS)
@@ -447,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_rows(
         sources=args.sources, interval=args.interval, seconds=args.seconds,
         replicas=args.replicas, server=args.server, lease_ttl=args.lease_ttl,
+        failover=args.failover, election_only=args.election_only,
     )  # fmt: skip
     print(format_table(rows))
     for row in rows:

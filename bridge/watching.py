@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from bridge.aio import Backoff
+from bridge.aio import SHARED_RNG, Backoff
 from bridge.errors import BridgeError
 from bridge.events import ExternalEvent
 from bridge.units import Seconds, to_seconds
@@ -168,7 +168,7 @@ class Schedule:
         """Ticks skipped so far because a poll (or the wait for a slot) overran them."""
         self._anchor = now + offset_s
         self._tick = 0
-        self._rng = rng or random.Random()
+        self._rng = rng or SHARED_RNG
         # The ceilings double up to max_backoff (the documented contract); ``retry_jitter``
         # (the service's: full) draws each delay below its ceiling, so sources that failed
         # together do not retry together. The library default is exact doubling.

@@ -1,9 +1,10 @@
 """Building a bridge's parts from its config: the pollers, the sink, the state store.
 
 :func:`build_source` turns a ``sources[]`` entry into a :class:`~bridge.service.delivery.
-SourceSpec` (an ``HttpPoller`` with its own ``httpx`` client and TLS context, or an
-``ObjectStorePoller`` over S3 or a local folder); :func:`build_sink` the ``broker`` section
-into a NATS or Redis sink; :func:`build_state_store` the ``state`` section into a store.
+SourceSpec` (an ``HttpPoller`` on the shared ``httpx`` client of its origin, see
+:mod:`bridge.sources.http_clients`, or an ``ObjectStorePoller`` over S3 or a local folder);
+:func:`build_sink` the ``broker`` section into a NATS or Redis sink; :func:`build_state_store`
+the ``state`` section into a store.
 :class:`~bridge.service.runner.Bridge` runs what these build.
 """
 
@@ -14,13 +15,11 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-
 from bridge.errors import ConfigError
 from bridge.service.config import BridgeConfig, SourceConfig
 from bridge.service.delivery import SourceSpec
 from bridge.sinks import Sink
-from bridge.sources.http import HttpPoller, tls_context
+from bridge.sources.http import HttpClients, HttpPoller, tls_context
 from bridge.sources.objects import ObjectStorePoller
 from bridge.sources.stores import LocalStore
 from bridge.state import MemoryStateStore, StateStore
@@ -29,8 +28,13 @@ from bridge.watching import ExternalSource, WatchConfig
 __all__ = ["build_sink", "build_source", "build_state_store", "replica_id"]
 
 
-def build_source(config: SourceConfig) -> SourceSpec:
-    """The poller a source config describes, with its name, schedule and URI."""
+def build_source(config: SourceConfig, http_clients: HttpClients | None = None) -> SourceSpec:
+    """The poller a source config describes, with its name, schedule and URI.
+
+    An HTTP source polls with the client ``http_clients`` shares among the sources to its
+    origin (a service passes one for all its sources); without it, with a client of its own.
+    Either way the poller's ``aclose()`` gives the client up.
+    """
     source: ExternalSource
     if config.http is not None:
         http, tls = config.http, config.http.tls
@@ -51,23 +55,22 @@ def build_source(config: SourceConfig) -> SourceSpec:
                 f"source {config.name!r}: cannot load the TLS certificates of http.tls / "
                 f"http.verify_tls: {exc}"
             ) from exc
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(http.timeout_s, connect=min(5.0, http.timeout_s)),
-            verify=verify,
-            follow_redirects=False,  # the poller follows redirects itself, by its own rules
-            limits=http_limits(config.interval_s),
+        server_name = (tls.server_name if tls is not None else None) or None
+        shared = (http_clients or HttpClients()).lease(
+            http.url, verify=verify, interval_s=config.interval_s, server_name=server_name
         )
-        poller = HttpPoller(http.url).with_name(config.name).with_client(client, owned=True)
+        poller = HttpPoller(http.url).with_name(config.name).with_shared_client(shared)
         poller.with_max_body_bytes(http.max_body_bytes).with_max_redirects(http.max_redirects)
         poller.with_deadline(http.timeout_s)
+        poller.with_timeout(http.timeout_s, connect_s=min(5.0, http.timeout_s))
         for header, value in http.headers.items():
             poller.with_header(header, value)  # Secrets: read again for every request
         if http.bearer_token is not None:
             poller.with_bearer_token(http.bearer_token)
         if http.basic_auth is not None:
             poller.with_basic_auth(http.basic_auth.username, http.basic_auth.password)
-        if tls is not None and tls.server_name:
-            poller.with_server_name(tls.server_name)
+        if server_name:
+            poller.with_server_name(server_name)
         source, uri = poller, http.url
     elif config.s3 is not None:
         from bridge.extras import require_extra
@@ -107,15 +110,6 @@ def build_source(config: SourceConfig) -> SourceSpec:
         watch=watch,
         source_uri=uri,
         max_inline_body_bytes=config.inline_body_bytes,
-    )
-
-
-def http_limits(interval_s: float) -> httpx.Limits:
-    """Connection limits of a source's HTTP client: its idle connection outlives the interval
-    (httpx's default keep-alive expiry, 5 s, would close it before each poll at 10 s and make
-    every poll connect again), so steady-state polls reuse it, unless the server closed it."""
-    return httpx.Limits(
-        max_connections=10, max_keepalive_connections=2, keepalive_expiry=2 * interval_s + 5.0
     )
 
 

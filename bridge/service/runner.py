@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bridge import aio
 from bridge.aio import Backoff
-from bridge.service.config import BridgeConfig, LeaderElectionConfig
+from bridge.service.config import BridgeConfig, LeaderElectionConfig, SourceConfig
 from bridge.service.delivery import PublishedCallback, SourceLoop, SourceSpec, stop_loops
 from bridge.service.factories import build_sink, build_source, build_state_store, replica_id
 from bridge.sinks import Sink
+from bridge.sources.http import HttpClients
 from bridge.state import MemoryStateStore, StateStore
 from bridge.state.recovery import PublishedReader
 from bridge.telemetry import Telemetry
@@ -65,7 +66,10 @@ class Bridge:
         self.state = state or build_state_store(config)
         self.on_published = on_published
         self.shutdown_grace_s = shutdown_grace_s
-        self.specs = [build_source(source) for source in config.sources]
+        self.http_clients = HttpClients(max_connections=config.max_concurrent_polls)
+        """The HTTP clients the HTTP sources share, one per origin (a source's ``aclose()``
+        gives its client up, the last one closing it)."""
+        self.specs = [build_source(source, self.http_clients) for source in config.sources]
         self.telemetry = telemetry or Telemetry.from_config(config)
         """Traces, metrics, readiness and the ``/healthz``-``/readyz``-``/metrics`` server."""
         self._track()
@@ -188,11 +192,11 @@ class Bridge:
                     log.info("config %s reloaded: sources unchanged", config.origin)
                 return plan
             old = {spec.name: spec for spec in self.specs}
-            fresh = {  # built first: a source that cannot be built leaves everything as it was
-                source.name: build_source(source)
-                for source in config.sources
-                if source.name in plan.added or source.name in plan.changed
-            }
+            # Built first: a source that cannot be built leaves everything as it was (and
+            # sources still running keep their shared HTTP clients, connections included).
+            fresh = await self._build_sources(
+                [s for s in config.sources if s.name in plan.added or s.name in plan.changed]
+            )
             specs = [fresh.get(source.name) or old[source.name] for source in config.sources]
             retired = [old[name] for name in (*plan.removed, *plan.changed)]
             if self.coordinator is not None:
@@ -213,6 +217,19 @@ class Bridge:
                         self._start_source(spec)
             log.info("config %s reloaded: %s", config.origin, plan.describe())
             return plan
+
+    async def _build_sources(self, sources: list[SourceConfig]) -> dict[str, SourceSpec]:
+        """The specs of ``sources``, by name; if one cannot be built, none is (those built
+        already are closed: they give their shared HTTP clients up) and the error is raised."""
+        built: dict[str, SourceSpec] = {}
+        try:
+            for source in sources:
+                built[source.name] = build_source(source, self.http_clients)
+        except BaseException:
+            for spec in built.values():
+                await _aclose(spec.source)
+            raise
+        return built
 
     async def _run_elected(self, stop: asyncio.Event) -> None:
         """Several replicas: lead only the sources whose leases this replica holds."""

@@ -54,11 +54,13 @@ from bridge.sources.http_auth import (
     tls_context,
 )
 from bridge.sources.http_body import ACCEPT_ENCODING, read_capped
+from bridge.sources.http_clients import DEFAULT_TIMEOUT, HttpClients, SharedClient
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_REDIRECTS",
     "DEFAULT_TIMEOUT",
+    "HttpClients",
     "HttpPoller",
     "HttpResource",
     "RedirectError",
@@ -67,7 +69,6 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-DEFAULT_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 DEFAULT_DEADLINE_S = 30.0
 """The longest one poll's request may take, redirects and the whole body included (httpx's
 timeouts bound each connect, read and write, so a server trickling bytes would never end)."""
@@ -133,10 +134,11 @@ _EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 class HttpPoller(StateMapSource):
     """Polls a single URL. Configure fluently: ``HttpPoller(url).with_bearer_token(t)``.
 
-    Without ``with_client`` the poller makes its own ``httpx.AsyncClient`` (10 s timeouts,
-    5 s to connect) and closes it in ``aclose()``. Either way it follows at most
-    ``max_redirects`` redirects (default 5) itself, with the rules of
-    :mod:`bridge.sources.http_auth`.
+    Its client: one of a service's shared clients (``with_shared_client``, one per origin:
+    :mod:`bridge.sources.http_clients`), the caller's own (``with_client``) or, with neither,
+    one the poller makes itself (10 s timeouts, 5 s to connect) and closes in ``aclose()``.
+    Whichever it is, the poller follows at most ``max_redirects`` redirects (default 5)
+    itself, with the rules of :mod:`bridge.sources.http_auth`.
     """
 
     def __init__(self, url: str) -> None:
@@ -153,6 +155,8 @@ class HttpPoller(StateMapSource):
         self._server_name: str | None = None
         self._client: httpx.AsyncClient | None = None
         self._owns_client = False
+        self._shared: SharedClient | None = None
+        self._timeout: httpx.Timeout | None = None
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
         self.max_redirects = DEFAULT_MAX_REDIRECTS
         self.deadline_s = DEFAULT_DEADLINE_S
@@ -222,7 +226,25 @@ class HttpPoller(StateMapSource):
         The caller closes it, unless ``owned`` hands it to the poller's ``aclose()``. The
         client's ``follow_redirects`` is ignored: the poller follows redirects itself.
         """
+        if self._shared is not None:
+            raise RuntimeError(f"{self._where}: the poller has a shared client already")
         self._client, self._owns_client = client, owned
+        return self
+
+    def with_shared_client(self, shared: SharedClient) -> Self:
+        """Poll with a client shared with the other sources to the same origin (see
+        :meth:`HttpClients.lease`); ``aclose()`` releases it, the last source closing it."""
+        if self._client is not None:
+            raise RuntimeError(f"{self._where}: the poller has a client already")
+        self._shared = shared
+        return self
+
+    def with_timeout(self, seconds: float, *, connect_s: float | None = None) -> Self:
+        """Wait at most ``seconds`` for each read and write of a request, ``connect_s``
+        (default: ``seconds``) to connect, whatever the client's own timeouts."""
+        if not seconds > 0 or (connect_s is not None and not connect_s > 0):
+            raise ValueError(f"timeouts must be > 0, got {seconds!r} and {connect_s!r}")
+        self._timeout = httpx.Timeout(seconds, connect=connect_s)
         return self
 
     def with_deadline(self, seconds: float) -> Self:
@@ -245,7 +267,11 @@ class HttpPoller(StateMapSource):
         return self._name
 
     async def aclose(self) -> None:
-        """Close the client if the poller created it."""
+        """Close the client if the poller created it (or was handed it); release a shared
+        one."""
+        if self._shared is not None:
+            shared, self._shared = self._shared, None
+            await shared.release()
         if self._owns_client and self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -257,6 +283,8 @@ class HttpPoller(StateMapSource):
         await self.aclose()
 
     def _http(self) -> httpx.AsyncClient:
+        if self._shared is not None:
+            return self._shared.client
         if self._client is None:
             self._client = httpx.AsyncClient(timeout=DEFAULT_TIMEOUT, follow_redirects=False)
             self._owns_client = True
@@ -425,7 +453,9 @@ class HttpPoller(StateMapSource):
                 headers["Authorization"] = self._authorization[1]()
             headers.update(conditional)
             extensions = {"sni_hostname": self._server_name} if self._server_name else None
-            request = client.build_request("GET", url, headers=headers, extensions=extensions)
+            request = client.build_request(
+                "GET", url, headers=headers, extensions=extensions, timeout=self._request_timeout
+            )
             return await client.send(request, stream=True, follow_redirects=False)
         headers = {
             name: self._reveal(what, value)
@@ -434,10 +464,14 @@ class HttpPoller(StateMapSource):
         }
         _accept_encoding(headers)
         headers.update(conditional)
-        request = client.build_request("GET", url, headers=headers)
+        request = client.build_request("GET", url, headers=headers, timeout=self._request_timeout)
         for name in [n for n in request.headers if n.lower() not in FORWARDABLE]:
             del request.headers[name]  # the client's own headers (and cookies) stay home too
         return await client.send(request, stream=True, follow_redirects=False, auth=None)
+
+    @property
+    def _request_timeout(self) -> httpx.Timeout | httpx._client.UseClientDefault:
+        return self._timeout if self._timeout is not None else httpx.USE_CLIENT_DEFAULT
 
     async def _resource(
         self, response: httpx.Response, *, conditional: bool

@@ -195,7 +195,8 @@ def declared_labels() -> dict[str, set[str]]:
     registries = (Metrics().registry, ConsumerMetrics().registry)
     for collector in (c for r in registries for c in r._collector_to_names):
         for family in collector.describe():  # type: ignore[attr-defined]
-            names = getattr(collector, "_labelnames", ())
+            # a family of a custom collector (per-source series) knows its labels itself
+            names = getattr(family, "_labelnames", ()) or getattr(collector, "_labelnames", ())
             suffixes = {
                 "counter": ("_total",),
                 "histogram": ("_bucket", "_count", "_sum"),

@@ -555,6 +555,45 @@ def test_each_metrics_object_has_its_own_registry() -> None:
     assert b'source="a"' not in two.render()
 
 
+def test_source_series_are_exposed_as_prometheus_counters_gauges_and_histograms() -> None:
+    metrics = Metrics()
+    a = metrics.source("a")
+    a.polls.inc()
+    a.polls.inc()
+    a.consecutive_failures.inc()
+    a.consecutive_failures.set(0)
+    a.events["added"].inc(3)
+    a.rejected["too_large"].inc()
+    for seconds in (0.001, 0.0011, 40.0):  # a bucket counts values up to its bound included
+        a.poll_duration.observe(seconds)
+    metrics.source("b").set_lease_held(True)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+    }
+    assert samples[("koprs_bridge_polls_total", (("source", "a"),))] == 2
+    assert samples[("koprs_bridge_poll_consecutive_failures", (("source", "a"),))] == 0
+    added = (("kind", "added"), ("source", "a"))
+    assert samples[("koprs_bridge_events_published_total", added)] == 3
+    too_large = (("reason", "too_large"), ("source", "a"))
+    assert samples[("koprs_bridge_items_rejected_total", too_large)] == 1
+    bucket = "koprs_bridge_poll_duration_seconds_bucket"
+    assert samples[(bucket, (("le", "0.001"), ("source", "a")))] == 1
+    assert samples[(bucket, (("le", "0.0025"), ("source", "a")))] == 2
+    assert samples[(bucket, (("le", "30.0"), ("source", "a")))] == 2
+    assert samples[(bucket, (("le", "+Inf"), ("source", "a")))] == 3
+    assert samples[("koprs_bridge_poll_duration_seconds_count", (("source", "a"),))] == 3
+    assert samples[("koprs_bridge_poll_duration_seconds_sum", (("source", "a"),))] == pytest.approx(
+        40.0021
+    )
+    assert samples[("koprs_bridge_lease_held", (("source", "b"),))] == 1
+    assert ("koprs_bridge_lease_held", (("source", "a"),)) not in samples  # no election for a
+    assert ("koprs_bridge_polls_created", (("source", "a"),)) in samples
+    metrics.forget("a")
+    assert b'source="a"' not in metrics.render()
+
+
 # -- health ---------------------------------------------------------------------------------
 
 
