@@ -25,6 +25,7 @@ __all__ = [
     "RedisTarget",
     "check_nats_urls",
     "check_redis_url",
+    "default_wait_replicas",
     "parse_redis_url",
 ]
 
@@ -45,6 +46,13 @@ class RedisTarget:
     db: int = 0
     username: str | None = field(default=None, repr=False)
     password: str | None = field(default=None, repr=False)
+
+
+def default_wait_replicas(url: str) -> int:
+    """How many replicas leader election waits for by default (``WAIT``,
+    :mod:`bridge.ha.replication`): 1 for a ``+cluster`` or ``+sentinel`` URL (there are
+    replicas to lose a write to), 0 for a single server."""
+    return 1 if url.partition("://")[0] in (*CLUSTER_SCHEMES, *SENTINEL_SCHEMES) else 0
 
 
 def parse_redis_url(url: str) -> RedisTarget:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
     from redis.commands.core import AsyncScript
 
-__all__ = ["NotReplicated", "Replication", "default_wait_replicas"]
+__all__ = ["NotReplicated", "Replication"]
 
 _ATTEMPTS = 2
 """A topology change (a failover, a moved slot) is tried once more, on the new primary."""
@@ -48,14 +48,6 @@ _ATTEMPTS = 2
 
 class NotReplicated(StateError):
     """A write reached the primary but fewer replicas than asked within the ``WAIT`` timeout."""
-
-
-def default_wait_replicas(url: str) -> int:
-    """1 for a ``+cluster`` or ``+sentinel`` URL (there are replicas to lose a write to), 0
-    for a single server."""
-    from urllib.parse import urlsplit
-
-    return 1 if "+" in urlsplit(url).scheme else 0
 
 
 @dataclass(frozen=True)

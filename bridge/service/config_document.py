@@ -149,7 +149,7 @@ class LeaderElectionConfig(ConfigModel):
         """:attr:`wait_replicas`, or its default for the URL's topology."""
         if self.wait_replicas is not None:
             return self.wait_replicas
-        from bridge.ha.replication import default_wait_replicas
+        from bridge.redis_urls import default_wait_replicas
 
         return default_wait_replicas(self.redis_url.reveal())
 

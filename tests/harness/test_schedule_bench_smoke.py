@@ -37,6 +37,7 @@ def test_folder_bench_smoke() -> None:
     from bench import folder_bench
 
     rows = folder_bench.run_rows(files=1500, repeat=1)
-    assert [row.bench for row in rows] == ["folder"] * 2
+    assert [row.bench for row in rows] == ["folder"] * 4  # no change, 1 %, first, RSS
     assert all(row.ratio is not None and math.isfinite(row.ratio) for row in rows)
-    assert rows[1].values["unpacked"] == 0
+    assert rows[-1].values["unpacked"] == 0
+    assert rows[1].values["changed"] == 15
