@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import nats
+import nats.errors
 import pytest
 
 from bridge.cloudevents import CloudEvent
@@ -60,15 +61,23 @@ async def publish_retrying(sink: NatsSink, source: str, events: Sequence[CloudEv
 
 
 async def stored(url: str, sink: NatsSink, count: int) -> list[dict[str, object]]:
-    nc = await nats.connect(url.split(","))
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(sink.config.stream)
-        assert info.state.messages == count
-        msgs = await fetch_all(js, sink.config.stream, f"{sink.config.subject_prefix}.>", count)
-        return [decode_nats(m) for m in msgs]
-    finally:
-        await nc.close()
+    """The stream's messages; read again (bounded) when a node just back, still catching up,
+    lets an API request time out."""
+    for attempt in range(1, 6):
+        nc = await nats.connect(url.split(","))
+        try:
+            js = nc.jetstream()
+            info = await js.stream_info(sink.config.stream)
+            assert info.state.messages == count
+            prefix = f"{sink.config.subject_prefix}.>"
+            msgs = await fetch_all(js, sink.config.stream, prefix, count)
+            return [decode_nats(m) for m in msgs]
+        except nats.errors.TimeoutError:
+            if attempt == 5:
+                raise
+        finally:
+            await nc.close()
+    raise AssertionError("unreachable")
 
 
 def connected_node(cluster: NatsCluster, sink: NatsSink) -> NatsServer:
