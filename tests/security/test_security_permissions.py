@@ -31,6 +31,7 @@ import redis.exceptions
 import yaml
 
 from bridge.cli import main
+from bridge.connection_settings import AuthConfig
 from bridge.connections import connect_nats, redis_client
 from bridge.consumer import Delivery, Synced
 from bridge.consumer.nats import watch_nats
@@ -283,6 +284,20 @@ async def test_precreated_stream_needs_only_stream_info(nats_precreated: NatsSer
 # -- consumers ----------------------------------------------------------------------------------
 
 
+async def listed_keys(url: str, reader: AuthConfig, **options: Any) -> list[str]:
+    """The keys a watch of source ``files`` lists (each acknowledged) before Synced."""
+    keys: list[str] = []
+    async with watch_nats(url, ["files"], auth=reader, fetch_timeout_s=1, **options) as watch:
+        async with asyncio.timeout(30):
+            async for item in watch:
+                if isinstance(item, Synced):
+                    break
+                assert isinstance(item, Delivery)
+                keys.append(item.envelope.key)
+                await item.ack()
+    return keys
+
+
 async def test_nats_consumer_user_consumes_but_cannot_publish(nats_server: NatsServer) -> None:
     await fresh_stream(nats_server)
     sink = NatsSink(NatsSinkConfig(url=nats_server.url, auth=auth("koprs-bridge", BRIDGE_NATS)))
@@ -293,17 +308,7 @@ async def test_nats_consumer_user_consumes_but_cannot_publish(nats_server: NatsS
     reader = auth("koprs-consumer", CONSUMER_NATS)
 
     for durable in ("operator", None):
-        keys: list[str] = []
-        async with watch_nats(
-            nats_server.url, ["files"], durable=durable, auth=reader, fetch_timeout_s=1
-        ) as watch:
-            async with asyncio.timeout(30):
-                async for item in watch:
-                    if isinstance(item, Synced):
-                        break
-                    assert isinstance(item, Delivery)
-                    keys.append(item.envelope.key)
-                    await item.ack()
+        keys = await listed_keys(nats_server.url, reader, durable=durable)
         assert sorted(keys) == ["a", "b", "c"]
 
     errors: list[str] = []
@@ -341,16 +346,7 @@ async def test_nats_consumer_without_msg_get_still_lists(
         finally:
             await sink.aclose()
         reader = auth("koprs-consumer", CONSUMER_NATS)
-        keys: list[str] = []
-        async with watch_nats(
-            server.url, ["files"], auth=reader, fetch_timeout_s=1, request_timeout_s=1
-        ) as watch:
-            async with asyncio.timeout(30):
-                async for item in watch:
-                    if isinstance(item, Synced):
-                        break
-                    assert isinstance(item, Delivery)
-                    keys.append(item.envelope.key)
+        keys = await listed_keys(server.url, reader, request_timeout_s=1)
     assert keys == ["a", "b"]
     assert f"allow $JS.API.STREAM.MSG.GET.{STREAM}" in caplog.text
 
