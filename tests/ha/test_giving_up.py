@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,13 +20,6 @@ from bridge.sinks.memory import MemorySink
 from bridge.watching import WatchConfig
 
 PREFIX = "koprs:bridge:"
-
-
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_a_source_being_given_up_is_not_acquired_again_until_released(

@@ -24,14 +24,6 @@ from bridge.state import Intent
 PREFIX = "koprs:bridge:"
 
 
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    client.url = redis_url  # type: ignore[attr-defined]
-    yield client
-    await client.aclose()
-
-
 async def test_lease_is_exclusive_fenced_renewable_and_released(
     redis_client: aioredis.Redis,
 ) -> None:

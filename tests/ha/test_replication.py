@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,17 +32,10 @@ PREFIX = "koprs:bridge:"
 ONE_REPLICA = Replication(replicas=1, timeout_s=0.05)
 
 
-@pytest.fixture
-async def single(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
 async def test_without_a_replica_an_acquisition_is_reported_not_replicated(
-    single: aioredis.Redis,
+    redis_client: aioredis.Redis,
 ) -> None:
-    leases = LeaseClient(single, "a", ttl_s=5, prefix=PREFIX, replication=ONE_REPLICA)
+    leases = LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX, replication=ONE_REPLICA)
     with pytest.raises(NotReplicated) as caught:
         await leases.acquire_many(["src"])
     message = str(caught.value)
@@ -52,16 +44,16 @@ async def test_without_a_replica_an_acquisition_is_reported_not_replicated(
     assert "replica 'a'" in message
     assert isinstance(caught.value, StateError)  # a round that failed, as with Redis down
     # written on the primary all the same: the next round takes it again with a new fence
-    assert await single.get(SourceKeys("src", PREFIX).lease) == b"a|1"
+    assert await redis_client.get(SourceKeys("src", PREFIX).lease) == b"a|1"
 
 
 async def test_without_a_replica_a_renewal_does_not_extend_the_membership(
-    single: aioredis.Redis,
+    redis_client: aioredis.Redis,
 ) -> None:
-    counted = LeaseClient(single, "a", ttl_s=5, prefix=PREFIX)
+    counted = LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX)
     await counted.heartbeat(["src"])
     deadline = counted.membership.deadline
-    waiting = LeaseClient(single, "a", ttl_s=5, prefix=PREFIX, replication=ONE_REPLICA)
+    waiting = LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX, replication=ONE_REPLICA)
     waiting.membership = counted.membership
     with pytest.raises(NotReplicated, match="membership renewal of replica 'a'"):
         await waiting.heartbeat(["src"])
@@ -69,34 +61,34 @@ async def test_without_a_replica_a_renewal_does_not_extend_the_membership(
 
 
 async def test_without_a_replica_a_lease_taken_alone_is_not_renewed(
-    single: aioredis.Redis,
+    redis_client: aioredis.Redis,
 ) -> None:
-    lease = await LeaseClient(single, "a", ttl_s=5, prefix=PREFIX).acquire("src")
+    lease = await LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX).acquire("src")
     assert lease is not None
     deadline = lease.deadline
-    waiting = LeaseClient(single, "a", ttl_s=5, prefix=PREFIX, replication=ONE_REPLICA)
+    waiting = LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX, replication=ONE_REPLICA)
     assert await waiting.renew(lease)  # still within its TTL: retried, not lost
     assert lease.deadline == deadline
 
 
 async def test_without_a_replica_a_checkpoint_write_is_reported_not_replicated(
-    single: aioredis.Redis,
+    redis_client: aioredis.Redis,
 ) -> None:
-    lease = await LeaseClient(single, "a", ttl_s=5, prefix=PREFIX).acquire("src")
+    lease = await LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX).acquire("src")
     assert lease is not None
-    store = RedisStateStore(single, {"src": lease}, ONE_REPLICA)
+    store = RedisStateStore(redis_client, {"src": lease}, ONE_REPLICA)
     with pytest.raises(NotReplicated, match="checkpoint write of source 'src'"):
         await store.commit("src", 1, {"k": "v1"})
     with pytest.raises(NotReplicated, match="checkpoint write of source 'src'"):
         await store.begin("src", Intent(1, {"k": "v2"}))
 
 
-async def test_a_fenced_write_is_still_refused_as_fenced(single: aioredis.Redis) -> None:
-    a = LeaseClient(single, "a", ttl_s=5, prefix=PREFIX)
+async def test_a_fenced_write_is_still_refused_as_fenced(redis_client: aioredis.Redis) -> None:
+    a = LeaseClient(redis_client, "a", ttl_s=5, prefix=PREFIX)
     lease = await a.acquire("src")
     assert lease is not None
     stale = Lease(lease.keys, "a", lease.fence - 1, 5, deadline=lease.deadline)
-    store = RedisStateStore(single, {"src": stale}, ONE_REPLICA)
+    store = RedisStateStore(redis_client, {"src": stale}, ONE_REPLICA)
     with pytest.raises(StateError, match="no longer holds the lease"):
         await store.commit("src", 1, {"k": "v1"})
 
