@@ -168,6 +168,8 @@ class Backend:
                     state = (await js.stream_info(stream)).state
                 except nats.js.errors.NotFoundError:
                     return []
+                if state.messages == 0:  # made, its first dead letter not written yet
+                    return []
                 prefix = nats_dead_letter_prefix(self.subject_prefix)
                 found = []
                 for seq in range(state.first_seq, state.last_seq + 1):
